@@ -1,1 +1,37 @@
-//! Backend.
+//! The kvsync datastore client: one object-safe async [`Client`] trait with one [`Error`]
+//! enum, and the backends that implement it.
+//!
+//! | backend | feature | what it is |
+//! |---|---|---|
+//! | [`MemoryBackend`] | always | in-process MVCC store, like etcd's mvcc; for tests and demos |
+//! | [`FaultyClient`] | always | wraps any client and injects failures, for tests |
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> kvsync_backend::Result<()> {
+//! use std::sync::Arc;
+//! use kvsync_backend::{Client, MemoryBackend};
+//! use kvsync_model::{KVPair, ResourceKey};
+//!
+//! let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
+//! let kvp = client
+//!     .create(KVPair::new(ResourceKey::cluster("Node", "n1"), serde_json::json!({"asn": 64512})))
+//!     .await?;
+//! assert!(kvp.revision.is_some() && kvp.uid.is_some());
+//! # Ok(()) }
+//! ```
+
+mod client;
+pub mod encoding;
+mod error;
+mod faults;
+pub mod memory;
+mod watch;
+
+pub use client::{Api, Client};
+pub use error::{BoxError, Error, Result};
+pub use faults::{FaultyClient, Faults};
+pub use memory::MemoryBackend;
+pub use watch::{WatchEvent, WatchStream};
+
+pub use kvsync_model as model;

@@ -32,6 +32,6 @@ pub mod validation;
 pub use error::{Error, Result};
 pub use key::{DEFAULT_PREFIX, Key, PathCodec, Registry, ResourceKey};
 pub use kvpair::KVPair;
-pub use options::{KVList, ListOptions};
+pub use options::{KVList, ListOptions, ParseFailure};
 pub use resource::{DEMO_GROUP, KindInfo, Resource};
 pub use revision::Revision;

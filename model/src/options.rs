@@ -80,4 +80,25 @@ pub struct KVList<V = serde_json::Value> {
     pub items: Vec<KVPair<V>>,
     /// The datastore revision the list was read at.
     pub revision: Revision,
+    /// Entries under the listed prefix that did not decode (not in `items`).
+    pub parse_failures: Vec<ParseFailure>,
+}
+
+/// A stored entry that could not be decoded: its raw key and bytes, and why.
+///
+/// `list` returns these beside the good items and `watch` reports them as events, so one bad
+/// entry never hides the others. Where the path still parses, `key` names the resource: a
+/// consumer should treat it as gone until a good value is written again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseFailure {
+    /// The datastore key (path) as stored.
+    pub raw_key: String,
+    /// The stored bytes.
+    pub raw_value: Vec<u8>,
+    /// The key, if the path parses.
+    pub key: Option<ResourceKey>,
+    /// The revision of the write that stored the bytes.
+    pub revision: Option<Revision>,
+    /// Why the entry does not decode.
+    pub reason: String,
 }

@@ -1,0 +1,67 @@
+//! Helpers every backend shares: validating and encoding values, decoding stored entries.
+
+use kvsync_model::{KVPair, KindInfo, ParseFailure, PathCodec, ResourceKey, Revision};
+
+use crate::error::{Error, Result};
+
+/// Validates the key and value of `kvp` against the codec's registry and returns the key's
+/// path and the value's JSON bytes. Nothing is written when this fails.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the field and the rule.
+pub fn encode_for_write(codec: &PathCodec, kvp: &KVPair) -> Result<(String, Vec<u8>)> {
+    let info: &KindInfo = codec.validate(&kvp.key)?;
+    info.validate(&kvp.value)?;
+    if let Some(ttl) = kvp.ttl
+        && ttl.is_zero()
+    {
+        return Err(Error::invalid("ttl", "must be longer than zero"));
+    }
+    let bytes = serde_json::to_vec(&kvp.value).map_err(|e| Error::invalid("value", e.to_string()))?;
+    Ok((codec.to_path(&kvp.key)?, bytes))
+}
+
+/// Decodes a stored value.
+///
+/// # Errors
+/// [`Error::Parse`] with the raw key and bytes when they are not JSON.
+pub fn decode_value(raw_key: &str, bytes: &[u8]) -> Result<serde_json::Value> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Parse {
+        raw_key: raw_key.to_owned(),
+        raw_value: bytes.to_vec(),
+        source: Box::new(e),
+    })
+}
+
+/// Decodes a stored entry's path and value into a key and value, or says why it cannot.
+///
+/// # Errors
+/// A [`ParseFailure`] with the raw path and bytes (and the key, when only the value is bad).
+pub fn decode_entry(
+    codec: &PathCodec,
+    path: &str,
+    bytes: &[u8],
+    revision: Option<Revision>,
+) -> Result<(ResourceKey, serde_json::Value), ParseFailure> {
+    let fail = |key: Option<ResourceKey>, reason: String| ParseFailure {
+        raw_key: path.to_owned(),
+        raw_value: bytes.to_vec(),
+        key,
+        revision: revision.clone(),
+        reason,
+    };
+    let key = codec.from_path(path).map_err(|e| fail(None, e.to_string()))?;
+    match serde_json::from_slice(bytes) {
+        Ok(v) => Ok((key, v)),
+        Err(e) => Err(fail(Some(key), e.to_string())),
+    }
+}
+
+/// Turns a parse failure into the error `get` returns for it.
+pub fn parse_error(f: ParseFailure) -> Error {
+    Error::Parse {
+        raw_key: f.raw_key,
+        raw_value: f.raw_value,
+        source: f.reason.into(),
+    }
+}

@@ -1,0 +1,128 @@
+//! The one error type of every backend.
+
+use kvsync_model::{ResourceKey, Revision};
+
+/// A boxed error from a datastore's own client, kept as the source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong in a datastore call. Each variant is a decision the caller makes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key does not exist.
+    #[error("{key} not found")]
+    NotFound {
+        /// The key.
+        key: ResourceKey,
+    },
+    /// `create` found the key already there.
+    #[error("{key} already exists")]
+    AlreadyExists {
+        /// The key.
+        key: ResourceKey,
+    },
+    /// A revision precondition failed; nothing was written.
+    #[error("conflict on {key}: expected revision {expected}, found {}", actual.as_ref().map_or_else(|| "none (deleted)".to_owned(), ToString::to_string))]
+    Conflict {
+        /// The key.
+        key: ResourceKey,
+        /// The revision the caller gave.
+        expected: Revision,
+        /// The key's current revision (`None` if it is gone).
+        actual: Option<Revision>,
+    },
+    /// The requested revision is no longer in the datastore's history: list again.
+    #[error("revision {requested} has been compacted (oldest available after {compacted})")]
+    Compacted {
+        /// The revision asked for.
+        requested: Revision,
+        /// The revision the history was compacted at.
+        compacted: Revision,
+    },
+    /// The datastore could not be reached or did not answer in time. Retry.
+    #[error("datastore unavailable: {message}")]
+    Unavailable {
+        /// What happened.
+        message: String,
+        /// The datastore client's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A key, value or option breaks a rule; nothing was written.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field, e.g. `name` or `spec.cidr`.
+        field: String,
+        /// The rule.
+        reason: String,
+    },
+    /// Stored data that does not decode: the raw key and value are kept.
+    #[error("cannot decode stored entry {raw_key:?}: {source}")]
+    Parse {
+        /// The datastore key (path) as stored.
+        raw_key: String,
+        /// The stored bytes.
+        raw_value: Vec<u8>,
+        /// Why it does not decode.
+        #[source]
+        source: BoxError,
+    },
+    /// The datastore refused the credentials or the operation.
+    #[error("unauthorized: {message}")]
+    Unauthorized {
+        /// What the datastore said.
+        message: String,
+    },
+    /// The backend cannot do this.
+    #[error("{op} is not supported by the {backend} backend")]
+    Unsupported {
+        /// The operation, e.g. `ttl`.
+        op: String,
+        /// The backend's name.
+        backend: &'static str,
+    },
+}
+
+impl Error {
+    /// Whether the same call may succeed if tried again later (the datastore was
+    /// unreachable or timed out).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+
+    /// An [`Error::Unavailable`] with a message and no source.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Error::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Invalid`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<kvsync_model::Error> for Error {
+    fn from(e: kvsync_model::Error) -> Self {
+        match e {
+            kvsync_model::Error::Invalid { field, reason } => Error::Invalid { field, reason },
+            kvsync_model::Error::Parse { raw_key, reason } => Error::Parse {
+                raw_key,
+                raw_value: Vec::new(),
+                source: reason.into(),
+            },
+            other => Error::Invalid {
+                field: "key".into(),
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// The backend's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

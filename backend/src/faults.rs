@@ -1,0 +1,205 @@
+//! A fault-injecting wrapper around any [`Client`], for tests of what sits above it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision};
+use tokio::sync::watch;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::watch::WatchStream;
+
+/// Wraps a client and fails its calls on demand: the next N calls, every call during an
+/// outage, and every open watch at once.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use kvsync_backend::{Client, FaultyClient, MemoryBackend};
+/// use kvsync_model::ListOptions;
+///
+/// let client = FaultyClient::new(MemoryBackend::new());
+/// let faults = client.faults();
+/// faults.fail_next_calls(1);
+/// assert!(client.list(&ListOptions::new("IPPool"), None).await.unwrap_err().is_retryable());
+/// assert!(client.list(&ListOptions::new("IPPool"), None).await.is_ok());
+/// # }
+/// ```
+pub struct FaultyClient<C> {
+    inner: C,
+    faults: Faults,
+}
+
+/// The switches of a [`FaultyClient`]; clone it to inject faults from anywhere.
+#[derive(Clone)]
+pub struct Faults {
+    state: Arc<FaultState>,
+}
+
+struct FaultState {
+    fail_next: AtomicU64,
+    down: AtomicBool,
+    watch_epoch: watch::Sender<u64>,
+}
+
+impl fmt::Debug for Faults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Faults")
+            .field("fail_next", &self.state.fail_next.load(Ordering::Relaxed))
+            .field("down", &self.state.down.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Faults {
+    /// Fails the next `n` calls (watch streams excluded) with a retryable
+    /// [`Error::Unavailable`].
+    pub fn fail_next_calls(&self, n: u64) {
+        self.state.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Starts (`true`) or ends an outage: while it lasts every call fails with
+    /// [`Error::Unavailable`]. Starting one breaks the open watches.
+    pub fn set_unavailable(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+        if down {
+            self.break_watches();
+        }
+    }
+
+    /// Whether an outage is on.
+    pub fn is_unavailable(&self) -> bool {
+        self.state.down.load(Ordering::SeqCst)
+    }
+
+    /// Ends every open watch stream with a retryable error.
+    pub fn break_watches(&self) {
+        self.state.watch_epoch.send_modify(|e| *e += 1);
+    }
+
+    fn check(&self, op: &str) -> Result<()> {
+        if self.state.down.load(Ordering::SeqCst) {
+            return Err(Error::unavailable(format!("injected outage during {op}")));
+        }
+        let took = self
+            .state
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if took.is_ok() {
+            return Err(Error::unavailable(format!("injected failure of {op}")));
+        }
+        Ok(())
+    }
+}
+
+impl<C: Client> FaultyClient<C> {
+    /// Wraps `inner`, with no faults switched on.
+    pub fn new(inner: C) -> Self {
+        FaultyClient {
+            inner,
+            faults: Faults {
+                state: Arc::new(FaultState {
+                    fail_next: AtomicU64::new(0),
+                    down: AtomicBool::new(false),
+                    watch_epoch: watch::Sender::new(0),
+                }),
+            },
+        }
+    }
+
+    /// The switches.
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
+    /// The wrapped client.
+    pub fn inner(&self) -> &C {
+        &self.inner
+    }
+}
+
+impl<C: fmt::Debug> fmt::Debug for FaultyClient<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyClient")
+            .field("inner", &self.inner)
+            .field("faults", &self.faults)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl<C: Client> Client for FaultyClient<C> {
+    fn codec(&self) -> &PathCodec {
+        self.inner.codec()
+    }
+
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+
+    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
+        self.faults.check("create")?;
+        self.inner.create(kvp).await
+    }
+
+    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
+        self.faults.check("update")?;
+        self.inner.update(kvp).await
+    }
+
+    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
+        self.faults.check("apply")?;
+        self.inner.apply(kvp).await
+    }
+
+    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        self.faults.check("delete")?;
+        self.inner.delete(key, revision).await
+    }
+
+    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        self.faults.check("get")?;
+        self.inner.get(key, revision).await
+    }
+
+    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
+        self.faults.check("list")?;
+        self.inner.list(opts, revision).await
+    }
+
+    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+        self.faults.check("watch")?;
+        let mut epoch = self.faults.state.watch_epoch.subscribe();
+        epoch.borrow_and_update();
+        let inner = self.inner.watch(opts, from).await?;
+        let stream = futures::stream::unfold(Some((inner, epoch)), |state| async move {
+            let (mut inner, mut epoch) = state?;
+            tokio::select! {
+                biased;
+                _ = epoch.changed() => Some((
+                    Err(Error::unavailable("watch broken by fault injection")),
+                    None,
+                )),
+                item = inner.next() => item.map(|i| (i, Some((inner, epoch)))),
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn ensure_initialized(&self) -> Result<()> {
+        self.faults.check("ensure_initialized")?;
+        self.inner.ensure_initialized().await
+    }
+
+    async fn clean(&self) -> Result<()> {
+        self.inner.clean().await
+    }
+
+    async fn compact(&self, revision: &Revision) -> Result<()> {
+        self.inner.compact(revision).await
+    }
+}
