@@ -180,9 +180,7 @@ impl<R> fmt::Debug for Api<R> {
 }
 
 fn decode<R: Resource>(kvp: KVPair) -> Result<KVPair<R>> {
-    kvp.try_map(|v| {
-        serde_json::from_value(v).map_err(|e| Error::invalid("spec", e.to_string()))
-    })
+    kvp.try_map(|v| serde_json::from_value(v).map_err(|e| Error::invalid("spec", e.to_string())))
 }
 
 fn encode<R: Resource>(kvp: KVPair<R>) -> Result<KVPair> {

@@ -17,7 +17,8 @@ pub fn encode_for_write(codec: &PathCodec, kvp: &KVPair) -> Result<(String, Vec<
     {
         return Err(Error::invalid("ttl", "must be longer than zero"));
     }
-    let bytes = serde_json::to_vec(&kvp.value).map_err(|e| Error::invalid("value", e.to_string()))?;
+    let bytes =
+        serde_json::to_vec(&kvp.value).map_err(|e| Error::invalid("value", e.to_string()))?;
     Ok((codec.to_path(&kvp.key)?, bytes))
 }
 
@@ -42,15 +43,19 @@ pub fn decode_entry(
     path: &str,
     bytes: &[u8],
     revision: Option<Revision>,
-) -> Result<(ResourceKey, serde_json::Value), ParseFailure> {
-    let fail = |key: Option<ResourceKey>, reason: String| ParseFailure {
-        raw_key: path.to_owned(),
-        raw_value: bytes.to_vec(),
-        key,
-        revision: revision.clone(),
-        reason,
+) -> Result<(ResourceKey, serde_json::Value), Box<ParseFailure>> {
+    let fail = |key: Option<ResourceKey>, reason: String| {
+        Box::new(ParseFailure {
+            raw_key: path.to_owned(),
+            raw_value: bytes.to_vec(),
+            key,
+            revision: revision.clone(),
+            reason,
+        })
     };
-    let key = codec.from_path(path).map_err(|e| fail(None, e.to_string()))?;
+    let key = codec
+        .from_path(path)
+        .map_err(|e| fail(None, e.to_string()))?;
     match serde_json::from_slice(bytes) {
         Ok(v) => Ok((key, v)),
         Err(e) => Err(fail(Some(key), e.to_string())),

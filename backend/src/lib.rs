@@ -30,7 +30,7 @@ mod watch;
 
 pub use client::{Api, Client};
 pub use error::{BoxError, Error, Result};
-pub use faults::{FaultyClient, Faults};
+pub use faults::{Faults, FaultyClient};
 pub use memory::MemoryBackend;
 pub use watch::{WatchEvent, WatchStream};
 

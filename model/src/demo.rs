@@ -164,7 +164,10 @@ impl Resource for NetworkPolicy {
                     ));
                 }
                 if !rule.ports.is_empty()
-                    && !matches!(rule.protocol, Some(Protocol::Tcp | Protocol::Udp | Protocol::Sctp))
+                    && !matches!(
+                        rule.protocol,
+                        Some(Protocol::Tcp | Protocol::Udp | Protocol::Sctp)
+                    )
                 {
                     return Err(Error::invalid(
                         format!("spec.{dir}[{i}].ports"),

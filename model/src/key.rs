@@ -195,7 +195,7 @@ impl Registry {
                 k.kind.eq_ignore_ascii_case(&lower)
                     || k.plural == lower
                     || k.singular() == lower
-                    || k.short_names.iter().any(|s| *s == lower)
+                    || k.short_names.contains(&lower)
             })
             .map(|k| &**k)
     }
@@ -357,7 +357,10 @@ impl PathCodec {
             if !info.namespaced {
                 return Err(Error::invalid(
                     "namespace",
-                    format!("kind {} is cluster-scoped: it takes no namespace", opts.kind),
+                    format!(
+                        "kind {} is cluster-scoped: it takes no namespace",
+                        opts.kind
+                    ),
                 ));
             }
             validate_namespace(ns)?;

@@ -44,7 +44,11 @@ pub struct KVPair<V = serde_json::Value> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
     /// The key expires this long after the write, if set.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
     pub ttl: Option<Duration>,
 }
 

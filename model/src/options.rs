@@ -1,7 +1,7 @@
 //! List options and list results.
 
-use crate::kvpair::KVPair;
 use crate::key::ResourceKey;
+use crate::kvpair::KVPair;
 use crate::revision::Revision;
 
 /// Which keys a `list` or `watch` covers: one kind, optionally narrowed to a namespace, an

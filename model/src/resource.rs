@@ -39,7 +39,9 @@ pub const DEMO_GROUP: &str = "kvsync.dev";
 /// registry.register::<Tenant>();
 /// assert!(registry.kind("Tenant").unwrap().validate(&serde_json::json!({"owner": ""})).is_err());
 /// ```
-pub trait Resource: Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static {
+pub trait Resource:
+    Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static
+{
     /// The kind, in UpperCamelCase, e.g. `IPPool`.
     const KIND: &'static str;
     /// The lower-case plural used in paths and URLs, e.g. `ippools`.

@@ -173,7 +173,10 @@ mod tests {
             "x".repeat(254).as_str(),
         ] {
             let err = validate_name(bad).unwrap_err();
-            assert!(matches!(err, Error::Invalid { ref field, .. } if field == "name"), "{bad}");
+            assert!(
+                matches!(err, Error::Invalid { ref field, .. } if field == "name"),
+                "{bad}"
+            );
         }
     }
 

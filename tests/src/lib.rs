@@ -1,1 +1,10 @@
-//! Conformance.
+//! Tests shared by every kvsync backend: the conformance suite, server fixtures and the
+//! Syncer's randomized model test.
+//!
+//! Each backend's test file calls [`conformance_tests!`] with a constructor of its
+//! [`TestBackend`], so every backend passes the same suite unchanged.
+
+pub mod conformance;
+pub mod harness;
+
+pub use harness::{MemoryTestBackend, RawAccess, TestBackend, TestClient, unique_prefix};

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use kvsync_model::{
-    KVList, KVPair, ListOptions, PathCodec, Registry, ResourceKey, Revision, DEFAULT_PREFIX,
+    DEFAULT_PREFIX, KVList, KVPair, ListOptions, PathCodec, Registry, ResourceKey, Revision,
 };
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -150,7 +150,10 @@ impl Store {
         if requested > self.rev {
             return Err(Error::invalid(
                 "revision",
-                format!("{requested} is newer than the store's revision {}", self.rev),
+                format!(
+                    "{requested} is newer than the store's revision {}",
+                    self.rev
+                ),
             ));
         }
         Ok(())
@@ -159,7 +162,9 @@ impl Store {
     /// The log entries after revision `after`, oldest first.
     fn log_after(&self, after: u64) -> impl Iterator<Item = &LogEntry> {
         let skip = match self.log.front() {
-            Some(front) => usize::try_from((after + 1).saturating_sub(front.rev)).unwrap_or(usize::MAX),
+            Some(front) => {
+                usize::try_from((after + 1).saturating_sub(front.rev)).unwrap_or(usize::MAX)
+            }
             None => 0,
         };
         self.log.iter().skip(skip)
@@ -325,7 +330,7 @@ impl MemoryBackend {
         store
     }
 
-    fn to_kvp(&self, path: &str, rec: &Record) -> Result<KVPair, kvsync_model::ParseFailure> {
+    fn to_kvp(&self, path: &str, rec: &Record) -> Result<KVPair, Box<kvsync_model::ParseFailure>> {
         let (key, value) = decode_entry(
             &self.inner.codec,
             path,
@@ -492,7 +497,7 @@ impl Client for MemoryBackend {
         };
         drop(store);
         let rec = rec.ok_or_else(|| Error::NotFound { key: key.clone() })?;
-        self.to_kvp(&path, &rec).map_err(parse_error)
+        self.to_kvp(&path, &rec).map_err(|f| parse_error(*f))
     }
 
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
@@ -508,7 +513,10 @@ impl Client for MemoryBackend {
         };
         let mut records: BTreeMap<Arc<str>, Record> = store
             .current
-            .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(p, _)| p.starts_with(prefix.as_str()))
             .map(|(p, r)| (p.clone(), r.clone()))
             .collect();
@@ -534,7 +542,7 @@ impl Client for MemoryBackend {
                 Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
                 Ok(_) => {}
                 Err(f) if f.key.as_ref().is_none_or(|k| opts.matches(k)) => {
-                    list.parse_failures.push(f);
+                    list.parse_failures.push(*f);
                 }
                 Err(_) => {}
             }
@@ -659,14 +667,17 @@ impl WatchState {
     }
 
     fn event(&self, e: &LogEntry) -> Option<WatchEvent> {
-        let old = e.prev.as_ref().and_then(|p| self.backend.to_kvp(&e.path, p).ok());
+        let old = e
+            .prev
+            .as_ref()
+            .and_then(|p| self.backend.to_kvp(&e.path, p).ok());
         match &e.new {
             Some(rec) => match self.backend.to_kvp(&e.path, rec) {
                 Ok(kvp) if !self.opts.matches(&kvp.key) => None,
                 Ok(kvp) if e.prev.is_some() => Some(WatchEvent::Modified { new: kvp, old }),
                 Ok(kvp) => Some(WatchEvent::Added(kvp)),
                 Err(f) if f.key.as_ref().is_none_or(|k| self.opts.matches(k)) => {
-                    Some(WatchEvent::ParseFailed(f))
+                    Some(WatchEvent::ParseFailed(*f))
                 }
                 Err(_) => None,
             },

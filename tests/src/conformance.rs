@@ -1,0 +1,819 @@
+//! The backend conformance suite: every rule of the [`Client`] contract, as plain functions
+//! taking a [`TestBackend`]. Each backend's tests call [`conformance_tests!`](crate::conformance_tests).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kvsync_backend::{Client, Error, WatchEvent, WatchStream};
+use kvsync_model::{KVPair, ListOptions, ResourceKey, Revision};
+use serde_json::{Value, json};
+
+use crate::harness::TestBackend;
+
+/// How long a test waits for a watch event before failing.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn pool_key(name: &str) -> ResourceKey {
+    ResourceKey::cluster("IPPool", name)
+}
+
+fn pool(name: &str, cidr: &str) -> KVPair {
+    KVPair::new(pool_key(name), json!({"cidr": cidr, "blockSize": 26}))
+}
+
+fn policy(ns: &str, name: &str, order: f64) -> KVPair {
+    KVPair::new(
+        ResourceKey::namespaced("NetworkPolicy", ns, name),
+        json!({"order": order, "selector": "all()"}),
+    )
+}
+
+/// The next event of a watch, failing the test after [`EVENT_TIMEOUT`].
+///
+/// # Panics
+/// When no event arrives in time, the stream ends, or it yields an error.
+pub async fn next_event(w: &mut WatchStream) -> WatchEvent {
+    match tokio::time::timeout(EVENT_TIMEOUT, w.next()).await {
+        Ok(Some(Ok(ev))) => ev,
+        Ok(Some(Err(e))) => panic!("watch failed: {e}"),
+        Ok(None) => panic!("watch ended"),
+        Err(_) => panic!("no watch event within {EVENT_TIMEOUT:?}"),
+    }
+}
+
+/// Skips bookmarks.
+async fn next_change(w: &mut WatchStream) -> WatchEvent {
+    loop {
+        match next_event(w).await {
+            WatchEvent::Bookmark(_) => {}
+            ev => return ev,
+        }
+    }
+}
+
+fn rev_num(r: &Option<Revision>) -> Option<u64> {
+    r.as_ref().and_then(Revision::as_u64)
+}
+
+fn names(items: &[KVPair]) -> Vec<String> {
+    items.iter().map(|k| k.key.name.clone()).collect()
+}
+
+/// create stores a new key with a revision and uid, and refuses an existing one.
+pub async fn create_assigns_revision_and_uid_and_refuses_duplicates(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let created = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    assert!(created.revision.is_some(), "create returns a revision");
+    assert!(
+        created.uid.as_deref().is_some_and(|u| !u.is_empty()),
+        "create returns a uid"
+    );
+    assert_eq!(created.value["cidr"], "10.0.0.0/16");
+
+    let got = c.get(&pool_key("a"), None).await.unwrap();
+    assert_eq!(got.revision, created.revision);
+    assert_eq!(got.uid, created.uid);
+    assert_eq!(got.value, created.value);
+
+    let err = c.create(pool("a", "10.1.0.0/16")).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::AlreadyExists { key } if *key == pool_key("a")),
+        "{err}"
+    );
+    assert_eq!(
+        c.get(&pool_key("a"), None).await.unwrap().value["cidr"],
+        "10.0.0.0/16"
+    );
+}
+
+/// update needs the key, honours a revision precondition and keeps uid and create revision.
+pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let err = c.update(pool("a", "10.0.0.0/16")).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::NotFound { key } if *key == pool_key("a")),
+        "{err}"
+    );
+    assert!(
+        c.get(&pool_key("a"), None).await.is_err(),
+        "failed update wrote nothing"
+    );
+
+    let v1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let mut next = pool("a", "10.1.0.0/16");
+    next.revision = v1.revision.clone();
+    let v2 = c.update(next.clone()).await.unwrap();
+    assert_ne!(v2.revision, v1.revision);
+    assert_eq!(v2.uid, v1.uid, "update keeps the uid");
+    if v1.create_revision.is_some() {
+        assert_eq!(
+            v2.create_revision, v1.create_revision,
+            "update keeps the create revision"
+        );
+    }
+
+    // The same precondition again is stale now.
+    next.value = json!({"cidr": "10.2.0.0/16"});
+    let err = c.update(next).await.unwrap_err();
+    match &err {
+        Error::Conflict {
+            key,
+            expected,
+            actual,
+        } => {
+            assert_eq!(*key, pool_key("a"));
+            assert_eq!(Some(expected), v1.revision.as_ref());
+            assert_eq!(
+                actual.as_ref(),
+                v2.revision.as_ref(),
+                "conflict carries the actual revision"
+            );
+        }
+        other => panic!("expected Conflict, got {other}"),
+    }
+    assert_eq!(
+        c.get(&pool_key("a"), None).await.unwrap().value["cidr"],
+        "10.1.0.0/16"
+    );
+
+    // Without a revision, update is unconditional.
+    let v3 = c.update(pool("a", "10.3.0.0/16")).await.unwrap();
+    assert_eq!(v3.uid, v1.uid);
+    assert_eq!(
+        c.get(&pool_key("a"), None).await.unwrap().value["cidr"],
+        "10.3.0.0/16"
+    );
+}
+
+/// apply creates or replaces unconditionally.
+pub async fn apply_creates_then_replaces(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let v1 = c.apply(pool("a", "10.0.0.0/16")).await.unwrap();
+    let v2 = c.apply(pool("a", "10.1.0.0/16")).await.unwrap();
+    assert_eq!(v1.uid, v2.uid);
+    assert_ne!(v1.revision, v2.revision);
+    let got = c.get(&pool_key("a"), None).await.unwrap();
+    assert_eq!(got.value["cidr"], "10.1.0.0/16");
+    assert_eq!(got.revision, v2.revision);
+}
+
+/// delete returns the last value, honours a revision precondition, and a re-created key gets
+/// a new uid.
+pub async fn delete_returns_last_value_and_checks_revision(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let err = c.delete(&pool_key("a"), None).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::NotFound { key } if *key == pool_key("a")),
+        "{err}"
+    );
+
+    let v1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let v2 = c.apply(pool("a", "10.1.0.0/16")).await.unwrap();
+    let err = c
+        .delete(&pool_key("a"), v1.revision.as_ref())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::Conflict { .. }), "{err}");
+    assert!(
+        c.get(&pool_key("a"), None).await.is_ok(),
+        "failed delete removed nothing"
+    );
+
+    let deleted = c
+        .delete(&pool_key("a"), v2.revision.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(deleted.value["cidr"], "10.1.0.0/16");
+    assert_eq!(deleted.revision, v2.revision);
+    let err = c.get(&pool_key("a"), None).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+
+    let v3 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    assert_ne!(v3.uid, v1.uid, "a re-created key has a new uid");
+}
+
+/// Old revisions can be read until compacted.
+pub async fn get_and_list_read_at_old_revisions(b: &dyn TestBackend) {
+    if !b.supports_historical_reads() {
+        return;
+    }
+    let c = b.client().await.client;
+    let v1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    c.create(pool("b", "10.1.0.0/16")).await.unwrap();
+    c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
+    c.delete(&pool_key("b"), None).await.unwrap();
+
+    let old = c.get(&pool_key("a"), v1.revision.as_ref()).await.unwrap();
+    assert_eq!(old.value["cidr"], "10.0.0.0/16");
+    let list = c
+        .list(&ListOptions::new("IPPool"), v1.revision.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(names(&list.items), ["a"]);
+    assert_eq!(list.items[0].value["cidr"], "10.0.0.0/16");
+    assert_eq!(list.revision, v1.revision.clone().unwrap());
+}
+
+/// list filters by kind, namespace, exact name and name prefix, in path order, and carries
+/// the revision it was read at.
+pub async fn list_filters_by_kind_namespace_name_and_prefix(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    for (ns, name) in [
+        ("a", "p1"),
+        ("a", "p2"),
+        ("a", "q1"),
+        ("b", "p1"),
+        ("ab", "p3"),
+    ] {
+        c.create(policy(ns, name, 1.0)).await.unwrap();
+    }
+    c.create(pool("p1", "10.0.0.0/16")).await.unwrap();
+    let last = c.create(pool("p10", "10.1.0.0/16")).await.unwrap();
+
+    let all = c
+        .list(&ListOptions::new("NetworkPolicy"), None)
+        .await
+        .unwrap();
+    let keys: Vec<String> = all.items.iter().map(|k| k.key.to_string()).collect();
+    assert_eq!(
+        keys,
+        [
+            "NetworkPolicy(a/p1)",
+            "NetworkPolicy(a/p2)",
+            "NetworkPolicy(a/q1)",
+            "NetworkPolicy(ab/p3)",
+            "NetworkPolicy(b/p1)"
+        ]
+    );
+    if let (Some(list_rev), Some(last_rev)) = (all.revision.as_u64(), rev_num(&last.revision)) {
+        assert!(
+            list_rev >= last_rev,
+            "list revision {list_rev} is at least the last write {last_rev}"
+        );
+    }
+
+    let ns_a = c
+        .list(&ListOptions::new("NetworkPolicy").with_namespace("a"), None)
+        .await
+        .unwrap();
+    assert_eq!(names(&ns_a.items), ["p1", "p2", "q1"]);
+
+    let exact = c
+        .list(&ListOptions::new("IPPool").with_name("p1"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&exact.items),
+        ["p1"],
+        "an exact name does not match a longer one"
+    );
+
+    let prefixed = c
+        .list(
+            &ListOptions::new("NetworkPolicy").with_name_prefix("p"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&prefixed.items), ["p1", "p2", "p3", "p1"]);
+
+    let prefixed_ns = c
+        .list(
+            &ListOptions::new("NetworkPolicy")
+                .with_namespace("a")
+                .with_name_prefix("p"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&prefixed_ns.items), ["p1", "p2"]);
+
+    let nodes = c.list(&ListOptions::new("Node"), None).await.unwrap();
+    assert!(nodes.items.is_empty(), "kinds are isolated");
+
+    let err = c
+        .list(&ListOptions::new("IPPool").with_namespace("a"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    let err = c.list(&ListOptions::new("Gizmo"), None).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Invalid { field, .. } if field == "kind"),
+        "{err}"
+    );
+}
+
+/// A watch from a list's revision sees every later change in order, filtered by its options.
+pub async fn watch_from_list_revision_sees_every_change_in_order(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    c.create(policy("a", "x", 1.0)).await.unwrap();
+    let list = c
+        .list(&ListOptions::new("NetworkPolicy"), None)
+        .await
+        .unwrap();
+    let mut w = c
+        .watch(&ListOptions::new("NetworkPolicy"), Some(&list.revision))
+        .await
+        .unwrap();
+    let mut w_ns = c
+        .watch(
+            &ListOptions::new("NetworkPolicy").with_namespace("b"),
+            Some(&list.revision),
+        )
+        .await
+        .unwrap();
+
+    c.create(pool("other-kind", "10.0.0.0/16")).await.unwrap();
+    let added = c.create(policy("b", "y", 2.0)).await.unwrap();
+    let modified = c.apply(policy("a", "x", 3.0)).await.unwrap();
+    let deleted = c
+        .delete(&ResourceKey::namespaced("NetworkPolicy", "b", "y"), None)
+        .await
+        .unwrap();
+
+    match next_change(&mut w).await {
+        WatchEvent::Added(kvp) => {
+            assert_eq!(kvp.key, added.key);
+            assert_eq!(kvp.revision, added.revision);
+            assert_eq!(kvp.value["order"], 2.0);
+        }
+        other => panic!("expected Added, got {other:?}"),
+    }
+    match next_change(&mut w).await {
+        WatchEvent::Modified { new, old } => {
+            assert_eq!(new.revision, modified.revision);
+            assert_eq!(new.value["order"], 3.0);
+            if let Some(old) = old {
+                assert_eq!(old.value["order"], 1.0);
+            }
+        }
+        other => panic!("expected Modified, got {other:?}"),
+    }
+    match next_change(&mut w).await {
+        WatchEvent::Deleted { key, revision, old } => {
+            assert_eq!(key, deleted.key);
+            let old = old.expect("a Deleted event carries the previous value");
+            assert_eq!(old.value["order"], 2.0);
+            if let (Some(d), Some(m)) = (revision.as_u64(), rev_num(&modified.revision)) {
+                assert!(d > m, "revisions increase");
+            }
+        }
+        other => panic!("expected Deleted, got {other:?}"),
+    }
+    // The namespace-filtered watch sees only namespace b.
+    assert!(matches!(next_change(&mut w_ns).await, WatchEvent::Added(k) if k.key.name == "y"));
+    assert!(
+        matches!(next_change(&mut w_ns).await, WatchEvent::Deleted { key, .. } if key.name == "y")
+    );
+}
+
+/// A watch from an old revision replays the gap, including keys deleted during it.
+pub async fn watch_from_revision_replays_the_gap_with_deletions(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let from = c
+        .create(pool("b", "10.1.0.0/16"))
+        .await
+        .unwrap()
+        .revision
+        .unwrap();
+    // The gap: a modified, b deleted, c created then deleted, d created.
+    c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
+    c.delete(&pool_key("b"), None).await.unwrap();
+    c.create(pool("c", "10.3.0.0/16")).await.unwrap();
+    c.delete(&pool_key("c"), None).await.unwrap();
+    c.create(pool("d", "10.4.0.0/16")).await.unwrap();
+
+    let mut w = c
+        .watch(&ListOptions::new("IPPool"), Some(&from))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let ev = next_change(&mut w).await;
+        let tag = match &ev {
+            WatchEvent::Added(k) => format!("+{}", k.key.name),
+            WatchEvent::Modified { new, .. } => format!("~{}", new.key.name),
+            WatchEvent::Deleted { key, old, .. } => {
+                assert!(
+                    old.is_some(),
+                    "deleted during the gap still carries its value"
+                );
+                format!("-{}", key.name)
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        seen.push(tag);
+    }
+    assert_eq!(seen, ["~a", "-b", "+c", "-c", "+d"]);
+}
+
+/// After compaction, reads and watches from before it fail with Compacted.
+pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let old = c
+        .create(pool("a", "10.0.0.0/16"))
+        .await
+        .unwrap()
+        .revision
+        .unwrap();
+    c.apply(pool("a", "10.1.0.0/16")).await.unwrap();
+    c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
+    let newest = c
+        .apply(pool("a", "10.3.0.0/16"))
+        .await
+        .unwrap()
+        .revision
+        .unwrap();
+    c.compact(&newest).await.unwrap();
+
+    let first_error = match c.watch(&ListOptions::new("IPPool"), Some(&old)).await {
+        Err(e) => e,
+        Ok(mut w) => match tokio::time::timeout(EVENT_TIMEOUT, w.next()).await {
+            Ok(Some(Err(e))) => e,
+            other => panic!("expected a Compacted error, got {other:?}"),
+        },
+    };
+    assert!(
+        matches!(first_error, Error::Compacted { .. }),
+        "{first_error}"
+    );
+    assert!(!first_error.is_retryable());
+
+    if b.supports_historical_reads() {
+        let err = c.get(&pool_key("a"), Some(&old)).await.unwrap_err();
+        assert!(matches!(err, Error::Compacted { .. }), "{err}");
+    }
+    // The current state and watches from the compaction point still work.
+    assert_eq!(
+        c.get(&pool_key("a"), None).await.unwrap().value["cidr"],
+        "10.3.0.0/16"
+    );
+    let mut w = c
+        .watch(&ListOptions::new("IPPool"), Some(&newest))
+        .await
+        .unwrap();
+    c.apply(pool("a", "10.4.0.0/16")).await.unwrap();
+    assert!(matches!(
+        next_change(&mut w).await,
+        WatchEvent::Modified { .. }
+    ));
+}
+
+/// A key with a TTL disappears after it, with a Deleted event.
+pub async fn ttl_expires_keys_with_a_deleted_event(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    if !b.supports_ttl() {
+        let err = c
+            .create(pool("a", "10.0.0.0/16").with_ttl(Duration::from_secs(1)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        assert!(
+            c.get(&pool_key("a"), None).await.is_err(),
+            "nothing written"
+        );
+        return;
+    }
+    let mut w = c.watch(&ListOptions::new("IPPool"), None).await.unwrap();
+    c.create(pool("keep", "10.1.0.0/16")).await.unwrap();
+    let created = c
+        .create(pool("a", "10.0.0.0/16").with_ttl(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(created.ttl, Some(Duration::from_secs(1)));
+    assert!(matches!(next_change(&mut w).await, WatchEvent::Added(k) if k.key.name == "keep"));
+    assert!(matches!(next_change(&mut w).await, WatchEvent::Added(k) if k.key.name == "a"));
+    match next_change(&mut w).await {
+        WatchEvent::Deleted { key, .. } => assert_eq!(key, pool_key("a")),
+        other => panic!("expected the TTL deletion, got {other:?}"),
+    }
+    let err = c.get(&pool_key("a"), None).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    let list = c.list(&ListOptions::new("IPPool"), None).await.unwrap();
+    assert_eq!(names(&list.items), ["keep"]);
+}
+
+/// 64 writers race on one key with revision preconditions: exactly one wins per revision
+/// and the final value is the last winner's.
+pub async fn racing_writers_with_preconditions_never_lose_an_update(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let key = ResourceKey::cluster("Node", "counter");
+    c.create(KVPair::new(key.clone(), json!({"asn": 1})))
+        .await
+        .unwrap();
+    let rounds = 3;
+    let mut tasks = Vec::new();
+    for writer in 0..64u32 {
+        let c = c.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut wins = Vec::new();
+            for _ in 0..rounds {
+                loop {
+                    let cur = c.get(&key, None).await.unwrap();
+                    let n = cur.value["asn"].as_u64().unwrap();
+                    let next = KVPair::new(key.clone(), json!({"asn": n + 1}))
+                        .with_revision(cur.revision.clone().unwrap());
+                    match c.update(next).await {
+                        Ok(kvp) => {
+                            wins.push((n + 1, kvp.revision.unwrap(), writer));
+                            break;
+                        }
+                        Err(Error::Conflict { .. }) => {}
+                        Err(e) => panic!("writer {writer}: {e}"),
+                    }
+                }
+            }
+            wins
+        }));
+    }
+    let mut wins = Vec::new();
+    for t in tasks {
+        wins.extend(t.await.unwrap());
+    }
+    let total = 64 * rounds as u64;
+    let values: BTreeSet<u64> = wins.iter().map(|w| w.0).collect();
+    assert_eq!(
+        values.len() as u64,
+        total,
+        "every increment won exactly once"
+    );
+    assert_eq!(
+        values,
+        (2..=total + 1).collect(),
+        "no value was skipped or doubled"
+    );
+    let revs: BTreeSet<String> = wins.iter().map(|w| w.1.to_string()).collect();
+    assert_eq!(revs.len() as u64, total, "one winner per revision");
+    let last = c.get(&key, None).await.unwrap();
+    let top = wins.iter().max_by_key(|w| w.0).unwrap();
+    assert_eq!(last.value["asn"].as_u64(), Some(total + 1));
+    assert_eq!(
+        last.revision.as_ref(),
+        Some(&top.1),
+        "the final value is the last winner's"
+    );
+}
+
+/// Values up to 1 MiB round-trip unchanged.
+pub async fn large_values_round_trip(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let labels: serde_json::Map<String, Value> = (0..1024)
+        .map(|i| (format!("label-{i:04}"), Value::String("x".repeat(1000))))
+        .collect();
+    let value = json!({ "labels": labels });
+    let size = serde_json::to_vec(&value).unwrap().len();
+    assert!(size > 1_000_000 && size <= 1 << 20, "value is {size} bytes");
+    let key = ResourceKey::cluster("Node", "big");
+    c.create(KVPair::new(key.clone(), value.clone()))
+        .await
+        .unwrap();
+    assert_eq!(c.get(&key, None).await.unwrap().value, value);
+    let list = c.list(&ListOptions::new("Node"), None).await.unwrap();
+    assert_eq!(list.items[0].value, value);
+}
+
+/// Invalid keys and values are rejected with the field named, and nothing is written.
+pub async fn invalid_keys_and_values_are_rejected_and_nothing_is_written(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let cases: Vec<(KVPair, &str)> = vec![
+        (
+            KVPair::new(
+                ResourceKey::cluster("IPPool", "Bad_Name"),
+                json!({"cidr": "10.0.0.0/8"}),
+            ),
+            "name",
+        ),
+        (
+            KVPair::new(
+                ResourceKey::cluster("IPPool", "a/b"),
+                json!({"cidr": "10.0.0.0/8"}),
+            ),
+            "name",
+        ),
+        (
+            KVPair::new(
+                ResourceKey::cluster("IPPool", "a..b"),
+                json!({"cidr": "10.0.0.0/8"}),
+            ),
+            "name",
+        ),
+        (
+            KVPair::new(
+                ResourceKey::cluster("IPPool", ""),
+                json!({"cidr": "10.0.0.0/8"}),
+            ),
+            "name",
+        ),
+        (
+            KVPair::new(
+                ResourceKey::cluster("IPPool", "x".repeat(254)),
+                json!({"cidr": "10.0.0.0/8"}),
+            ),
+            "name",
+        ),
+        (
+            KVPair::new(ResourceKey::cluster("Gizmo", "a"), json!({})),
+            "kind",
+        ),
+        (
+            KVPair::new(
+                ResourceKey::namespaced("IPPool", "ns", "a"),
+                json!({"cidr": "10.0.0.0/8"}),
+            ),
+            "namespace",
+        ),
+        (
+            KVPair::new(ResourceKey::cluster("NetworkPolicy", "a"), json!({})),
+            "namespace",
+        ),
+        (
+            KVPair::new(
+                ResourceKey::namespaced("NetworkPolicy", "Bad.NS", "a"),
+                json!({}),
+            ),
+            "namespace",
+        ),
+        (
+            KVPair::new(
+                ResourceKey::cluster("IPPool", "a"),
+                json!({"cidr": "10.0.0.1/8"}),
+            ),
+            "spec.cidr",
+        ),
+        (
+            KVPair::new(
+                ResourceKey::cluster("IPPool", "a"),
+                json!({"cidr": "10.0.0.0/8", "bogus": 1}),
+            ),
+            "spec",
+        ),
+        (
+            KVPair::new(ResourceKey::cluster("IPPool", "a"), json!("not an object")),
+            "spec",
+        ),
+    ];
+    for (kvp, field) in cases {
+        for op in ["create", "apply"] {
+            let res = match op {
+                "create" => c.create(kvp.clone()).await,
+                _ => c.apply(kvp.clone()).await,
+            };
+            match res {
+                Err(Error::Invalid { field: f, reason }) => {
+                    assert_eq!(f, field, "{op} {:?}: {reason}", kvp.key);
+                    assert!(!reason.is_empty());
+                }
+                other => panic!(
+                    "{op} {:?}: expected Invalid({field}), got {other:?}",
+                    kvp.key
+                ),
+            }
+        }
+    }
+    for kind in ["IPPool", "NetworkPolicy", "Node"] {
+        let list = c.list(&ListOptions::new(kind), None).await.unwrap();
+        assert!(
+            list.items.is_empty() && list.parse_failures.is_empty(),
+            "nothing written for {kind}"
+        );
+    }
+}
+
+/// Stored bytes that do not decode surface as Parse with the key, from get, list and watch.
+pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) {
+    let tc = b.client().await;
+    let c = tc.client.clone();
+    c.create(pool("good", "10.0.0.0/16")).await.unwrap();
+    let mut w = c.watch(&ListOptions::new("IPPool"), None).await.unwrap();
+    let path = c.codec().to_path(&pool_key("bad")).unwrap();
+    tc.raw.put_raw(&path, b"{not json").await;
+
+    let err = c.get(&pool_key("bad"), None).await.unwrap_err();
+    match &err {
+        Error::Parse {
+            raw_key, raw_value, ..
+        } => {
+            assert_eq!(raw_key, &path);
+            assert_eq!(raw_value, b"{not json");
+        }
+        other => panic!("expected Parse, got {other}"),
+    }
+    let list = c.list(&ListOptions::new("IPPool"), None).await.unwrap();
+    assert_eq!(
+        names(&list.items),
+        ["good"],
+        "good entries are still listed"
+    );
+    assert_eq!(list.parse_failures.len(), 1);
+    assert_eq!(list.parse_failures[0].key, Some(pool_key("bad")));
+    assert_eq!(list.parse_failures[0].raw_key, path);
+    match next_change(&mut w).await {
+        WatchEvent::ParseFailed(f) => {
+            assert_eq!(f.key, Some(pool_key("bad")));
+            assert_eq!(f.raw_value, b"{not json");
+        }
+        other => panic!("expected ParseFailed, got {other:?}"),
+    }
+    // The watch goes on after a parse failure.
+    c.create(pool("later", "10.1.0.0/16")).await.unwrap();
+    assert!(matches!(next_change(&mut w).await, WatchEvent::Added(k) if k.key.name == "later"));
+    // The bad entry can be repaired through the client.
+    c.apply(pool("bad", "10.2.0.0/16")).await.unwrap();
+    assert_eq!(
+        c.get(&pool_key("bad"), None).await.unwrap().value["cidr"],
+        "10.2.0.0/16"
+    );
+}
+
+/// clean removes every key under the client's prefix, and only those.
+pub async fn clean_removes_only_the_clients_keys(b: &dyn TestBackend) {
+    let c1 = b.client().await.client;
+    let c2 = b.client().await.client;
+    c1.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    c1.create(policy("ns", "p", 1.0)).await.unwrap();
+    c2.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    c1.clean().await.unwrap();
+    assert!(
+        c1.list(&ListOptions::new("IPPool"), None)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        c1.list(&ListOptions::new("NetworkPolicy"), None)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert_eq!(
+        c2.list(&ListOptions::new("IPPool"), None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+}
+
+/// The client is usable as `Arc<dyn Client>` across tasks.
+pub async fn client_is_shareable_across_tasks(b: &dyn TestBackend) {
+    let c: Arc<dyn Client> = b.client().await.client;
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.create(pool(&format!("p{i}"), "10.0.0.0/16")).await })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        c.list(&ListOptions::new("IPPool"), None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        8
+    );
+}
+
+/// Generates one `#[tokio::test]` per conformance check, each calling it with the backend
+/// that `$make` evaluates to (a value implementing [`TestBackend`]).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            create_assigns_revision_and_uid_and_refuses_duplicates,
+            update_checks_existence_and_revision,
+            apply_creates_then_replaces,
+            delete_returns_last_value_and_checks_revision,
+            get_and_list_read_at_old_revisions,
+            list_filters_by_kind_namespace_name_and_prefix,
+            watch_from_list_revision_sees_every_change_in_order,
+            watch_from_revision_replays_the_gap_with_deletions,
+            watch_after_compaction_reports_compacted,
+            ttl_expires_keys_with_a_deleted_event,
+            racing_writers_with_preconditions_never_lose_an_update,
+            large_values_round_trip,
+            invalid_keys_and_values_are_rejected_and_nothing_is_written,
+            stored_garbage_surfaces_as_parse_with_the_key,
+            clean_removes_only_the_clients_keys,
+            client_is_shareable_across_tasks,
+        );
+    };
+    (@each $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let backend = $make;
+                $crate::conformance::$name(&backend).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,78 @@
+//! What the suites need from a backend under test.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use kvsync_backend::{Client, MemoryBackend};
+use kvsync_model::Revision;
+
+/// Direct access to a backend's storage, bypassing the client, as a foreign writer has.
+#[async_trait]
+pub trait RawAccess: Send + Sync {
+    /// Writes `bytes` under `path` as they are; returns the revision of the write.
+    async fn put_raw(&self, path: &str, bytes: &[u8]) -> Revision;
+}
+
+/// A client under test and raw access to the same storage.
+#[derive(Clone)]
+pub struct TestClient {
+    /// The client.
+    pub client: Arc<dyn Client>,
+    /// Raw access to what the client reads.
+    pub raw: Arc<dyn RawAccess>,
+}
+
+/// A backend under test: hands out fresh clients, each over its own empty key prefix.
+#[async_trait]
+pub trait TestBackend: Send + Sync {
+    /// A fresh client whose prefix no other test uses.
+    async fn client(&self) -> TestClient;
+
+    /// Whether keys can be given a TTL.
+    fn supports_ttl(&self) -> bool {
+        true
+    }
+
+    /// Whether `get` and `list` can read at an old revision.
+    fn supports_historical_reads(&self) -> bool {
+        true
+    }
+}
+
+/// A prefix no other test in this process uses: `/kvsync-test/p<pid>-<n>`.
+pub fn unique_prefix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "/kvsync-test/p{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The memory backend under test; each client is a new store.
+#[derive(Debug, Default)]
+pub struct MemoryTestBackend;
+
+struct MemoryRaw(MemoryBackend);
+
+#[async_trait]
+impl RawAccess for MemoryRaw {
+    async fn put_raw(&self, path: &str, bytes: &[u8]) -> Revision {
+        self.0.put_raw(path, bytes).into()
+    }
+}
+
+#[async_trait]
+impl TestBackend for MemoryTestBackend {
+    async fn client(&self) -> TestClient {
+        let store = MemoryBackend::builder()
+            .prefix(unique_prefix())
+            .build()
+            .expect("valid test prefix");
+        TestClient {
+            client: Arc::new(store.clone()),
+            raw: Arc::new(MemoryRaw(store)),
+        }
+    }
+}
