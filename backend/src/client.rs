@@ -138,6 +138,46 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+#[async_trait]
+impl<C: Client + ?Sized> Client for Arc<C> {
+    fn codec(&self) -> &PathCodec {
+        (**self).codec()
+    }
+    fn backend_name(&self) -> &'static str {
+        (**self).backend_name()
+    }
+    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
+        (**self).create(kvp).await
+    }
+    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
+        (**self).update(kvp).await
+    }
+    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
+        (**self).apply(kvp).await
+    }
+    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        (**self).delete(key, revision).await
+    }
+    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        (**self).get(key, revision).await
+    }
+    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
+        (**self).list(opts, revision).await
+    }
+    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+        (**self).watch(opts, from).await
+    }
+    async fn ensure_initialized(&self) -> Result<()> {
+        (**self).ensure_initialized().await
+    }
+    async fn clean(&self) -> Result<()> {
+        (**self).clean().await
+    }
+    async fn compact(&self, revision: &Revision) -> Result<()> {
+        (**self).compact(revision).await
+    }
+}
+
 /// Typed access to the resources of kind `R` through any [`Client`].
 ///
 /// ```

@@ -1,1 +1,222 @@
-//! The Syncer.
+//! The kvsync Syncer: list-then-watch over many resource types, with exact recovery from every
+//! fault. The Rust counterpart of Calico's `watchersyncer` and of kube-runtime's
+//! `watcher`/`reflector`.
+//!
+//! A controller hands the Syncer a [`Client`] and the resource types it cares about, and
+//! receives status changes ([`SyncStatus`]) and batches of [`Update`]s, either as a
+//! [`Stream`](futures::Stream) ([`Syncer::stream`]) or through [`SyncerCallbacks`]
+//! ([`Syncer::start`]).
+//!
+//! **The promise:** a consumer that applies every batch to a map holds exactly the
+//! datastore's state whenever the datastore is quiet and the Syncer has said
+//! [`SyncStatus::InSync`], whatever happened underneath.
+//!
+//! - Status starts at `WaitForDatastore`, goes to `ResyncInProgress` once every type's list
+//!   answered, and to `InSync` after every type's initial updates were delivered. Updates are
+//!   always delivered before the status that follows them.
+//! - Per key: `New` the first time, `Updated` afterwards, `Deleted` when it goes; never
+//!   `Deleted` for a key not reported before; in revision order; a repeat of the same revision
+//!   is dropped.
+//! - A broken watch resumes from the last revision seen. A compacted resume point
+//!   ([`Error::Compacted`](kvsync_backend::Error::Compacted)) makes the type relist and send
+//!   exactly the difference against what it sent: `Updated`, `New`, `Deleted` for keys that
+//!   vanished meanwhile, nothing for unchanged keys.
+//! - While the datastore is unreachable the status is `WaitForDatastore` and the Syncer
+//!   retries with capped exponential [`Backoff`] with jitter, then relists and diffs.
+//! - Batches hold at most [`Syncer::with_max_batch`] updates; a slow consumer slows the
+//!   watchers down through bounded channels instead of growing a queue.
+//! - Per tracked key the Syncer keeps only its revision (and, with an [`UpdateProcessor`],
+//!   the derived keys), never a copy of the value.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use std::collections::BTreeMap;
+//! use std::sync::Arc;
+//! use futures::StreamExt;
+//! use kvsync_backend::{Client, MemoryBackend};
+//! use kvsync_model::{KVPair, ListOptions, ResourceKey};
+//! use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent, UpdateType};
+//!
+//! let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
+//! client.create(KVPair::new(ResourceKey::cluster("IPPool", "a"), serde_json::json!({"cidr": "10.0.0.0/16"}))).await.unwrap();
+//!
+//! let mut events = Syncer::new(client.clone())
+//!     .with_resource(ResourceType::new(ListOptions::new("IPPool")))
+//!     .stream();
+//! let mut cache = BTreeMap::new();
+//! while let Some(ev) = events.next().await {
+//!     match ev {
+//!         SyncerEvent::Updates(batch) => for u in batch {
+//!             match u.update_type {
+//!                 UpdateType::Deleted => { cache.remove(&u.kvp.key); }
+//!                 _ => { cache.insert(u.kvp.key.clone(), u.kvp.value); }
+//!             }
+//!         },
+//!         SyncerEvent::Status(SyncStatus::InSync) => break,
+//!         _ => {}
+//!     }
+//! }
+//! assert_eq!(cache.len(), 1);
+//! events.stop().await;
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvsync_backend::Client;
+use kvsync_model::{KVPair, ListOptions, Resource};
+
+mod callbacks;
+mod driver;
+mod state;
+mod status;
+
+pub use callbacks::SyncerCallbacks;
+pub use driver::{Backoff, SyncerHandle, SyncerStream};
+pub use status::{SyncStatus, SyncerEvent, Update, UpdateType};
+
+/// The default largest batch of updates.
+pub const DEFAULT_MAX_BATCH: usize = 1000;
+
+/// Converts a resource into zero or more derived KVPairs (Calico's
+/// `SyncerUpdateProcessor`), e.g. one policy fanned out per selector.
+///
+/// The Syncer remembers which keys each resource produced, so a derived key that a later
+/// version no longer produces, or whose resource is deleted, is sent as `Deleted`. Derived
+/// pairs without a revision get their resource's.
+pub trait UpdateProcessor: Send + Sync + 'static {
+    /// The derived pairs for the current value of a resource.
+    fn process(&self, kvp: &KVPair) -> Vec<KVPair>;
+}
+
+/// One resource type a Syncer follows: what to list and watch, and an optional processor.
+#[derive(Clone)]
+pub struct ResourceType {
+    /// Which keys (kind and optional namespace, name or prefix).
+    pub options: ListOptions,
+    /// The optional processor.
+    pub processor: Option<Arc<dyn UpdateProcessor>>,
+}
+
+impl fmt::Debug for ResourceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResourceType")
+            .field("options", &self.options)
+            .field("processor", &self.processor.is_some())
+            .finish()
+    }
+}
+
+impl ResourceType {
+    /// Follows the keys `options` covers.
+    pub fn new(options: ListOptions) -> Self {
+        ResourceType {
+            options,
+            processor: None,
+        }
+    }
+
+    /// Follows every resource of `R`.
+    pub fn of<R: Resource>() -> Self {
+        Self::new(ListOptions::new(R::KIND))
+    }
+
+    /// Sends the processor's derived pairs instead of the resources themselves.
+    #[must_use]
+    pub fn with_processor(mut self, processor: Arc<dyn UpdateProcessor>) -> Self {
+        self.processor = Some(processor);
+        self
+    }
+}
+
+/// A Syncer, configured and not yet started. Start it with [`Syncer::stream`] or
+/// [`Syncer::start`].
+#[derive(Clone)]
+pub struct Syncer {
+    client: Arc<dyn Client>,
+    types: Vec<ResourceType>,
+    max_batch: usize,
+    channel_capacity: usize,
+    backoff: Backoff,
+    request_timeout: Duration,
+}
+
+impl fmt::Debug for Syncer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Syncer")
+            .field("client", &self.client)
+            .field("types", &self.types)
+            .field("max_batch", &self.max_batch)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Syncer {
+    /// A Syncer over `client` with no resource types yet.
+    pub fn new(client: Arc<dyn Client>) -> Self {
+        Syncer {
+            client,
+            types: Vec::new(),
+            max_batch: DEFAULT_MAX_BATCH,
+            channel_capacity: 4,
+            backoff: Backoff::default(),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Also follows `rt`. Give each key to one type only: overlapping types report the same
+    /// key twice.
+    #[must_use]
+    pub fn with_resource(mut self, rt: ResourceType) -> Self {
+        self.types.push(rt);
+        self
+    }
+
+    /// The largest batch of updates delivered at once (default 1,000; at least 1).
+    #[must_use]
+    pub fn with_max_batch(mut self, max: usize) -> Self {
+        self.max_batch = max.max(1);
+        self
+    }
+
+    /// How many batches may wait for the consumer before the Syncer stops reading the
+    /// datastore (default 4).
+    #[must_use]
+    pub fn with_channel_capacity(mut self, capacity: usize) -> Self {
+        self.channel_capacity = capacity.max(1);
+        self
+    }
+
+    /// The backoff between retries (default 100 ms doubling up to 10 s).
+    #[must_use]
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// How long a list or the opening of a watch may take before it counts as a failure
+    /// (default 30 s).
+    #[must_use]
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Starts the Syncer; its events arrive on the returned stream. Needs a tokio runtime.
+    pub fn stream(self) -> SyncerStream {
+        SyncerStream::new(self)
+    }
+
+    /// Starts the Syncer and calls `callbacks` from a task of its own. Needs a tokio runtime.
+    pub fn start(self, callbacks: impl SyncerCallbacks) -> SyncerHandle {
+        let (rx, mut handle) = driver::spawn(self);
+        let stream_handle = SyncerHandle::detached();
+        let stream = SyncerStream::from_parts(rx, stream_handle);
+        handle.push(tokio::spawn(callbacks::run(stream, callbacks)));
+        handle
+    }
+}

@@ -8,3 +8,5 @@ pub mod conformance;
 pub mod harness;
 
 pub use harness::{MemoryTestBackend, RawAccess, TestBackend, TestClient, unique_prefix};
+pub mod checker;
+pub mod syncer_model;

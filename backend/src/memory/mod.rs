@@ -654,6 +654,8 @@ impl WatchState {
             });
         }
         let entries: Vec<&LogEntry> = store.log_after(self.after).take(WATCH_CHUNK).collect();
+        let scanned = !entries.is_empty();
+        let buffered = self.buf.len();
         for e in entries {
             self.after = e.rev;
             if !e.path.starts_with(self.prefix.as_str()) {
@@ -662,6 +664,11 @@ impl WatchState {
             if let Some(ev) = self.event(e) {
                 self.buf.push_back(ev);
             }
+        }
+        // Writes outside the watch moved the revision on: say so, so that a watcher's resume
+        // point stays fresh (etcd's progress notifications).
+        if scanned && self.buf.len() == buffered {
+            self.buf.push_back(WatchEvent::Bookmark(self.after.into()));
         }
         Ok(())
     }
@@ -710,7 +717,12 @@ mod tests {
         }
         assert_eq!(store.revision(), 5);
         // Entries 3, 4 and 5 are kept: a watch from 2 still works, from 1 does not.
-        assert!(store.watch(&ListOptions::new("Node"), Some(&2u64.into())).await.is_ok());
+        assert!(
+            store
+                .watch(&ListOptions::new("Node"), Some(&2u64.into()))
+                .await
+                .is_ok()
+        );
         let err = store
             .watch(&ListOptions::new("Node"), Some(&1u64.into()))
             .await
@@ -766,7 +778,12 @@ mod tests {
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(4)).await;
-        assert!(store.get(&ResourceKey::cluster("Node", "n"), None).await.is_ok());
+        assert!(
+            store
+                .get(&ResourceKey::cluster("Node", "n"), None)
+                .await
+                .is_ok()
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
         let err = store
             .get(&ResourceKey::cluster("Node", "n"), None)

@@ -1,0 +1,457 @@
+//! The async driver: one task per resource type doing the I/O its state machine asks for, and
+//! one aggregator that merges statuses and batches updates for the consumer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kvsync_backend::{Client, Error, WatchStream};
+use kvsync_model::ListOptions;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::state::{Action, Input, Out, TypeState, TypeStatus};
+use crate::status::{SyncStatus, SyncerEvent, Update};
+use crate::{ResourceType, Syncer};
+
+/// Capped exponential backoff with jitter between retries.
+///
+/// The n-th retry in a row waits a random time between half and all of
+/// `min(max, initial * 2^(n-1))`, so that many clients recovering together spread out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (1 for the first).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(31);
+        let full = self
+            .initial
+            .checked_mul(1u32 << exp)
+            .unwrap_or(self.max)
+            .min(self.max);
+        let half = full / 2;
+        half + full
+            .saturating_sub(half)
+            .mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+/// A message from a type task to the aggregator.
+struct Msg {
+    idx: usize,
+    out: Out,
+}
+
+/// The stream of a running Syncer. Dropping it stops the Syncer.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::sync::Arc;
+/// use futures::StreamExt;
+/// use kvsync_backend::{Client, MemoryBackend};
+/// use kvsync_model::ListOptions;
+/// use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent};
+///
+/// let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
+/// let mut events = Syncer::new(client)
+///     .with_resource(ResourceType::new(ListOptions::new("IPPool")))
+///     .stream();
+/// while let Some(ev) = events.next().await {
+///     if let SyncerEvent::Status(SyncStatus::InSync) = ev {
+///         break;
+///     }
+/// }
+/// events.stop().await;
+/// # }
+/// ```
+pub struct SyncerStream {
+    rx: mpsc::Receiver<SyncerEvent>,
+    handle: SyncerHandle,
+}
+
+impl std::fmt::Debug for SyncerStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncerStream").finish_non_exhaustive()
+    }
+}
+
+impl SyncerStream {
+    /// Stops every watcher and returns once they are gone.
+    pub async fn stop(self) {
+        let SyncerStream { rx, handle } = self;
+        drop(rx);
+        handle.stop().await;
+    }
+}
+
+impl Stream for SyncerStream {
+    type Item = SyncerEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SyncerEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// A running Syncer. [`SyncerHandle::stop`] ends it; dropping the handle ends it too.
+#[derive(Debug)]
+pub struct SyncerHandle {
+    shutdown: Option<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SyncerHandle {
+    /// A handle that owns no task (for the stream a callback task reads).
+    pub(crate) fn detached() -> Self {
+        SyncerHandle {
+            shutdown: None,
+            tasks: Vec::new(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, task: JoinHandle<()>) {
+        self.tasks.push(task);
+    }
+
+    /// Stops every watcher and the delivery of events, and returns once all the Syncer's
+    /// tasks are gone.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+    }
+
+    /// Whether every task of the Syncer has ended.
+    pub fn is_finished(&self) -> bool {
+        self.tasks.iter().all(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for SyncerHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Starts the Syncer's tasks; events arrive on the returned receiver.
+pub(crate) fn spawn(syncer: Syncer) -> (mpsc::Receiver<SyncerEvent>, SyncerHandle) {
+    let (out_tx, out_rx) = mpsc::channel(syncer.channel_capacity.max(1));
+    let (shutdown_tx, shutdown_rx) = oneshot::channel();
+    let agg = tokio::spawn(aggregate(syncer, out_tx, shutdown_rx));
+    (
+        out_rx,
+        SyncerHandle {
+            shutdown: Some(shutdown_tx),
+            tasks: vec![agg],
+        },
+    )
+}
+
+impl SyncerStream {
+    pub(crate) fn new(syncer: Syncer) -> Self {
+        let (rx, handle) = spawn(syncer);
+        SyncerStream { rx, handle }
+    }
+
+    pub(crate) fn from_parts(rx: mpsc::Receiver<SyncerEvent>, handle: SyncerHandle) -> Self {
+        SyncerStream { rx, handle }
+    }
+}
+
+fn aggregate_status(statuses: &[TypeStatus]) -> SyncStatus {
+    if statuses.iter().all(|s| *s == TypeStatus::InSync) {
+        SyncStatus::InSync
+    } else if statuses.contains(&TypeStatus::Waiting) {
+        SyncStatus::WaitForDatastore
+    } else {
+        SyncStatus::ResyncInProgress
+    }
+}
+
+struct Aggregator {
+    out: mpsc::Sender<SyncerEvent>,
+    statuses: Vec<TypeStatus>,
+    status: SyncStatus,
+    pending: Vec<Update>,
+    max_batch: usize,
+}
+
+impl Aggregator {
+    /// Sends an event; `Err` when the consumer is gone.
+    async fn send(&self, ev: SyncerEvent) -> Result<(), ()> {
+        self.out.send(ev).await.map_err(|_| ())
+    }
+
+    async fn flush(&mut self) -> Result<(), ()> {
+        if !self.pending.is_empty() {
+            let batch = std::mem::take(&mut self.pending);
+            self.send(SyncerEvent::Updates(batch)).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, msg: Msg) -> Result<(), ()> {
+        match msg.out {
+            Out::Updates(updates) => {
+                let mut updates = updates.into_iter();
+                loop {
+                    let room = self.max_batch - self.pending.len();
+                    self.pending.extend(updates.by_ref().take(room));
+                    if self.pending.len() < self.max_batch {
+                        break;
+                    }
+                    self.flush().await?;
+                }
+            }
+            Out::Status(s) => {
+                // Every update sent before a status change is delivered before it.
+                self.flush().await?;
+                self.statuses[msg.idx] = s;
+                let agg = aggregate_status(&self.statuses);
+                if agg != self.status {
+                    info!(status = %agg, "sync status changed");
+                    self.status = agg;
+                    self.send(SyncerEvent::Status(agg)).await?;
+                }
+            }
+            Out::ParseFailed(f) => {
+                self.flush().await?;
+                warn!(raw_key = %f.raw_key, reason = %f.reason, "stored entry does not decode");
+                self.send(SyncerEvent::ParseFailed(f)).await?;
+            }
+            Out::Error(e) => {
+                self.flush().await?;
+                self.send(SyncerEvent::Error(Arc::new(e))).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn aggregate(
+    syncer: Syncer,
+    out: mpsc::Sender<SyncerEvent>,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    let n = syncer.types.len();
+    let (tx, mut rx) = mpsc::channel::<Msg>(syncer.channel_capacity.max(1) * n.max(1));
+    let mut tasks = JoinSet::new();
+    for (idx, rt) in syncer.types.iter().cloned().enumerate() {
+        let span = info_span!("kvsync_watcher", kind = %rt.options.kind, namespace = ?rt.options.namespace);
+        let ctx = TypeTask {
+            idx,
+            client: syncer.client.clone(),
+            rt,
+            tx: tx.clone(),
+            backoff: syncer.backoff,
+            request_timeout: syncer.request_timeout,
+        };
+        tasks.spawn(ctx.run().instrument(span));
+    }
+    drop(tx);
+    let mut agg = Aggregator {
+        out,
+        statuses: vec![TypeStatus::Waiting; n],
+        status: SyncStatus::WaitForDatastore,
+        pending: Vec::new(),
+        max_batch: syncer.max_batch.max(1),
+    };
+    if agg.send(SyncerEvent::Status(agg.status)).await.is_err() {
+        return;
+    }
+    if n == 0 {
+        agg.status = SyncStatus::InSync;
+        let _ = agg.send(SyncerEvent::Status(SyncStatus::InSync)).await;
+    }
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            msg = rx.recv() => match msg {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        // Take whatever else is ready too, so changes that arrive together go out in one batch.
+        let mut result = agg.handle(msg).await;
+        while result.is_ok() && agg.pending.len() < agg.max_batch {
+            match rx.try_recv() {
+                Ok(m) => result = agg.handle(m).await,
+                Err(_) => break,
+            }
+        }
+        if result.is_err() || agg.flush().await.is_err() {
+            break;
+        }
+    }
+    tasks.shutdown().await;
+    debug!("syncer stopped");
+}
+
+struct TypeTask {
+    idx: usize,
+    client: Arc<dyn Client>,
+    rt: ResourceType,
+    tx: mpsc::Sender<Msg>,
+    backoff: Backoff,
+    request_timeout: Duration,
+}
+
+impl TypeTask {
+    async fn with_timeout<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = kvsync_backend::Result<T>>,
+    ) -> kvsync_backend::Result<T> {
+        match tokio::time::timeout(self.request_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::unavailable(format!(
+                "{what} did not answer within {:?}",
+                self.request_timeout
+            ))),
+        }
+    }
+
+    async fn run(self) {
+        let opts: &ListOptions = &self.rt.options;
+        let mut state = TypeState::new(opts.kind.clone(), self.rt.processor.clone());
+        let mut action = state.start();
+        let mut watch: Option<WatchStream> = None;
+        loop {
+            let input = match action {
+                Action::List => {
+                    watch = None;
+                    info!(tracked = state.tracked(), "listing");
+                    match self
+                        .with_timeout("list", self.client.list(opts, None))
+                        .await
+                    {
+                        Ok(list) => {
+                            info!(items = list.items.len(), revision = %list.revision, "listed");
+                            Input::Listed(list)
+                        }
+                        Err(e) => Input::ListFailed(e),
+                    }
+                }
+                Action::Watch(rev) => {
+                    watch = None;
+                    debug!(from = %rev, "watching");
+                    match self
+                        .with_timeout("watch", self.client.watch(opts, Some(&rev)))
+                        .await
+                    {
+                        Ok(w) => {
+                            watch = Some(w);
+                            Input::WatchStarted
+                        }
+                        Err(e) => Input::WatchFailedToStart(e),
+                    }
+                }
+                Action::Continue => match watch.as_mut() {
+                    Some(w) => match w.next().await {
+                        Some(Ok(ev)) => Input::Event(ev),
+                        Some(Err(e)) => {
+                            watch = None;
+                            Input::WatchBroken(e)
+                        }
+                        None => {
+                            watch = None;
+                            Input::WatchEnded
+                        }
+                    },
+                    None => Input::WatchEnded,
+                },
+                Action::Backoff(attempt) => {
+                    let delay = self.backoff.delay(attempt);
+                    warn!(attempt, ?delay, "retrying after backoff");
+                    tokio::time::sleep(delay).await;
+                    Input::BackoffElapsed
+                }
+            };
+            if let Input::WatchBroken(e) | Input::WatchFailedToStart(e) | Input::ListFailed(e) =
+                &input
+            {
+                warn!(error = %e, "datastore call failed");
+            }
+            let step = state.step(input);
+            for out in step.out {
+                if self.tx.send(Msg { idx: self.idx, out }).await.is_err() {
+                    return;
+                }
+            }
+            action = step.action;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for _ in 0..100 {
+            let d1 = b.delay(1);
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
+                "{d1:?}"
+            );
+            let d3 = b.delay(3);
+            assert!(
+                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400),
+                "{d3:?}"
+            );
+            let d40 = b.delay(40);
+            assert!(
+                d40 >= Duration::from_secs(1) && d40 <= Duration::from_secs(2),
+                "{d40:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_is_in_sync_only_when_every_type_is() {
+        use TypeStatus::*;
+        assert_eq!(aggregate_status(&[InSync, InSync]), SyncStatus::InSync);
+        assert_eq!(
+            aggregate_status(&[InSync, Waiting]),
+            SyncStatus::WaitForDatastore
+        );
+        assert_eq!(
+            aggregate_status(&[Resyncing, InSync]),
+            SyncStatus::ResyncInProgress
+        );
+        assert_eq!(
+            aggregate_status(&[Resyncing, Waiting]),
+            SyncStatus::WaitForDatastore
+        );
+    }
+}

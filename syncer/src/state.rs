@@ -1,0 +1,618 @@
+//! The pure state machine of one resource type: list, watch, diff on relist, recover.
+//!
+//! [`TypeState::step`] takes what the driver's last I/O returned and says what to tell the
+//! consumer and what I/O to do next. No I/O and no clock happen here, so every fault sequence
+//! can be tested directly (kube-runtime's `watcher` `step` and Calico's `watchercache.go`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kvsync_backend::{Error, WatchEvent};
+use kvsync_model::{KVList, KVPair, ParseFailure, ResourceKey, Revision};
+
+use crate::UpdateProcessor;
+use crate::status::{Update, UpdateType};
+
+/// The status of one resource type; the Syncer's status is made of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TypeStatus {
+    /// Not answered yet, or failing.
+    Waiting,
+    /// A list answered; its updates are being sent.
+    Resyncing,
+    /// Listed, diffed and sent; following the watch.
+    InSync,
+}
+
+/// What the driver feeds in: the outcome of the I/O it was told to do.
+// Inputs live for one step; boxing the large ones would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Input {
+    Listed(KVList),
+    ListFailed(Error),
+    WatchStarted,
+    WatchFailedToStart(Error),
+    Event(WatchEvent),
+    WatchBroken(Error),
+    WatchEnded,
+    BackoffElapsed,
+}
+
+/// What the driver must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// List the type (from the latest revision).
+    List,
+    /// Open a watch after this revision.
+    Watch(Revision),
+    /// Keep reading the open watch.
+    Continue,
+    /// Wait before the next attempt; the number counts failed attempts in a row.
+    Backoff(u32),
+}
+
+/// What to tell the consumer, in order.
+#[derive(Debug)]
+pub(crate) enum Out {
+    Status(TypeStatus),
+    Updates(Vec<Update>),
+    ParseFailed(ParseFailure),
+    Error(Error),
+}
+
+/// The result of one step.
+#[derive(Debug)]
+pub(crate) struct Step {
+    pub out: Vec<Out>,
+    pub action: Action,
+}
+
+/// What was sent for one source key: its revision and, with a processor, the derived keys.
+#[derive(Debug)]
+struct Entry {
+    revision: Revision,
+    derived: Option<Box<[ResourceKey]>>,
+}
+
+/// What to do when a backoff ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    List,
+    Watch,
+}
+
+/// The state of one resource type.
+pub(crate) struct TypeState {
+    kind: String,
+    processor: Option<Arc<dyn UpdateProcessor>>,
+    /// Key id (`ns/name` or `name`) -> what was sent. Only revisions, never values.
+    sent: HashMap<Box<str>, Entry>,
+    /// The revision to resume a watch from.
+    last: Option<Revision>,
+    status: TypeStatus,
+    attempt: u32,
+    pending: Pending,
+    /// Events since the current watch opened, to back off a watch that breaks at once.
+    events_in_watch: u64,
+}
+
+fn key_id(key: &ResourceKey) -> Box<str> {
+    match &key.namespace {
+        Some(ns) => format!("{ns}/{}", key.name).into(),
+        None => key.name.as_str().into(),
+    }
+}
+
+fn key_from_id(kind: &str, id: &str) -> ResourceKey {
+    match id.split_once('/') {
+        Some((ns, name)) => ResourceKey::namespaced(kind, ns, name),
+        None => ResourceKey::cluster(kind, id),
+    }
+}
+
+fn deleted(key: ResourceKey, value: Option<serde_json::Value>, revision: Revision) -> Update {
+    let mut kvp = KVPair::new(key, value.unwrap_or(serde_json::Value::Null));
+    kvp.revision = Some(revision);
+    Update {
+        kvp,
+        update_type: UpdateType::Deleted,
+    }
+}
+
+impl TypeState {
+    pub(crate) fn new(
+        kind: impl Into<String>,
+        processor: Option<Arc<dyn UpdateProcessor>>,
+    ) -> Self {
+        TypeState {
+            kind: kind.into(),
+            processor,
+            sent: HashMap::new(),
+            last: None,
+            status: TypeStatus::Waiting,
+            attempt: 0,
+            pending: Pending::List,
+            events_in_watch: 0,
+        }
+    }
+
+    /// The first action.
+    pub(crate) fn start(&self) -> Action {
+        Action::List
+    }
+
+    /// How many source keys are tracked.
+    pub(crate) fn tracked(&self) -> usize {
+        self.sent.len()
+    }
+
+    fn set_status(&mut self, status: TypeStatus, out: &mut Vec<Out>) {
+        if self.status != status {
+            self.status = status;
+            out.push(Out::Status(status));
+        }
+    }
+
+    fn fail(&mut self, err: Error, then: Pending, out: &mut Vec<Out>) -> Action {
+        self.set_status(TypeStatus::Waiting, out);
+        out.push(Out::Error(err));
+        self.attempt = self.attempt.saturating_add(1);
+        self.pending = then;
+        Action::Backoff(self.attempt)
+    }
+
+    fn resume_or_list(&self) -> Action {
+        match &self.last {
+            Some(r) => Action::Watch(r.clone()),
+            None => Action::List,
+        }
+    }
+
+    /// Advances the state by one input.
+    pub(crate) fn step(&mut self, input: Input) -> Step {
+        let mut out = Vec::new();
+        let action = match input {
+            Input::Listed(list) => self.on_listed(list, &mut out),
+            Input::ListFailed(err) => self.fail(err, Pending::List, &mut out),
+            Input::WatchStarted => {
+                self.events_in_watch = 0;
+                Action::Continue
+            }
+            Input::WatchFailedToStart(err) => match err {
+                // The resume point is gone: relist and diff.
+                Error::Compacted { .. } => Action::List,
+                // Unreachable (or refused): wait, then relist, since a long gap may follow.
+                err => self.fail(err, Pending::List, &mut out),
+            },
+            Input::Event(ev) => {
+                self.events_in_watch += 1;
+                self.on_event(ev, &mut out);
+                Action::Continue
+            }
+            Input::WatchBroken(Error::Compacted { .. }) => Action::List,
+            Input::WatchBroken(err) if err.is_retryable() => {
+                out.push(Out::Error(err));
+                self.on_watch_closed()
+            }
+            Input::WatchBroken(err) => self.fail(err, Pending::List, &mut out),
+            Input::WatchEnded => self.on_watch_closed(),
+            Input::BackoffElapsed => match self.pending {
+                Pending::List => Action::List,
+                Pending::Watch => self.resume_or_list(),
+            },
+        };
+        Step { out, action }
+    }
+
+    /// A watch closed with a retryable error: resume it from the last revision at once, but
+    /// back off if it closed before delivering anything (a flapping connection).
+    fn on_watch_closed(&mut self) -> Action {
+        if self.events_in_watch == 0 {
+            self.attempt = self.attempt.saturating_add(1);
+            self.pending = Pending::Watch;
+            Action::Backoff(self.attempt)
+        } else {
+            self.attempt = 0;
+            self.resume_or_list()
+        }
+    }
+
+    fn on_listed(&mut self, list: KVList, out: &mut Vec<Out>) -> Action {
+        self.set_status(TypeStatus::Resyncing, out);
+        self.attempt = 0;
+        let mut updates = Vec::new();
+        let mut old = std::mem::take(&mut self.sent);
+        self.sent.reserve(list.items.len());
+        for kvp in list.items {
+            let id = key_id(&kvp.key);
+            let prev = old.remove(&id);
+            let unchanged = prev
+                .as_ref()
+                .is_some_and(|e| Some(&e.revision) == kvp.revision.as_ref());
+            if unchanged {
+                if let Some(e) = prev {
+                    self.sent.insert(id, e);
+                }
+                continue;
+            }
+            self.send_value(id, kvp, prev, &mut updates);
+        }
+        for f in list.parse_failures {
+            out.push(Out::ParseFailed(f));
+        }
+        // Whatever was sent before and is not listed now is gone.
+        let mut gone: Vec<(Box<str>, Entry)> = old.into_iter().collect();
+        gone.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, entry) in gone {
+            self.send_deleted(&id, entry, None, None, &mut updates);
+        }
+        if !updates.is_empty() {
+            out.push(Out::Updates(updates));
+        }
+        self.last = Some(list.revision.clone());
+        self.set_status(TypeStatus::InSync, out);
+        Action::Watch(list.revision)
+    }
+
+    fn on_event(&mut self, ev: WatchEvent, out: &mut Vec<Out>) {
+        let mut updates = Vec::new();
+        match ev {
+            WatchEvent::Added(kvp) | WatchEvent::Modified { new: kvp, .. } => {
+                if let Some(r) = &kvp.revision {
+                    self.last = Some(r.clone());
+                }
+                let id = key_id(&kvp.key);
+                let prev = self.sent.remove(&id);
+                if let Some(e) = &prev
+                    && Some(&e.revision) == kvp.revision.as_ref()
+                {
+                    // Seen already (a resumed watch can repeat the last event).
+                    if let Some(e) = prev {
+                        self.sent.insert(id, e);
+                    }
+                    return;
+                }
+                self.send_value(id, kvp, prev, &mut updates);
+            }
+            WatchEvent::Deleted { key, revision, old } => {
+                self.last = Some(revision.clone());
+                let id = key_id(&key);
+                if let Some(entry) = self.sent.remove(&id) {
+                    let old_value = old.map(|o| o.value);
+                    self.send_deleted(&id, entry, old_value, Some(revision), &mut updates);
+                }
+            }
+            WatchEvent::Bookmark(revision) => self.last = Some(revision),
+            WatchEvent::ParseFailed(f) => {
+                if let Some(r) = &f.revision {
+                    self.last = Some(r.clone());
+                }
+                // A key that no longer decodes is gone for the consumer, as for a list.
+                if let Some(key) = &f.key {
+                    let id = key_id(key);
+                    if let Some(entry) = self.sent.remove(&id) {
+                        self.send_deleted(&id, entry, None, f.revision.clone(), &mut updates);
+                    }
+                }
+                out.push(Out::ParseFailed(f));
+            }
+        }
+        if !updates.is_empty() {
+            out.push(Out::Updates(updates));
+        }
+    }
+
+    /// Sends a new value of a source key (through the processor, if any) and records it.
+    fn send_value(
+        &mut self,
+        id: Box<str>,
+        kvp: KVPair,
+        prev: Option<Entry>,
+        updates: &mut Vec<Update>,
+    ) {
+        let Some(revision) = kvp.revision.clone() else {
+            return;
+        };
+        let Some(processor) = &self.processor else {
+            updates.push(Update {
+                kvp,
+                update_type: if prev.is_some() {
+                    UpdateType::Updated
+                } else {
+                    UpdateType::New
+                },
+            });
+            self.sent.insert(
+                id,
+                Entry {
+                    revision,
+                    derived: None,
+                },
+            );
+            return;
+        };
+        let old: Vec<ResourceKey> = prev
+            .and_then(|e| e.derived)
+            .map(Vec::from)
+            .unwrap_or_default();
+        let derived = processor.process(&kvp);
+        let mut keys = Vec::with_capacity(derived.len());
+        for mut d in derived {
+            if d.revision.is_none() {
+                d.revision = Some(revision.clone());
+            }
+            let update_type = if old.contains(&d.key) {
+                UpdateType::Updated
+            } else {
+                UpdateType::New
+            };
+            keys.push(d.key.clone());
+            updates.push(Update {
+                kvp: d,
+                update_type,
+            });
+        }
+        for k in old {
+            if !keys.contains(&k) {
+                updates.push(deleted(k, None, revision.clone()));
+            }
+        }
+        self.sent.insert(
+            id,
+            Entry {
+                revision,
+                derived: Some(keys.into_boxed_slice()),
+            },
+        );
+    }
+
+    /// Sends the deletion of a source key (or of everything derived from it).
+    fn send_deleted(
+        &self,
+        id: &str,
+        entry: Entry,
+        old_value: Option<serde_json::Value>,
+        revision: Option<Revision>,
+        updates: &mut Vec<Update>,
+    ) {
+        let revision = revision.unwrap_or(entry.revision);
+        match entry.derived {
+            None => updates.push(deleted(key_from_id(&self.kind, id), old_value, revision)),
+            Some(keys) => {
+                for k in keys.into_vec() {
+                    updates.push(deleted(k, None, revision.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pool(name: &str, rev: u64) -> KVPair {
+        KVPair::new(
+            ResourceKey::cluster("IPPool", name),
+            json!({"cidr": "10.0.0.0/8"}),
+        )
+        .with_revision(rev.into())
+    }
+
+    fn list(items: Vec<KVPair>, rev: u64) -> KVList {
+        KVList {
+            items,
+            revision: rev.into(),
+            parse_failures: vec![],
+        }
+    }
+
+    fn updates(step: &Step) -> Vec<(String, UpdateType)> {
+        step.out
+            .iter()
+            .filter_map(|o| match o {
+                Out::Updates(u) => Some(u),
+                _ => None,
+            })
+            .flatten()
+            .map(|u| (u.kvp.key.name.clone(), u.update_type))
+            .collect()
+    }
+
+    fn statuses(step: &Step) -> Vec<TypeStatus> {
+        step.out
+            .iter()
+            .filter_map(|o| match o {
+                Out::Status(s) => Some(*s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn initial_list_sends_new_then_watches_from_the_list_revision() {
+        let mut s = TypeState::new("IPPool", None);
+        assert_eq!(s.start(), Action::List);
+        let step = s.step(Input::Listed(list(vec![pool("a", 1), pool("b", 2)], 5)));
+        assert_eq!(statuses(&step), [TypeStatus::Resyncing, TypeStatus::InSync]);
+        assert!(
+            matches!(step.out.last(), Some(Out::Status(TypeStatus::InSync))),
+            "status after updates"
+        );
+        assert_eq!(
+            updates(&step),
+            [("a".into(), UpdateType::New), ("b".into(), UpdateType::New)]
+        );
+        assert_eq!(step.action, Action::Watch(5u64.into()));
+    }
+
+    #[test]
+    fn relist_sends_exactly_the_difference() {
+        let mut s = TypeState::new("IPPool", None);
+        s.step(Input::Listed(list(
+            vec![pool("a", 1), pool("b", 2), pool("c", 3)],
+            3,
+        )));
+        s.step(Input::WatchStarted);
+        let step = s.step(Input::WatchBroken(Error::Compacted {
+            requested: 3u64.into(),
+            compacted: 9u64.into(),
+        }));
+        assert_eq!(step.action, Action::List);
+        // a unchanged, b changed, c deleted, d new.
+        let step = s.step(Input::Listed(list(
+            vec![pool("a", 1), pool("b", 7), pool("d", 8)],
+            10,
+        )));
+        assert_eq!(
+            updates(&step),
+            [
+                ("b".into(), UpdateType::Updated),
+                ("d".into(), UpdateType::New),
+                ("c".into(), UpdateType::Deleted)
+            ]
+        );
+        assert_eq!(statuses(&step), [TypeStatus::Resyncing, TypeStatus::InSync]);
+        assert_eq!(s.tracked(), 3);
+    }
+
+    #[test]
+    fn watch_events_are_new_then_updated_then_deleted_and_repeats_are_dropped() {
+        let mut s = TypeState::new("IPPool", None);
+        s.step(Input::Listed(list(vec![], 1)));
+        s.step(Input::WatchStarted);
+        let st = s.step(Input::Event(WatchEvent::Added(pool("a", 2))));
+        assert_eq!(updates(&st), [("a".into(), UpdateType::New)]);
+        let st = s.step(Input::Event(WatchEvent::Modified {
+            new: pool("a", 3),
+            old: None,
+        }));
+        assert_eq!(updates(&st), [("a".into(), UpdateType::Updated)]);
+        let st = s.step(Input::Event(WatchEvent::Modified {
+            new: pool("a", 3),
+            old: None,
+        }));
+        assert!(updates(&st).is_empty(), "same revision again is dropped");
+        let st = s.step(Input::Event(WatchEvent::Deleted {
+            key: ResourceKey::cluster("IPPool", "a"),
+            revision: 4u64.into(),
+            old: Some(pool("a", 3)),
+        }));
+        assert_eq!(updates(&st), [("a".into(), UpdateType::Deleted)]);
+        let st = s.step(Input::Event(WatchEvent::Deleted {
+            key: ResourceKey::cluster("IPPool", "never-sent"),
+            revision: 5u64.into(),
+            old: None,
+        }));
+        assert!(updates(&st).is_empty(), "a key never sent is never deleted");
+    }
+
+    #[test]
+    fn broken_watch_resumes_from_the_last_revision_seen() {
+        let mut s = TypeState::new("IPPool", None);
+        s.step(Input::Listed(list(vec![], 1)));
+        s.step(Input::WatchStarted);
+        s.step(Input::Event(WatchEvent::Added(pool("a", 4))));
+        s.step(Input::Event(WatchEvent::Bookmark(6u64.into())));
+        let st = s.step(Input::WatchBroken(Error::unavailable("reset")));
+        assert_eq!(st.action, Action::Watch(6u64.into()));
+        assert!(statuses(&st).is_empty(), "a resumed watch keeps the status");
+        // A watch that breaks again before any event backs off.
+        s.step(Input::WatchStarted);
+        let st = s.step(Input::WatchEnded);
+        assert_eq!(st.action, Action::Backoff(1));
+        assert_eq!(
+            s.step(Input::BackoffElapsed).action,
+            Action::Watch(6u64.into())
+        );
+    }
+
+    #[test]
+    fn outage_waits_with_growing_backoff_then_relists() {
+        let mut s = TypeState::new("IPPool", None);
+        let st = s.step(Input::ListFailed(Error::unavailable("down")));
+        assert_eq!(st.action, Action::Backoff(1));
+        assert!(statuses(&st).is_empty(), "already waiting");
+        assert_eq!(s.step(Input::BackoffElapsed).action, Action::List);
+        assert_eq!(
+            s.step(Input::ListFailed(Error::unavailable("down"))).action,
+            Action::Backoff(2)
+        );
+        s.step(Input::BackoffElapsed);
+        s.step(Input::Listed(list(vec![pool("a", 1)], 1)));
+        s.step(Input::WatchStarted);
+        let st = s.step(Input::WatchFailedToStart(Error::unavailable("down")));
+        assert_eq!(statuses(&st), [TypeStatus::Waiting]);
+        assert_eq!(
+            st.action,
+            Action::Backoff(1),
+            "attempts reset after success"
+        );
+        assert_eq!(
+            s.step(Input::BackoffElapsed).action,
+            Action::List,
+            "relist after an outage"
+        );
+    }
+
+    #[test]
+    fn parse_failures_are_reported_and_delete_keys_sent_before() {
+        let mut s = TypeState::new("IPPool", None);
+        s.step(Input::Listed(list(vec![pool("a", 1)], 1)));
+        let f = ParseFailure {
+            raw_key: "/kvsync/v1/ippools/a".into(),
+            raw_value: b"{".to_vec(),
+            key: Some(ResourceKey::cluster("IPPool", "a")),
+            revision: Some(2u64.into()),
+            reason: "eof".into(),
+        };
+        let st = s.step(Input::Event(WatchEvent::ParseFailed(f)));
+        assert_eq!(updates(&st), [("a".into(), UpdateType::Deleted)]);
+        assert!(st.out.iter().any(|o| matches!(o, Out::ParseFailed(_))));
+        let st = s.step(Input::Event(WatchEvent::Added(pool("a", 3))));
+        assert_eq!(updates(&st), [("a".into(), UpdateType::New)]);
+    }
+
+    struct FanOut;
+    impl UpdateProcessor for FanOut {
+        fn process(&self, kvp: &KVPair) -> Vec<KVPair> {
+            let n = kvp.value["n"].as_u64().unwrap_or(0);
+            (0..n)
+                .map(|i| {
+                    KVPair::new(
+                        ResourceKey::cluster("Derived", format!("{}-{i}", kvp.key.name)),
+                        json!(i),
+                    )
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn processor_output_is_diffed_per_source_key() {
+        let mut s = TypeState::new("IPPool", Some(Arc::new(FanOut)));
+        let mut a = pool("a", 1);
+        a.value = json!({"n": 3});
+        let st = s.step(Input::Listed(list(vec![a.clone()], 1)));
+        assert_eq!(updates(&st).len(), 3);
+        a.value = json!({"n": 1});
+        a.revision = Some(2u64.into());
+        let st = s.step(Input::Event(WatchEvent::Modified { new: a, old: None }));
+        assert_eq!(
+            updates(&st),
+            [
+                ("a-0".into(), UpdateType::Updated),
+                ("a-1".into(), UpdateType::Deleted),
+                ("a-2".into(), UpdateType::Deleted)
+            ]
+        );
+        let st = s.step(Input::Event(WatchEvent::Deleted {
+            key: ResourceKey::cluster("IPPool", "a"),
+            revision: 3u64.into(),
+            old: None,
+        }));
+        assert_eq!(updates(&st), [("a-0".into(), UpdateType::Deleted)]);
+    }
+}

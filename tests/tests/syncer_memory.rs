@@ -1,0 +1,324 @@
+//! The Syncer against the memory backend: fault scenarios and the randomized model test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvsync_backend::{Client, FaultyClient, MemoryBackend};
+use kvsync_model::{KVPair, ListOptions, ResourceKey};
+use kvsync_syncer::{Backoff, ResourceType, SyncStatus, Syncer, UpdateType};
+use kvsync_tests::MemoryTestBackend;
+use kvsync_tests::checker::{CheckingConsumer, datastore_state};
+use kvsync_tests::syncer_model::{self, ModelConfig};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn pool(name: &str, cidr: &str) -> KVPair {
+    KVPair::new(ResourceKey::cluster("IPPool", name), json!({"cidr": cidr}))
+}
+
+fn fast_syncer(client: Arc<dyn Client>) -> Syncer {
+    Syncer::new(client)
+        .with_resource(ResourceType::new(ListOptions::new("IPPool")))
+        .with_resource(ResourceType::new(ListOptions::new("NetworkPolicy")))
+        .with_backoff(Backoff {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(50),
+        })
+}
+
+fn kinds() -> Vec<ListOptions> {
+    vec![
+        ListOptions::new("IPPool"),
+        ListOptions::new("NetworkPolicy"),
+    ]
+}
+
+async fn in_sync_with(consumer: &CheckingConsumer, store: &dyn Client) -> bool {
+    let expected = datastore_state(store, &kinds()).await;
+    consumer
+        .wait_for(WAIT, |s| {
+            s.status() == Some(SyncStatus::InSync) && s.cache == expected
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_goes_wait_resync_in_sync_with_every_key_new() {
+    let store = MemoryBackend::new();
+    for i in 0..50 {
+        store
+            .create(pool(&format!("p{i}"), "10.0.0.0/16"))
+            .await
+            .unwrap();
+    }
+    let consumer = CheckingConsumer::start(
+        fast_syncer(Arc::new(store.clone()))
+            .with_max_batch(7)
+            .stream(),
+    );
+    assert!(in_sync_with(&consumer, &store).await);
+    let seen = consumer.stop().await;
+    assert_eq!(
+        seen.statuses,
+        [
+            SyncStatus::WaitForDatastore,
+            SyncStatus::ResyncInProgress,
+            SyncStatus::InSync
+        ]
+    );
+    assert_eq!(seen.counts.get("New"), Some(&50));
+    assert!(
+        seen.batch_sizes.iter().all(|n| *n <= 7),
+        "batches are bounded: {:?}",
+        seen.batch_sizes
+    );
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_broken_mid_stream_resumes_without_a_resync() {
+    let store = MemoryBackend::new();
+    let faulty = Arc::new(FaultyClient::new(store.clone()));
+    let faults = faulty.faults();
+    let consumer = CheckingConsumer::start(fast_syncer(faulty).stream());
+    assert!(in_sync_with(&consumer, &store).await);
+    for round in 0..5 {
+        store
+            .apply(pool(&format!("p{round}"), "10.0.0.0/16"))
+            .await
+            .unwrap();
+        faults.break_watches();
+        store
+            .apply(pool("shared", &format!("10.{round}.0.0/16")))
+            .await
+            .unwrap();
+        if round % 2 == 0 {
+            store
+                .delete(&ResourceKey::cluster("IPPool", "shared"), None)
+                .await
+                .unwrap();
+        }
+    }
+    assert!(in_sync_with(&consumer, &store).await);
+    let seen = consumer.stop().await;
+    assert_eq!(
+        seen.statuses,
+        [
+            SyncStatus::WaitForDatastore,
+            SyncStatus::ResyncInProgress,
+            SyncStatus::InSync
+        ],
+        "a resumed watch needs no resync"
+    );
+    assert!(seen.errors >= 1, "broken watches are reported");
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+}
+
+// A current-thread runtime: the gap's writes and the compaction happen before the watcher
+// task runs again, so its resume point is compacted for sure.
+#[tokio::test(flavor = "current_thread")]
+async fn compaction_during_a_gap_relists_and_sends_exactly_the_difference() {
+    let store = MemoryBackend::new();
+    for name in ["a", "b", "c"] {
+        store.create(pool(name, "10.0.0.0/16")).await.unwrap();
+    }
+    // One type, so that only its watch falls behind the compaction.
+    let syncer = Syncer::new(Arc::new(store.clone()))
+        .with_resource(ResourceType::new(ListOptions::new("IPPool")));
+    let consumer = CheckingConsumer::start(syncer.stream());
+    assert!(in_sync_with(&consumer, &store).await);
+    let before = consumer.with(|s| s.counts.clone());
+
+    // The gap: b updated, c deleted, d created, e created and deleted; then compaction.
+    store.apply(pool("b", "10.1.0.0/16")).await.unwrap();
+    store
+        .delete(&ResourceKey::cluster("IPPool", "c"), None)
+        .await
+        .unwrap();
+    store.create(pool("d", "10.2.0.0/16")).await.unwrap();
+    store.create(pool("e", "10.3.0.0/16")).await.unwrap();
+    store
+        .delete(&ResourceKey::cluster("IPPool", "e"), None)
+        .await
+        .unwrap();
+    store.compact(&store.revision().into()).await.unwrap();
+
+    assert!(in_sync_with(&consumer, &store).await);
+    let seen = consumer.stop().await;
+    let delta =
+        |t: &str| seen.counts.get(t).copied().unwrap_or(0) - before.get(t).copied().unwrap_or(0);
+    assert_eq!(
+        (delta("New"), delta("Updated"), delta("Deleted")),
+        (1, 1, 1),
+        "exactly the difference: {:?}",
+        seen.counts
+    );
+    assert_eq!(
+        seen.statuses,
+        [
+            SyncStatus::WaitForDatastore,
+            SyncStatus::ResyncInProgress,
+            SyncStatus::InSync,
+            SyncStatus::ResyncInProgress,
+            SyncStatus::InSync
+        ]
+    );
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_returns_to_wait_for_datastore_then_resyncs_the_gap() {
+    let store = MemoryBackend::new();
+    store.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    store.create(pool("b", "10.0.0.0/16")).await.unwrap();
+    let faulty = Arc::new(FaultyClient::new(store.clone()));
+    let faults = faulty.faults();
+    let consumer = CheckingConsumer::start(fast_syncer(faulty).stream());
+    assert!(in_sync_with(&consumer, &store).await);
+
+    faults.set_unavailable(true);
+    assert!(
+        consumer
+            .wait_for(WAIT, |s| s.status() == Some(SyncStatus::WaitForDatastore))
+            .await
+    );
+    store.apply(pool("a", "10.9.0.0/16")).await.unwrap();
+    store
+        .delete(&ResourceKey::cluster("IPPool", "b"), None)
+        .await
+        .unwrap();
+    store.create(pool("c", "10.0.0.0/16")).await.unwrap();
+    // It keeps retrying, with backoff, while the datastore is down.
+    assert!(consumer.wait_for(WAIT, |s| s.errors >= 4).await);
+    faults.set_unavailable(false);
+    assert!(in_sync_with(&consumer, &store).await);
+    let seen = consumer.stop().await;
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    assert_eq!(
+        &seen.statuses[seen.statuses.len() - 3..],
+        [
+            SyncStatus::WaitForDatastore,
+            SyncStatus::ResyncInProgress,
+            SyncStatus::InSync
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datastore_unavailable_at_start_waits_then_syncs() {
+    let store = MemoryBackend::new();
+    store.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let faulty = Arc::new(FaultyClient::new(store.clone()));
+    let faults = faulty.faults();
+    faults.set_unavailable(true);
+    let consumer = CheckingConsumer::start(fast_syncer(faulty).stream());
+    assert!(consumer.wait_for(WAIT, |s| s.errors >= 3).await);
+    assert_eq!(
+        consumer.with(|s| s.statuses.clone()),
+        [SyncStatus::WaitForDatastore]
+    );
+    assert!(consumer.with(|s| s.cache.is_empty()));
+    faults.set_unavailable(false);
+    assert!(in_sync_with(&consumer, &store).await);
+    let seen = consumer.stop().await;
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parse_failures_are_reported_and_the_syncer_keeps_going() {
+    let store = MemoryBackend::new();
+    store.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    store.put_raw("/kvsync/v1/ippools/broken-at-start", b"nope");
+    let consumer = CheckingConsumer::start(fast_syncer(Arc::new(store.clone())).stream());
+    assert!(in_sync_with(&consumer, &store).await);
+    store.put_raw("/kvsync/v1/ippools/a", b"{");
+    store.create(pool("b", "10.0.0.0/16")).await.unwrap();
+    assert!(in_sync_with(&consumer, &store).await);
+    let seen = consumer.stop().await;
+    assert_eq!(seen.parse_failures, 2);
+    assert!(
+        !seen
+            .cache
+            .contains_key(&ResourceKey::cluster("IPPool", "a")),
+        "a garbled key is gone"
+    );
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_resync_returns_and_leaves_no_task() {
+    let store = MemoryBackend::new();
+    for i in 0..5000 {
+        store
+            .create(pool(&format!("p{i}"), "10.0.0.0/16"))
+            .await
+            .unwrap();
+    }
+    let stream = fast_syncer(Arc::new(store.clone()))
+        .with_max_batch(10)
+        .with_channel_capacity(1)
+        .stream();
+    let consumer = CheckingConsumer::start(stream);
+    assert!(consumer.wait_for(WAIT, |s| s.batch_sizes.len() >= 3).await);
+    let seen = tokio::time::timeout(WAIT, consumer.stop())
+        .await
+        .expect("stop returns promptly");
+    assert!(
+        seen.cache.len() < 5000,
+        "stopped before the resync finished"
+    );
+    assert_ne!(seen.status(), Some(SyncStatus::InSync));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
+    use kvsync_syncer::{SyncerCallbacks, Update};
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<(Vec<SyncStatus>, Vec<Update>)>>);
+    impl SyncerCallbacks for Recorder {
+        fn on_status_updated(&mut self, status: SyncStatus) {
+            self.0.lock().unwrap().0.push(status);
+        }
+        fn on_updates(&mut self, updates: Vec<Update>) {
+            self.0.lock().unwrap().1.extend(updates);
+        }
+    }
+
+    let store = MemoryBackend::new();
+    store.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let rec = Recorder::default();
+    let handle = fast_syncer(Arc::new(store.clone())).start(rec.clone());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while rec.0.lock().unwrap().0.last() != Some(&SyncStatus::InSync) {
+        assert!(tokio::time::Instant::now() < deadline, "no InSync");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    store
+        .delete(&ResourceKey::cluster("IPPool", "a"), None)
+        .await
+        .unwrap();
+    while rec.0.lock().unwrap().1.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no Deleted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    handle.stop().await;
+    let (_, updates) = &*rec.0.lock().unwrap();
+    assert_eq!(updates[0].update_type, UpdateType::New);
+    assert_eq!(updates[1].update_type, UpdateType::Deleted);
+    assert_eq!(
+        updates[1].kvp.value["cidr"], "10.0.0.0/16",
+        "Deleted carries the last value"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_model_holds_the_consumer_invariant() {
+    let cases = std::env::var("KVSYNC_MODEL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500);
+    syncer_model::run(&MemoryTestBackend, ModelConfig::new(cases)).await;
+}
