@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use std::collections::VecDeque;
+
+use futures::stream::BoxStream;
+use futures::{FutureExt, Stream, StreamExt};
 use kvsync_backend::{Client, Error, WatchStream};
 use kvsync_model::ListOptions;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{JoinHandle, JoinSet};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tokio::task::JoinHandle;
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::state::{Action, Input, Out, TypeState, TypeStatus};
 use crate::status::{SyncStatus, SyncerEvent, Update};
@@ -258,21 +261,21 @@ async fn aggregate(
     mut shutdown: oneshot::Receiver<()>,
 ) {
     let n = syncer.types.len();
-    let (tx, mut rx) = mpsc::channel::<Msg>(syncer.channel_capacity.max(1) * n.max(1));
-    let mut tasks = JoinSet::new();
-    for (idx, rt) in syncer.types.iter().cloned().enumerate() {
-        let span = info_span!("kvsync_watcher", kind = %rt.options.kind, namespace = ?rt.options.namespace);
-        let ctx = TypeTask {
-            idx,
-            client: syncer.client.clone(),
-            rt,
-            tx: tx.clone(),
-            backoff: syncer.backoff,
-            request_timeout: syncer.request_timeout,
-        };
-        tasks.spawn(ctx.run().instrument(span));
-    }
-    drop(tx);
+    // Every type's list/watch loop is a stream polled by this one task: no hop between tasks
+    // per event, and a consumer that does not keep up stops the reading of every watch.
+    let mut merged = futures::stream::select_all(syncer.types.iter().cloned().enumerate().map(
+        |(idx, rt)| {
+            let span = info_span!("kvsync_watcher", kind = %rt.options.kind, namespace = ?rt.options.namespace);
+            TypeTask {
+                idx,
+                client: syncer.client.clone(),
+                rt,
+                backoff: syncer.backoff,
+                request_timeout: syncer.request_timeout,
+            }
+            .into_stream(span)
+        },
+    ));
     let mut agg = Aggregator {
         out,
         statuses: vec![TypeStatus::Waiting; n],
@@ -286,12 +289,14 @@ async fn aggregate(
     if n == 0 {
         agg.status = SyncStatus::InSync;
         let _ = agg.send(SyncerEvent::Status(SyncStatus::InSync)).await;
+        let _ = shutdown.await;
+        return;
     }
     loop {
         let msg = tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            msg = rx.recv() => match msg {
+            msg = merged.next() => match msg {
                 Some(m) => m,
                 None => break,
             },
@@ -299,16 +304,15 @@ async fn aggregate(
         // Take whatever else is ready too, so changes that arrive together go out in one batch.
         let mut result = agg.handle(msg).await;
         while result.is_ok() && agg.pending.len() < agg.max_batch {
-            match rx.try_recv() {
-                Ok(m) => result = agg.handle(m).await,
-                Err(_) => break,
+            match merged.next().now_or_never() {
+                Some(Some(m)) => result = agg.handle(m).await,
+                _ => break,
             }
         }
         if result.is_err() || agg.flush().await.is_err() {
             break;
         }
     }
-    tasks.shutdown().await;
     debug!("syncer stopped");
 }
 
@@ -316,9 +320,17 @@ struct TypeTask {
     idx: usize,
     client: Arc<dyn Client>,
     rt: ResourceType,
-    tx: mpsc::Sender<Msg>,
     backoff: Backoff,
     request_timeout: Duration,
+}
+
+/// One type's loop: its state machine, the I/O it asks for, and the outputs not yet taken.
+struct TypeRun {
+    task: TypeTask,
+    state: TypeState,
+    action: Action,
+    watch: Option<WatchStream>,
+    outs: VecDeque<Out>,
 }
 
 impl TypeTask {
@@ -336,74 +348,95 @@ impl TypeTask {
         }
     }
 
-    async fn run(self) {
-        let opts: &ListOptions = &self.rt.options;
-        let mut state = TypeState::new(opts.kind.clone(), self.rt.processor.clone());
-        let mut action = state.start();
-        let mut watch: Option<WatchStream> = None;
-        loop {
-            let input = match action {
-                Action::List => {
-                    watch = None;
-                    info!(tracked = state.tracked(), "listing");
-                    match self
-                        .with_timeout("list", self.client.list(opts, None))
-                        .await
-                    {
-                        Ok(list) => {
-                            info!(items = list.items.len(), revision = %list.revision, "listed");
-                            Input::Listed(list)
-                        }
-                        Err(e) => Input::ListFailed(e),
+    fn into_stream(self, span: Span) -> BoxStream<'static, Msg> {
+        let state = TypeState::new(self.rt.options.kind.clone(), self.rt.processor.clone());
+        let run = TypeRun {
+            action: state.start(),
+            task: self,
+            state,
+            watch: None,
+            outs: VecDeque::new(),
+        };
+        futures::stream::unfold(run, move |mut run| {
+            async move {
+                loop {
+                    if let Some(out) = run.outs.pop_front() {
+                        let idx = run.task.idx;
+                        return Some((Msg { idx, out }, run));
                     }
-                }
-                Action::Watch(rev) => {
-                    watch = None;
-                    debug!(from = %rev, "watching");
-                    match self
-                        .with_timeout("watch", self.client.watch(opts, Some(&rev)))
-                        .await
+                    let input = run.io().await;
+                    if let Input::WatchBroken(e)
+                    | Input::WatchFailedToStart(e)
+                    | Input::ListFailed(e) = &input
                     {
-                        Ok(w) => {
-                            watch = Some(w);
-                            Input::WatchStarted
-                        }
-                        Err(e) => Input::WatchFailedToStart(e),
+                        warn!(error = %e, "datastore call failed");
                     }
+                    let step = run.state.step(input);
+                    run.outs.extend(step.out);
+                    run.action = step.action;
                 }
-                Action::Continue => match watch.as_mut() {
-                    Some(w) => match w.next().await {
-                        Some(Ok(ev)) => Input::Event(ev),
-                        Some(Err(e)) => {
-                            watch = None;
-                            Input::WatchBroken(e)
-                        }
-                        None => {
-                            watch = None;
-                            Input::WatchEnded
-                        }
-                    },
-                    None => Input::WatchEnded,
+            }
+            .instrument(span.clone())
+        })
+        .boxed()
+    }
+}
+
+impl TypeRun {
+    /// Does the I/O the last step asked for and returns its outcome.
+    async fn io(&mut self) -> Input {
+        let opts: &ListOptions = &self.task.rt.options;
+        match self.action.clone() {
+            Action::List => {
+                self.watch = None;
+                info!(tracked = self.state.tracked(), "listing");
+                match self
+                    .task
+                    .with_timeout("list", self.task.client.list(opts, None))
+                    .await
+                {
+                    Ok(list) => {
+                        info!(items = list.items.len(), revision = %list.revision, "listed");
+                        Input::Listed(list)
+                    }
+                    Err(e) => Input::ListFailed(e),
+                }
+            }
+            Action::Watch(rev) => {
+                self.watch = None;
+                debug!(from = %rev, "watching");
+                let opened = self
+                    .task
+                    .with_timeout("watch", self.task.client.watch(opts, Some(&rev)))
+                    .await;
+                match opened {
+                    Ok(w) => {
+                        self.watch = Some(w);
+                        Input::WatchStarted
+                    }
+                    Err(e) => Input::WatchFailedToStart(e),
+                }
+            }
+            Action::Continue => match self.watch.as_mut() {
+                Some(w) => match w.next().await {
+                    Some(Ok(ev)) => Input::Event(ev),
+                    Some(Err(e)) => {
+                        self.watch = None;
+                        Input::WatchBroken(e)
+                    }
+                    None => {
+                        self.watch = None;
+                        Input::WatchEnded
+                    }
                 },
-                Action::Backoff(attempt) => {
-                    let delay = self.backoff.delay(attempt);
-                    warn!(attempt, ?delay, "retrying after backoff");
-                    tokio::time::sleep(delay).await;
-                    Input::BackoffElapsed
-                }
-            };
-            if let Input::WatchBroken(e) | Input::WatchFailedToStart(e) | Input::ListFailed(e) =
-                &input
-            {
-                warn!(error = %e, "datastore call failed");
+                None => Input::WatchEnded,
+            },
+            Action::Backoff(attempt) => {
+                let delay = self.task.backoff.delay(attempt);
+                warn!(attempt, ?delay, "retrying after backoff");
+                tokio::time::sleep(delay).await;
+                Input::BackoffElapsed
             }
-            let step = state.step(input);
-            for out in step.out {
-                if self.tx.send(Msg { idx: self.idx, out }).await.is_err() {
-                    return;
-                }
-            }
-            action = step.action;
         }
     }
 }
