@@ -189,6 +189,8 @@ async fn outage_returns_to_wait_for_datastore_then_resyncs_the_gap() {
         .await
         .unwrap();
     store.create(pool("c", "10.0.0.0/16")).await.unwrap();
+    // The history of the gap is compacted away while the Syncer is disconnected.
+    store.compact(&store.revision().into()).await.unwrap();
     // It keeps retrying, with backoff, while the datastore is down.
     assert!(consumer.wait_for(WAIT, |s| s.errors >= 4).await);
     faults.set_unavailable(false);
@@ -312,6 +314,31 @@ async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
         updates[1].kvp.value["cidr"], "10.0.0.0/16",
         "Deleted carries the last value"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_handle_or_the_stream_ends_every_task() {
+    let store = Arc::new(MemoryBackend::new());
+    store.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let client: Arc<dyn Client> = store.clone();
+
+    struct Nop;
+    impl kvsync_syncer::SyncerCallbacks for Nop {
+        fn on_status_updated(&mut self, _: SyncStatus) {}
+        fn on_updates(&mut self, _: Vec<kvsync_syncer::Update>) {}
+    }
+    let handle = fast_syncer(client.clone()).start(Nop);
+    let stream = fast_syncer(client.clone()).stream();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(Arc::strong_count(&store) > 2, "the Syncers hold the client while they run");
+    drop(handle);
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Only `store` and `client` remain once every task is gone.
+    while Arc::strong_count(&store) > 2 {
+        assert!(tokio::time::Instant::now() < deadline, "a Syncer task outlived its handle");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
