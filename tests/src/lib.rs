@@ -10,3 +10,7 @@ pub mod harness;
 pub use harness::{MemoryTestBackend, RawAccess, TestBackend, TestClient, unique_prefix};
 pub mod checker;
 pub mod syncer_model;
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[doc = include_str!("../../README.md")]
+pub mod readme {}

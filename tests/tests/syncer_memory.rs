@@ -330,13 +330,19 @@ async fn dropping_the_handle_or_the_stream_ends_every_task() {
     let handle = fast_syncer(client.clone()).start(Nop);
     let stream = fast_syncer(client.clone()).stream();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(Arc::strong_count(&store) > 2, "the Syncers hold the client while they run");
+    assert!(
+        Arc::strong_count(&store) > 2,
+        "the Syncers hold the client while they run"
+    );
     drop(handle);
     drop(stream);
     let deadline = tokio::time::Instant::now() + WAIT;
     // Only `store` and `client` remain once every task is gone.
     while Arc::strong_count(&store) > 2 {
-        assert!(tokio::time::Instant::now() < deadline, "a Syncer task outlived its handle");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a Syncer task outlived its handle"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
