@@ -4,6 +4,7 @@
 //! | backend | feature | what it is |
 //! |---|---|---|
 //! | [`MemoryBackend`] | always | in-process MVCC store, like etcd's mvcc; for tests and demos |
+//! | `EtcdBackend` | `etcd` | etcd v3 through `etcd-client`: paged consistent lists, watches with progress notifications, leases for TTLs, TLS and auth |
 //! | [`FaultyClient`] | always | wraps any client and injects failures, for tests |
 //!
 //! ```
@@ -23,6 +24,8 @@
 
 mod client;
 pub mod encoding;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod error;
 mod faults;
 pub mod memory;
@@ -32,6 +35,8 @@ pub use client::{Api, Client};
 pub use error::{BoxError, Error, Result};
 pub use faults::{Faults, FaultyClient};
 pub use memory::MemoryBackend;
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdBackend, EtcdConfig};
 pub use watch::{WatchEvent, WatchStream};
 
 pub use kvsync_model as model;

@@ -5,6 +5,7 @@
 //! [`TestBackend`], so every backend passes the same suite unchanged.
 
 pub mod conformance;
+pub mod etcd;
 pub mod harness;
 
 pub use harness::{MemoryTestBackend, RawAccess, TestBackend, TestClient, unique_prefix};

@@ -1,0 +1,279 @@
+//! Conversions between etcd's types and kvsync's.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use etcd_client::{EventType, KeyValue, WatchResponse};
+use kvsync_model::{KVPair, ListOptions, ParseFailure, PathCodec, Revision};
+use serde::{Deserialize, Serialize};
+use tonic::Code;
+
+use crate::error::{Error, Result};
+use crate::watch::WatchEvent;
+
+/// The stored form of a value: metadata kvsync keeps beside the resource.
+#[derive(Serialize)]
+pub(super) struct Envelope<'a> {
+    metadata: MetadataOut<'a>,
+    spec: &'a serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct MetadataOut<'a> {
+    uid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn {
+    metadata: MetadataIn,
+    spec: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct MetadataIn {
+    uid: String,
+    #[serde(default)]
+    ttl: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct UidOnly {
+    metadata: UidMeta,
+}
+
+#[derive(Deserialize)]
+struct UidMeta {
+    uid: String,
+}
+
+impl Envelope<'_> {
+    pub(super) fn encode(
+        uid: &str,
+        ttl: Option<Duration>,
+        value: &serde_json::Value,
+    ) -> Result<Vec<u8>> {
+        serde_json::to_vec(&Envelope {
+            metadata: MetadataOut {
+                uid,
+                ttl: ttl.map(|t| t.as_secs_f64()),
+            },
+            spec: value,
+        })
+        .map_err(|e| Error::invalid("value", e.to_string()))
+    }
+
+    pub(super) fn uid_of(bytes: &[u8]) -> Option<String> {
+        serde_json::from_slice::<UidOnly>(bytes)
+            .ok()
+            .map(|u| u.metadata.uid)
+    }
+}
+
+/// A revision given back to etcd.
+pub(super) fn rev_i64(r: &Revision) -> Result<i64> {
+    r.as_u64()
+        .and_then(|n| i64::try_from(n).ok())
+        .ok_or_else(|| Error::invalid("revision", format!("{r} is not an etcd revision")))
+}
+
+/// Decodes a stored key/value into a KVPair.
+pub(super) fn decode_kv(codec: &PathCodec, kv: &KeyValue) -> Result<KVPair, Box<ParseFailure>> {
+    let revision = Revision::from(kv.mod_revision() as u64);
+    let path = String::from_utf8_lossy(kv.key());
+    let fail = |key, reason: String| {
+        Box::new(ParseFailure {
+            raw_key: path.to_string(),
+            raw_value: kv.value().to_vec(),
+            key,
+            revision: Some(revision.clone()),
+            reason,
+        })
+    };
+    let key = codec.from_path(&path).map_err(|e| fail(None, e.to_string()))?;
+    let env: EnvelopeIn = serde_json::from_slice(kv.value())
+        .map_err(|e| fail(Some(key.clone()), format!("not a kvsync value: {e}")))?;
+    Ok(KVPair {
+        key,
+        value: env.spec,
+        revision: Some(revision),
+        create_revision: Some(Revision::from(kv.create_revision() as u64)),
+        uid: Some(env.metadata.uid),
+        ttl: env
+            .metadata
+            .ttl
+            .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+    })
+}
+
+/// Maps an etcd-client error onto the crate's kinds, keeping it as the source.
+pub(super) fn map_err(e: etcd_client::Error) -> Error {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(status) => {
+            let message = status.message().to_owned();
+            match status.code() {
+                Code::PermissionDenied | Code::Unauthenticated => Error::Unauthorized { message },
+                Code::OutOfRange if message.contains("compacted") => Error::Compacted {
+                    requested: Revision::from("unknown"),
+                    compacted: Revision::from("unknown"),
+                },
+                Code::InvalidArgument if message.contains("authentication failed") => {
+                    Error::Unauthorized { message }
+                }
+                Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
+                    Error::Invalid {
+                        field: "request".into(),
+                        reason: format!("etcd refused it: {message}"),
+                    }
+                }
+                _ => Error::Unavailable {
+                    message: format!("etcd: {message} ({:?})", status.code()),
+                    source: Some(Box::new(status)),
+                },
+            }
+        }
+        E::InvalidArgs(m) => Error::invalid("etcd", m),
+        E::InvalidUri(u) => Error::invalid("endpoints", u.to_string()),
+        other => Error::Unavailable {
+            message: other.to_string(),
+            source: Some(Box::new(other)),
+        },
+    }
+}
+
+/// A running watch: the etcd stream, events not yet taken, and a progress timer.
+pub(super) struct WatchState {
+    codec: PathCodec,
+    opts: ListOptions,
+    stream: etcd_client::WatchStream,
+    buf: VecDeque<Result<WatchEvent>>,
+    last: i64,
+    progress_every: Duration,
+    done: bool,
+}
+
+impl WatchState {
+    pub(super) fn new(
+        codec: PathCodec,
+        opts: ListOptions,
+        stream: etcd_client::WatchStream,
+        first: WatchResponse,
+        from: i64,
+        progress_every: Duration,
+    ) -> Self {
+        let mut s = WatchState {
+            codec,
+            opts,
+            stream,
+            buf: VecDeque::new(),
+            last: from,
+            progress_every,
+            done: false,
+        };
+        s.absorb(first);
+        s
+    }
+
+    /// Turns one response into events (or a final error).
+    fn absorb(&mut self, resp: WatchResponse) {
+        if resp.compact_revision() > 0 {
+            self.buf.push_back(Err(Error::Compacted {
+                requested: Revision::from(self.last.max(0) as u64),
+                compacted: Revision::from(resp.compact_revision() as u64),
+            }));
+            self.done = true;
+            return;
+        }
+        if resp.canceled() {
+            self.buf.push_back(Err(Error::unavailable(format!(
+                "etcd cancelled the watch: {}",
+                resp.cancel_reason()
+            ))));
+            self.done = true;
+            return;
+        }
+        let events = resp.events();
+        if events.is_empty() {
+            // A progress notification: everything up to the header's revision was sent.
+            if !resp.created()
+                && let Some(rev) = resp.header().map(|h| h.revision())
+                && rev > self.last
+            {
+                self.last = rev;
+                self.buf
+                    .push_back(Ok(WatchEvent::Bookmark(Revision::from(rev as u64))));
+            }
+            return;
+        }
+        for ev in events {
+            let Some(kv) = ev.kv() else { continue };
+            self.last = self.last.max(kv.mod_revision());
+            let converted = match ev.event_type() {
+                EventType::Put => match decode_kv(&self.codec, kv) {
+                    Ok(kvp) if !self.opts.matches(&kvp.key) => None,
+                    Ok(kvp) if kv.create_revision() == kv.mod_revision() => {
+                        Some(WatchEvent::Added(kvp))
+                    }
+                    Ok(kvp) => Some(WatchEvent::Modified {
+                        new: kvp,
+                        old: ev.prev_kv().and_then(|p| decode_kv(&self.codec, p).ok()),
+                    }),
+                    Err(f) if f.key.as_ref().is_none_or(|k| self.opts.matches(k)) => {
+                        Some(WatchEvent::ParseFailed(*f))
+                    }
+                    Err(_) => None,
+                },
+                EventType::Delete => {
+                    let path = String::from_utf8_lossy(kv.key());
+                    match self.codec.from_path(&path) {
+                        Ok(key) if self.opts.matches(&key) => Some(WatchEvent::Deleted {
+                            key,
+                            revision: Revision::from(kv.mod_revision() as u64),
+                            old: ev.prev_kv().and_then(|p| decode_kv(&self.codec, p).ok()),
+                        }),
+                        _ => None,
+                    }
+                }
+            };
+            if let Some(c) = converted {
+                self.buf.push_back(Ok(c));
+            }
+        }
+    }
+
+    pub(super) async fn next(mut self) -> Option<(Result<WatchEvent>, Self)> {
+        loop {
+            if let Some(item) = self.buf.pop_front() {
+                return Some((item, self));
+            }
+            if self.done {
+                return None;
+            }
+            let msg = match tokio::time::timeout(self.progress_every, self.stream.message()).await
+            {
+                Ok(m) => m,
+                Err(_) => {
+                    // Idle: ask for a progress notification to keep the resume point fresh.
+                    if let Err(e) = self.stream.request_progress().await {
+                        self.done = true;
+                        return Some((Err(map_err(e)), self));
+                    }
+                    continue;
+                }
+            };
+            match msg {
+                Ok(Some(resp)) => self.absorb(resp),
+                Ok(None) => {
+                    self.done = true;
+                    return Some((Err(Error::unavailable("etcd closed the watch stream")), self));
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some((Err(map_err(e)), self));
+                }
+            }
+        }
+    }
+}

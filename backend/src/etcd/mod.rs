@@ -1,0 +1,464 @@
+//! The etcd v3 backend, on the `etcd-client` crate.
+//!
+//! - Keys are etcd keys `<prefix>/<plural>[/<namespace>]/<name>`; values are JSON envelopes
+//!   `{"metadata": {"uid": …, "ttl": …}, "spec": <the resource>}`; a KVPair's revision is
+//!   etcd's `mod_revision`, its create revision etcd's `create_revision`.
+//! - Preconditions are etcd transactions: create compares `create_revision == 0`, update and
+//!   delete at a revision compare `mod_revision`; a failed compare reads the key in the
+//!   transaction's else branch to tell `NotFound` from `Conflict` (with the actual revision),
+//!   as Calico's `etcdv3` backend does.
+//! - Updates keep the uid: the current envelope is read and the write is made conditional on
+//!   its `mod_revision`, retried if another writer came first.
+//! - `list` reads pages pinned to the revision of the first page, so a list of any size is
+//!   one consistent snapshot. Pages are sized by bytes (about 2 MiB each, adapted from the
+//!   bytes per key seen so far), and the client's decode limit is raised to fit them.
+//! - `watch` starts at `from + 1` with `prev_kv`, so deletions carry the last value; a
+//!   compacted start surfaces as [`Error::Compacted`] with etcd's compact revision; progress
+//!   notifications are requested on idle watches and become
+//!   [`WatchEvent::Bookmark`](crate::WatchEvent::Bookmark)s.
+//! - TTLs use one etcd lease per key written with a TTL, as Calico does: exact expiry per key,
+//!   a `Deleted` event from etcd itself when it runs out, and leases vanish with their keys.
+//!   (Shared buckets would save a grant per write but expire keys early or late by up to the
+//!   bucket width.) etcd rounds TTLs up to whole seconds and to its minimum lease TTL.
+
+mod config;
+mod convert;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, KvClient, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use futures::StreamExt;
+use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision};
+
+pub use config::{EtcdConfig, EtcdTls};
+use convert::{Envelope, decode_kv, map_err, rev_i64};
+
+use crate::client::Client;
+use crate::encoding::{encode_for_write, parse_error};
+use crate::error::{Error, Result};
+use crate::watch::WatchStream;
+
+/// The decode limit of the client's responses: room for a 1.5 MiB value and pages of many
+/// small ones.
+const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
+/// The bytes a list page aims at.
+const PAGE_TARGET_BYTES: usize = 2 * 1024 * 1024;
+/// The first page's key count (about 400 bytes a key fill a page).
+const FIRST_PAGE_KEYS: i64 = 5_000;
+/// How long an idle watch waits before asking etcd for a progress notification.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a write retries when other writers keep changing its key.
+const MAX_WRITE_RETRIES: usize = 64;
+
+/// The etcd v3 backend. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct EtcdBackend {
+    client: etcd_client::Client,
+    kv: KvClient,
+    codec: PathCodec,
+    endpoints: Vec<String>,
+}
+
+impl fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.codec.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+enum WriteMode {
+    Create,
+    Update,
+    Apply,
+}
+
+impl EtcdBackend {
+    /// Connects to etcd with `config`. The connection is made lazily: an unreachable etcd
+    /// shows up as [`Error::Unavailable`] on the first call, within the request timeout.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad endpoints, TLS material or prefix; [`Error::Unauthorized`]
+    /// when the credentials are refused.
+    pub async fn connect(config: EtcdConfig) -> Result<Self> {
+        let codec = PathCodec::new(config.prefix.clone(), config.registry.clone())?;
+        let endpoints = config.endpoints.clone();
+        let options = config.connect_options()?;
+        let client = etcd_client::Client::connect(&endpoints, Some(options))
+            .await
+            .map_err(map_err)?;
+        let kv = client.kv_client().max_decoding_message_size(MAX_DECODE_BYTES);
+        Ok(EtcdBackend {
+            client,
+            kv,
+            codec,
+            endpoints,
+        })
+    }
+
+    /// The underlying `etcd-client` client, for what this backend does not cover.
+    pub fn etcd_client(&self) -> &etcd_client::Client {
+        &self.client
+    }
+
+    fn kv(&self) -> KvClient {
+        self.kv.clone()
+    }
+
+    /// etcd's oldest readable revision, read from a watch at `requested` (etcd does not put
+    /// it in the error of a read).
+    async fn compacted_hint(&self, requested: i64) -> Revision {
+        let mut wc = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_DECODE_BYTES);
+        let opts = WatchOptions::new().with_start_revision(requested.max(1));
+        let probe = async {
+            let mut stream = wc.watch(self.codec.prefix().as_bytes(), Some(opts)).await.ok()?;
+            let resp = stream.message().await.ok()??;
+            (resp.compact_revision() > 0).then(|| Revision::from(resp.compact_revision() as u64))
+        };
+        tokio::time::timeout(Duration::from_secs(5), probe)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Revision::from("unknown"))
+    }
+
+    async fn map_read_err(&self, e: etcd_client::Error, requested: Option<i64>) -> Error {
+        let err = map_err(e);
+        match (err, requested) {
+            (Error::Compacted { .. }, Some(r)) => Error::Compacted {
+                requested: Revision::from(r as u64),
+                compacted: self.compacted_hint(r).await,
+            },
+            (err, _) => err,
+        }
+    }
+
+    fn decode(&self, kv: &etcd_client::KeyValue) -> Result<KVPair, Box<kvsync_model::ParseFailure>> {
+        decode_kv(&self.codec, kv)
+    }
+
+    /// Reads the current envelope of a key: its kv and uid.
+    async fn read_current(&self, path: &str) -> Result<Option<etcd_client::KeyValue>> {
+        let resp = self.kv().get(path, None).await.map_err(map_err)?;
+        Ok(resp.kvs().first().cloned())
+    }
+
+    async fn lease_for(&self, ttl: Option<Duration>) -> Result<Option<i64>> {
+        let Some(ttl) = ttl else { return Ok(None) };
+        let secs = i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).unwrap_or(i64::MAX);
+        let lease = self
+            .client
+            .lease_client()
+            .grant(secs.max(1), None)
+            .await
+            .map_err(map_err)?;
+        Ok(Some(lease.id()))
+    }
+
+    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
+        let (path, _) = encode_for_write(&self.codec, &kvp)?;
+        let lease = self.lease_for(kvp.ttl).await?;
+        let expected = match (&mode, &kvp.revision) {
+            (WriteMode::Update, Some(r)) => Some(rev_i64(r)?),
+            _ => None,
+        };
+        for _ in 0..MAX_WRITE_RETRIES {
+            let current = self.read_current(&path).await?;
+            let (compare, uid, create_rev) = match (&mode, &current) {
+                (WriteMode::Create, Some(_)) => return Err(Error::AlreadyExists { key: kvp.key }),
+                (WriteMode::Update, None) => return Err(Error::NotFound { key: kvp.key }),
+                (_, None) => (
+                    Compare::create_revision(path.as_str(), CompareOp::Equal, 0),
+                    uuid::Uuid::new_v4().to_string(),
+                    None,
+                ),
+                (_, Some(cur)) => {
+                    if let Some(exp) = expected
+                        && exp != cur.mod_revision()
+                    {
+                        return Err(Error::Conflict {
+                            key: kvp.key,
+                            expected: kvp.revision.clone().unwrap_or_else(|| Revision::from(0u64)),
+                            actual: Some(Revision::from(cur.mod_revision() as u64)),
+                        });
+                    }
+                    // Keep the uid of what is there; a stored value that no longer decodes
+                    // is replaced under a new uid.
+                    let uid = Envelope::uid_of(cur.value())
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                    (
+                        Compare::mod_revision(path.as_str(), CompareOp::Equal, cur.mod_revision()),
+                        uid,
+                        Some(cur.create_revision()),
+                    )
+                }
+            };
+            let bytes = Envelope::encode(&uid, kvp.ttl, &kvp.value)?;
+            let put_opts = lease.map(|l| PutOptions::new().with_lease(l));
+            let txn = Txn::new()
+                .when(vec![compare])
+                .and_then(vec![TxnOp::put(path.as_str(), bytes, put_opts)]);
+            let resp = self.kv().txn(txn).await.map_err(map_err)?;
+            if !resp.succeeded() {
+                // Another writer came between our read and our write: read again.
+                continue;
+            }
+            let rev = resp
+                .header()
+                .map(|h| h.revision())
+                .ok_or_else(|| Error::unavailable("etcd answered a write without a header"))?;
+            return Ok(KVPair {
+                key: kvp.key,
+                value: kvp.value,
+                revision: Some(Revision::from(rev as u64)),
+                create_revision: Some(Revision::from(create_rev.unwrap_or(rev) as u64)),
+                uid: Some(uid),
+                ttl: kvp.ttl,
+            });
+        }
+        Err(Error::unavailable(format!(
+            "{} kept changing: gave up after {MAX_WRITE_RETRIES} attempts",
+            kvp.key
+        )))
+    }
+
+    /// Compacts etcd's history at `revision` and waits until the compaction is applied.
+    ///
+    /// # Errors
+    /// [`Error::Compacted`] if already compacted past it; transport errors.
+    pub async fn compact_at(&self, revision: i64) -> Result<()> {
+        self.kv()
+            .compact(revision, Some(etcd_client::CompactionOptions::new().with_physical()))
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    /// The cluster's current revision.
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub async fn current_revision(&self) -> Result<i64> {
+        let resp = self
+            .kv()
+            .get(self.codec.prefix(), Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(map_err)?;
+        resp.header()
+            .map(|h| h.revision())
+            .ok_or_else(|| Error::unavailable("etcd answered without a header"))
+    }
+}
+
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    // The smallest key greater than every key starting with `prefix`.
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[async_trait]
+impl Client for EtcdBackend {
+    fn codec(&self) -> &PathCodec {
+        &self.codec
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
+        self.write(kvp, WriteMode::Create).await
+    }
+
+    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
+        self.write(kvp, WriteMode::Update).await
+    }
+
+    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
+        self.write(kvp, WriteMode::Apply).await
+    }
+
+    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        let path = self.codec.to_path(key)?;
+        let compare = match revision {
+            Some(r) => Compare::mod_revision(path.as_str(), CompareOp::Equal, rev_i64(r)?),
+            None => Compare::create_revision(path.as_str(), CompareOp::Greater, 0),
+        };
+        let txn = Txn::new()
+            .when(vec![compare])
+            .and_then(vec![TxnOp::delete(
+                path.as_str(),
+                Some(DeleteOptions::new().with_prev_key()),
+            )])
+            .or_else(vec![TxnOp::get(path.as_str(), None)]);
+        let resp = self.kv().txn(txn).await.map_err(map_err)?;
+        let ops = resp.op_responses();
+        if !resp.succeeded() {
+            let actual = ops.iter().find_map(|op| match op {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision()),
+                _ => None,
+            });
+            return Err(match (actual, revision) {
+                (Some(actual), Some(expected)) => Error::Conflict {
+                    key: key.clone(),
+                    expected: expected.clone(),
+                    actual: Some(Revision::from(actual as u64)),
+                },
+                _ => Error::NotFound { key: key.clone() },
+            });
+        }
+        let prev = ops.iter().find_map(|op| match op {
+            TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
+            _ => None,
+        });
+        let Some(prev) = prev else {
+            return Err(Error::NotFound { key: key.clone() });
+        };
+        // A value that no longer decodes is still deleted; it is returned as null.
+        Ok(self.decode(&prev).unwrap_or_else(|_| {
+            let mut kvp = KVPair::new(key.clone(), serde_json::Value::Null);
+            kvp.revision = Some(Revision::from(prev.mod_revision() as u64));
+            kvp
+        }))
+    }
+
+    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        let path = self.codec.to_path(key)?;
+        let at = revision.map(rev_i64).transpose()?;
+        let opts = at.map(|r| GetOptions::new().with_revision(r));
+        let resp = match self.kv().get(path.as_str(), opts).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.map_read_err(e, at).await),
+        };
+        let kv = resp
+            .kvs()
+            .first()
+            .ok_or_else(|| Error::NotFound { key: key.clone() })?;
+        self.decode(kv).map_err(|f| parse_error(*f))
+    }
+
+    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
+        let prefix = self.codec.list_prefix(opts)?;
+        let end = prefix_end(&prefix);
+        let mut at = revision.map(rev_i64).transpose()?;
+        let mut start = prefix.as_bytes().to_vec();
+        let mut limit = FIRST_PAGE_KEYS;
+        let mut list = KVList {
+            items: Vec::new(),
+            revision: Revision::from(0u64),
+            parse_failures: Vec::new(),
+        };
+        let (mut bytes_seen, mut keys_seen) = (0usize, 0usize);
+        loop {
+            let mut page_opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
+            if let Some(r) = at {
+                page_opts = page_opts.with_revision(r);
+            }
+            let mut resp = match self.kv().get(start.clone(), Some(page_opts)).await {
+                Ok(r) => r,
+                Err(e) => return Err(self.map_read_err(e, at).await),
+            };
+            // Pin every later page to the first page's revision: one consistent snapshot.
+            let header_rev = resp.header().map(|h| h.revision());
+            let pinned = *at.get_or_insert(header_rev.unwrap_or(0));
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            if let Some(last) = kvs.last() {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            for kv in &kvs {
+                bytes_seen += kv.key().len() + kv.value().len();
+                keys_seen += 1;
+                match self.decode(kv) {
+                    Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
+                    Ok(_) => {}
+                    Err(f) if f.key.as_ref().is_none_or(|k| opts.matches(k)) => {
+                        list.parse_failures.push(*f);
+                    }
+                    Err(_) => {}
+                }
+            }
+            list.revision = Revision::from(pinned as u64);
+            if !more || kvs.is_empty() {
+                break;
+            }
+            let per_key = (bytes_seen / keys_seen.max(1)).max(1);
+            limit = i64::try_from((PAGE_TARGET_BYTES / per_key).clamp(100, 50_000)).unwrap_or(5_000);
+        }
+        Ok(list)
+    }
+
+    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+        let prefix = self.codec.list_prefix(opts)?;
+        let start = match from {
+            Some(r) => rev_i64(r)? + 1,
+            None => self.current_revision().await? + 1,
+        };
+        let mut wc = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_DECODE_BYTES);
+        let wopts = WatchOptions::new()
+            .with_range(prefix_end(&prefix))
+            .with_start_revision(start)
+            .with_prev_key()
+            .with_progress_notify();
+        let mut stream = wc.watch(prefix.as_bytes(), Some(wopts)).await.map_err(map_err)?;
+        // The first response says whether the watch was created or its start is compacted.
+        let first = stream
+            .message()
+            .await
+            .map_err(map_err)?
+            .ok_or_else(|| Error::unavailable("etcd closed the watch before creating it"))?;
+        if first.compact_revision() > 0 {
+            return Err(Error::Compacted {
+                requested: Revision::from((start - 1).max(0) as u64),
+                compacted: Revision::from(first.compact_revision() as u64),
+            });
+        }
+        if first.canceled() {
+            return Err(Error::unavailable(format!(
+                "etcd cancelled the watch: {}",
+                first.cancel_reason()
+            )));
+        }
+        let state = convert::WatchState::new(
+            self.codec.clone(),
+            opts.clone(),
+            stream,
+            first,
+            start - 1,
+            PROGRESS_INTERVAL,
+        );
+        Ok(futures::stream::unfold(state, convert::WatchState::next).boxed())
+    }
+
+    async fn clean(&self) -> Result<()> {
+        let prefix = format!("{}/", self.codec.prefix());
+        self.kv()
+            .delete(prefix.as_str(), Some(DeleteOptions::new().with_prefix()))
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn compact(&self, revision: &Revision) -> Result<()> {
+        self.compact_at(rev_i64(revision)?).await
+    }
+}
