@@ -124,6 +124,19 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     /// Transport errors.
     async fn clean(&self) -> Result<()>;
 
+    /// The datastore's current revision, where revisions are one global counter (memory,
+    /// SQLite, etcd). The Syncer compares it with its resume point to choose between resuming
+    /// a watch and relisting.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] where revisions are not comparable (Kubernetes).
+    async fn current_revision(&self) -> Result<Revision> {
+        Err(Error::Unsupported {
+            op: "current_revision".into(),
+            backend: self.backend_name(),
+        })
+    }
+
     /// Drops the history before `revision`: reads and watches from older revisions then fail
     /// with [`Error::Compacted`].
     ///
@@ -175,6 +188,9 @@ impl<C: Client + ?Sized> Client for Arc<C> {
     }
     async fn compact(&self, revision: &Revision) -> Result<()> {
         (**self).compact(revision).await
+    }
+    async fn current_revision(&self) -> Result<Revision> {
+        (**self).current_revision().await
     }
 }
 

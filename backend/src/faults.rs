@@ -41,6 +41,7 @@ pub struct Faults {
 }
 
 struct FaultState {
+    calls: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     fail_next: AtomicU64,
     down: AtomicBool,
     watch_epoch: watch::Sender<u64>,
@@ -81,7 +82,24 @@ impl Faults {
         self.state.watch_epoch.send_modify(|e| *e += 1);
     }
 
-    fn check(&self, op: &str) -> Result<()> {
+    /// How many times `op` (`list`, `watch`, `get`, …) was called, failed calls included.
+    pub fn calls(&self, op: &str) -> u64 {
+        let calls = self
+            .state
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        calls.get(op).copied().unwrap_or(0)
+    }
+
+    fn check(&self, op: &'static str) -> Result<()> {
+        *self
+            .state
+            .calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(op)
+            .or_default() += 1;
         if self.state.down.load(Ordering::SeqCst) {
             return Err(Error::unavailable(format!("injected outage during {op}")));
         }
@@ -103,6 +121,7 @@ impl<C: Client> FaultyClient<C> {
             inner,
             faults: Faults {
                 state: Arc::new(FaultState {
+                    calls: std::sync::Mutex::default(),
                     fail_next: AtomicU64::new(0),
                     down: AtomicBool::new(false),
                     watch_epoch: watch::Sender::new(0),
@@ -201,5 +220,10 @@ impl<C: Client> Client for FaultyClient<C> {
 
     async fn compact(&self, revision: &Revision) -> Result<()> {
         self.inner.compact(revision).await
+    }
+
+    async fn current_revision(&self) -> Result<Revision> {
+        self.faults.check("current_revision")?;
+        self.inner.current_revision().await
     }
 }

@@ -24,19 +24,19 @@
 
 mod client;
 pub mod encoding;
+mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
-mod error;
 mod faults;
 pub mod memory;
 mod watch;
 
 pub use client::{Api, Client};
 pub use error::{BoxError, Error, Result};
-pub use faults::{Faults, FaultyClient};
-pub use memory::MemoryBackend;
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdConfig};
+pub use faults::{Faults, FaultyClient};
+pub use memory::MemoryBackend;
 pub use watch::{WatchEvent, WatchStream};
 
 pub use kvsync_model as model;

@@ -272,6 +272,8 @@ async fn aggregate(
                 rt,
                 backoff: syncer.backoff,
                 request_timeout: syncer.request_timeout,
+                gap_ratio: syncer.gap_ratio,
+                catch_up_timeout: syncer.catch_up_timeout,
             }
             .into_stream(span)
         },
@@ -322,6 +324,19 @@ struct TypeTask {
     rt: ResourceType,
     backoff: Backoff,
     request_timeout: Duration,
+    gap_ratio: u64,
+    catch_up_timeout: Duration,
+}
+
+/// The next item of a watch; `None` when the deadline passes first.
+async fn next_or_deadline(
+    w: &mut WatchStream,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<Option<kvsync_backend::Result<kvsync_backend::WatchEvent>>> {
+    match deadline {
+        None => Some(w.next().await),
+        Some(d) => tokio::time::timeout_at(d, w.next()).await.ok(),
+    }
 }
 
 /// One type's loop: its state machine, the I/O it asks for, and the outputs not yet taken.
@@ -331,6 +346,8 @@ struct TypeRun {
     action: Action,
     watch: Option<WatchStream>,
     outs: VecDeque<Out>,
+    /// When a resumed watch must have confirmed catching up.
+    catch_up_deadline: Option<tokio::time::Instant>,
 }
 
 impl TypeTask {
@@ -349,13 +366,18 @@ impl TypeTask {
     }
 
     fn into_stream(self, span: Span) -> BoxStream<'static, Msg> {
-        let state = TypeState::new(self.rt.options.kind.clone(), self.rt.processor.clone());
+        let state = TypeState::new(
+            self.rt.options.kind.clone(),
+            self.rt.processor.clone(),
+            self.gap_ratio,
+        );
         let run = TypeRun {
             action: state.start(),
             task: self,
             state,
             watch: None,
             outs: VecDeque::new(),
+            catch_up_deadline: None,
         };
         futures::stream::unfold(run, move |mut run| {
             async move {
@@ -374,6 +396,13 @@ impl TypeTask {
                     let step = run.state.step(input);
                     run.outs.extend(step.out);
                     run.action = step.action;
+                    run.catch_up_deadline = match (run.state.catching_up(), run.catch_up_deadline) {
+                        (false, _) => None,
+                        (true, Some(d)) => Some(d),
+                        (true, None) => {
+                            Some(tokio::time::Instant::now() + run.task.catch_up_timeout)
+                        }
+                    };
                 }
             }
             .instrument(span.clone())
@@ -418,19 +447,36 @@ impl TypeRun {
                 }
             }
             Action::Continue => match self.watch.as_mut() {
-                Some(w) => match w.next().await {
-                    Some(Ok(ev)) => Input::Event(ev),
-                    Some(Err(e)) => {
+                Some(w) => match next_or_deadline(w, self.catch_up_deadline).await {
+                    None => {
+                        warn!("resumed watch did not confirm catching up in time; relisting");
+                        self.watch = None;
+                        Input::CatchUpTimedOut
+                    }
+                    Some(Some(Ok(ev))) => Input::Event(ev),
+                    Some(Some(Err(e))) => {
                         self.watch = None;
                         Input::WatchBroken(e)
                     }
-                    None => {
+                    Some(None) => {
                         self.watch = None;
                         Input::WatchEnded
                     }
                 },
                 None => Input::WatchEnded,
             },
+            Action::CheckGap => {
+                let current = self
+                    .task
+                    .with_timeout("current_revision", self.task.client.current_revision())
+                    .await;
+                debug!(
+                    ?current,
+                    last_tracked = self.state.tracked(),
+                    "weighing the gap"
+                );
+                Input::CurrentRevision(current)
+            }
             Action::Backoff(attempt) => {
                 let delay = self.task.backoff.delay(attempt);
                 warn!(attempt, ?delay, "retrying after backoff");

@@ -22,7 +22,14 @@
 //!   exactly the difference against what it sent: `Updated`, `New`, `Deleted` for keys that
 //!   vanished meanwhile, nothing for unchanged keys.
 //! - While the datastore is unreachable the status is `WaitForDatastore` and the Syncer
-//!   retries with capped exponential [`Backoff`] with jitter, then relists and diffs.
+//!   retries with capped exponential [`Backoff`] with jitter. When it answers again, each type
+//!   weighs its gap: with `g` revisions missed (the datastore's current revision minus the
+//!   last one seen) and `n` keys tracked, it resumes its watch when `g <= n / 20` (replaying an
+//!   event costs about 20 times listing a key on etcd) and stays `ResyncInProgress` until the
+//!   watch reaches the current revision (confirmed by an event or a progress notification
+//!   within [`Syncer::with_catch_up_timeout`], else it relists); otherwise it relists and
+//!   sends the difference.
+//!   Backends without comparable revisions always relist. See [`Syncer::with_gap_ratio`].
 //! - Batches hold at most [`Syncer::with_max_batch`] updates; a slow consumer slows the
 //!   watchers down through bounded channels instead of growing a queue.
 //! - Per tracked key the Syncer keeps only its revision (and, with an [`UpdateProcessor`],
@@ -77,6 +84,10 @@ mod status;
 pub use callbacks::SyncerCallbacks;
 pub use driver::{Backoff, SyncerHandle, SyncerStream};
 pub use status::{SyncStatus, SyncerEvent, Update, UpdateType};
+
+/// The default ratio of tracked keys to missed revisions below which a Syncer resumes its
+/// watch after an outage instead of relisting.
+pub const DEFAULT_GAP_RATIO: u64 = 20;
 
 /// The default largest batch of updates.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
@@ -142,6 +153,8 @@ pub struct Syncer {
     channel_capacity: usize,
     backoff: Backoff,
     request_timeout: Duration,
+    gap_ratio: u64,
+    catch_up_timeout: Duration,
 }
 
 impl fmt::Debug for Syncer {
@@ -165,7 +178,26 @@ impl Syncer {
             channel_capacity: 4,
             backoff: Backoff::default(),
             request_timeout: Duration::from_secs(30),
+            gap_ratio: DEFAULT_GAP_RATIO,
+            catch_up_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// How long a watch resumed after an outage may take to confirm that it reached the
+    /// datastore's revision (by an event or a progress notification) before the type relists
+    /// instead (default 10 s).
+    #[must_use]
+    pub fn with_catch_up_timeout(mut self, timeout: Duration) -> Self {
+        self.catch_up_timeout = timeout;
+        self
+    }
+
+    /// After an outage, resume the watch when the revisions missed are at most the tracked
+    /// keys divided by `ratio`, and relist otherwise (default 20; see the crate docs).
+    #[must_use]
+    pub fn with_gap_ratio(mut self, ratio: u64) -> Self {
+        self.gap_ratio = ratio.max(1);
+        self
     }
 
     /// Also follows `rt`. Give each key to one type only: overlapping types report the same

@@ -37,6 +37,9 @@ pub(crate) enum Input {
     WatchBroken(Error),
     WatchEnded,
     BackoffElapsed,
+    CurrentRevision(Result<Revision, Error>),
+    /// A resumed watch did not confirm reaching its target in time.
+    CatchUpTimedOut,
 }
 
 /// What the driver must do next.
@@ -50,6 +53,8 @@ pub(crate) enum Action {
     Continue,
     /// Wait before the next attempt; the number counts failed attempts in a row.
     Backoff(u32),
+    /// Read the datastore's current revision, to choose between resuming and relisting.
+    CheckGap,
 }
 
 /// What to tell the consumer, in order.
@@ -95,6 +100,10 @@ pub(crate) struct TypeState {
     pending: Pending,
     /// Events since the current watch opened, to back off a watch that breaks at once.
     events_in_watch: u64,
+    /// While resuming after an outage: the revision to reach before being in sync again.
+    catch_up: Option<u64>,
+    /// Resume after an outage when the revisions missed are at most tracked keys / this.
+    gap_ratio: u64,
 }
 
 fn key_id(key: &ResourceKey) -> Box<str> {
@@ -124,8 +133,11 @@ impl TypeState {
     pub(crate) fn new(
         kind: impl Into<String>,
         processor: Option<Arc<dyn UpdateProcessor>>,
+        gap_ratio: u64,
     ) -> Self {
         TypeState {
+            catch_up: None,
+            gap_ratio: gap_ratio.max(1),
             kind: kind.into(),
             processor,
             sent: HashMap::new(),
@@ -140,6 +152,11 @@ impl TypeState {
     /// The first action.
     pub(crate) fn start(&self) -> Action {
         Action::List
+    }
+
+    /// Whether a resumed watch is still replaying its gap.
+    pub(crate) fn catching_up(&self) -> bool {
+        self.catch_up.is_some()
     }
 
     /// How many source keys are tracked.
@@ -188,6 +205,7 @@ impl TypeState {
             Input::Event(ev) => {
                 self.events_in_watch += 1;
                 self.on_event(ev, &mut out);
+                self.check_caught_up(&mut out);
                 Action::Continue
             }
             Input::WatchBroken(Error::Compacted { .. }) => Action::List,
@@ -198,11 +216,57 @@ impl TypeState {
             Input::WatchBroken(err) => self.fail(err, Pending::List, &mut out),
             Input::WatchEnded => self.on_watch_closed(),
             Input::BackoffElapsed => match self.pending {
+                // After an outage, resuming may be cheaper than relisting: look at the gap.
+                Pending::List if self.last.is_some() && !self.sent.is_empty() => Action::CheckGap,
                 Pending::List => Action::List,
                 Pending::Watch => self.resume_or_list(),
             },
+            Input::CurrentRevision(Ok(current)) => self.on_current_revision(&current, &mut out),
+            Input::CurrentRevision(Err(err)) if err.is_retryable() => {
+                self.fail(err, Pending::List, &mut out)
+            }
+            Input::CurrentRevision(Err(_)) => Action::List,
+            Input::CatchUpTimedOut if self.catch_up.is_some() => {
+                // Nothing confirmed that the resumed watch caught up: relist instead.
+                self.catch_up = None;
+                Action::List
+            }
+            Input::CatchUpTimedOut => Action::Continue,
         };
         Step { out, action }
+    }
+
+    /// The rule for recovering after an outage: replaying a gap of `g` revisions costs about
+    /// `g` watch events, a relist about `n` keys, and on etcd a replayed event costs some 20
+    /// times a listed key (100,000 revisions replayed in 17 s against 100,000 keys listed in
+    /// 0.8 s). So the watch is resumed when `g <= n / gap_ratio` (default 20) and the type is
+    /// relisted and diffed otherwise.
+    fn on_current_revision(&mut self, current: &Revision, out: &mut Vec<Out>) -> Action {
+        let last = self.last.as_ref().and_then(Revision::as_u64);
+        let (Some(cur), Some(last)) = (current.as_u64(), last) else {
+            return Action::List;
+        };
+        let tracked = self.sent.len() as u64;
+        if cur < last || cur - last > tracked / self.gap_ratio {
+            return Action::List;
+        }
+        self.set_status(TypeStatus::Resyncing, out);
+        self.attempt = 0;
+        self.catch_up = Some(cur);
+        self.check_caught_up(out);
+        self.resume_or_list()
+    }
+
+    /// Ends a catch-up once the watch has reached its target revision.
+    fn check_caught_up(&mut self, out: &mut Vec<Out>) {
+        let reached = match (self.catch_up, self.last.as_ref().and_then(Revision::as_u64)) {
+            (Some(target), Some(last)) => last >= target,
+            _ => false,
+        };
+        if reached {
+            self.catch_up = None;
+            self.set_status(TypeStatus::InSync, out);
+        }
     }
 
     /// A watch closed with a retryable error: resume it from the last revision at once, but
@@ -219,6 +283,7 @@ impl TypeState {
     }
 
     fn on_listed(&mut self, list: KVList, out: &mut Vec<Out>) -> Action {
+        self.catch_up = None;
         self.set_status(TypeStatus::Resyncing, out);
         self.attempt = 0;
         let mut updates = Vec::new();
@@ -433,7 +498,7 @@ mod tests {
 
     #[test]
     fn initial_list_sends_new_then_watches_from_the_list_revision() {
-        let mut s = TypeState::new("IPPool", None);
+        let mut s = TypeState::new("IPPool", None, 20);
         assert_eq!(s.start(), Action::List);
         let step = s.step(Input::Listed(list(vec![pool("a", 1), pool("b", 2)], 5)));
         assert_eq!(statuses(&step), [TypeStatus::Resyncing, TypeStatus::InSync]);
@@ -450,7 +515,7 @@ mod tests {
 
     #[test]
     fn relist_sends_exactly_the_difference() {
-        let mut s = TypeState::new("IPPool", None);
+        let mut s = TypeState::new("IPPool", None, 20);
         s.step(Input::Listed(list(
             vec![pool("a", 1), pool("b", 2), pool("c", 3)],
             3,
@@ -480,7 +545,7 @@ mod tests {
 
     #[test]
     fn watch_events_are_new_then_updated_then_deleted_and_repeats_are_dropped() {
-        let mut s = TypeState::new("IPPool", None);
+        let mut s = TypeState::new("IPPool", None, 20);
         s.step(Input::Listed(list(vec![], 1)));
         s.step(Input::WatchStarted);
         let st = s.step(Input::Event(WatchEvent::Added(pool("a", 2))));
@@ -511,7 +576,7 @@ mod tests {
 
     #[test]
     fn broken_watch_resumes_from_the_last_revision_seen() {
-        let mut s = TypeState::new("IPPool", None);
+        let mut s = TypeState::new("IPPool", None, 20);
         s.step(Input::Listed(list(vec![], 1)));
         s.step(Input::WatchStarted);
         s.step(Input::Event(WatchEvent::Added(pool("a", 4))));
@@ -531,7 +596,7 @@ mod tests {
 
     #[test]
     fn outage_waits_with_growing_backoff_then_relists() {
-        let mut s = TypeState::new("IPPool", None);
+        let mut s = TypeState::new("IPPool", None, 20);
         let st = s.step(Input::ListFailed(Error::unavailable("down")));
         assert_eq!(st.action, Action::Backoff(1));
         assert!(statuses(&st).is_empty(), "already waiting");
@@ -552,14 +617,106 @@ mod tests {
         );
         assert_eq!(
             s.step(Input::BackoffElapsed).action,
+            Action::CheckGap,
+            "weigh the gap after an outage"
+        );
+        assert_eq!(
+            s.step(Input::CurrentRevision(Ok(50u64.into()))).action,
             Action::List,
-            "relist after an outage"
+            "a gap longer than the tracked keys allow relists"
+        );
+    }
+
+    #[test]
+    fn after_an_outage_a_short_gap_resumes_and_a_long_gap_relists() {
+        let items: Vec<KVPair> = (0..100).map(|i| pool(&format!("p{i}"), i + 1)).collect();
+        for (current, expect_resume) in [(100u64, true), (104, true), (105, true), (106, false)] {
+            let mut s = TypeState::new("IPPool", None, 20);
+            s.step(Input::Listed(list(items.clone(), 100)));
+            s.step(Input::WatchStarted);
+            let st = s.step(Input::WatchFailedToStart(Error::unavailable("down")));
+            assert_eq!(statuses(&st), [TypeStatus::Waiting]);
+            assert_eq!(s.step(Input::BackoffElapsed).action, Action::CheckGap);
+            let st = s.step(Input::CurrentRevision(Ok(current.into())));
+            if !expect_resume {
+                assert_eq!(
+                    st.action,
+                    Action::List,
+                    "gap {} of 100 keys relists",
+                    current - 100
+                );
+                continue;
+            }
+            assert_eq!(
+                st.action,
+                Action::Watch(100u64.into()),
+                "gap {} resumes",
+                current - 100
+            );
+            if current == 100 {
+                assert_eq!(statuses(&st), [TypeStatus::Resyncing, TypeStatus::InSync]);
+                continue;
+            }
+            assert_eq!(
+                statuses(&st),
+                [TypeStatus::Resyncing],
+                "not in sync before catching up"
+            );
+            s.step(Input::WatchStarted);
+            let st = s.step(Input::Event(WatchEvent::Modified {
+                new: pool("p1", current - 1),
+                old: None,
+            }));
+            assert!(statuses(&st).is_empty());
+            let st = s.step(Input::Event(WatchEvent::Bookmark(current.into())));
+            assert_eq!(
+                statuses(&st),
+                [TypeStatus::InSync],
+                "in sync once the gap is replayed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_catch_up_that_is_never_confirmed_relists() {
+        let items: Vec<KVPair> = (0..100).map(|i| pool(&format!("p{i}"), i + 1)).collect();
+        let mut s = TypeState::new("IPPool", None, 20);
+        s.step(Input::Listed(list(items, 100)));
+        s.step(Input::WatchFailedToStart(Error::unavailable("down")));
+        s.step(Input::BackoffElapsed);
+        s.step(Input::CurrentRevision(Ok(103u64.into())));
+        assert!(s.catching_up());
+        s.step(Input::WatchStarted);
+        assert_eq!(s.step(Input::CatchUpTimedOut).action, Action::List);
+        assert!(!s.catching_up());
+        let st = s.step(Input::Listed(list(vec![], 104)));
+        assert_eq!(statuses(&st), [TypeStatus::InSync]);
+    }
+
+    #[test]
+    fn a_failed_gap_check_keeps_waiting_and_an_unsupported_one_relists() {
+        let mut s = TypeState::new("IPPool", None, 20);
+        s.step(Input::Listed(list(vec![pool("a", 1)], 1)));
+        s.step(Input::WatchFailedToStart(Error::unavailable("down")));
+        assert_eq!(s.step(Input::BackoffElapsed).action, Action::CheckGap);
+        let st = s.step(Input::CurrentRevision(Err(Error::unavailable(
+            "still down",
+        ))));
+        assert_eq!(st.action, Action::Backoff(2));
+        assert_eq!(s.step(Input::BackoffElapsed).action, Action::CheckGap);
+        let unsupported = Error::Unsupported {
+            op: "current_revision".into(),
+            backend: "kubernetes",
+        };
+        assert_eq!(
+            s.step(Input::CurrentRevision(Err(unsupported))).action,
+            Action::List
         );
     }
 
     #[test]
     fn parse_failures_are_reported_and_delete_keys_sent_before() {
-        let mut s = TypeState::new("IPPool", None);
+        let mut s = TypeState::new("IPPool", None, 20);
         s.step(Input::Listed(list(vec![pool("a", 1)], 1)));
         let f = ParseFailure {
             raw_key: "/kvsync/v1/ippools/a".into(),
@@ -592,7 +749,7 @@ mod tests {
 
     #[test]
     fn processor_output_is_diffed_per_source_key() {
-        let mut s = TypeState::new("IPPool", Some(Arc::new(FanOut)));
+        let mut s = TypeState::new("IPPool", Some(Arc::new(FanOut)), 20);
         let mut a = pool("a", 1);
         a.value = json!({"n": 3});
         let st = s.step(Input::Listed(list(vec![a.clone()], 1)));

@@ -412,7 +412,8 @@ pub async fn watch_from_revision_replays_the_gap_with_deletions(b: &dyn TestBack
 
 /// After compaction, reads and watches from before it fail with Compacted.
 pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
-    let c = b.client().await.client;
+    let tc = b.isolated_client().await;
+    let c = tc.client.clone();
     let old = c
         .create(pool("a", "10.0.0.0/16"))
         .await

@@ -116,6 +116,7 @@ struct MemberSpec {
     peer_port: u16,
     data_dir: PathBuf,
     initial_cluster: String,
+    cluster_token: String,
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
@@ -148,13 +149,17 @@ impl MemberSpec {
             .arg("--initial-cluster-state")
             .arg(state)
             .arg("--initial-cluster-token")
-            .arg(format!("kvsync-test-{}", self.peer_port))
+            .arg(&self.cluster_token)
             .arg("--logger=zap")
             .arg("--log-level=error")
             .arg("--heartbeat-interval=50")
             .arg("--election-timeout=500")
             .arg("--quota-backend-bytes=4294967296")
             .arg("--max-request-bytes=3145728")
+            // Frequent per-watch progress notifications, so that watches resumed by a Syncer
+            // confirm catching up quickly on etcd versions whose requested progress cannot be
+            // trusted.
+            .arg("--experimental-watch-progress-notify-interval=1s")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -215,6 +220,11 @@ impl EtcdMember {
         }
     }
 
+    /// Whether the member is running.
+    pub fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+
     /// Starts the member again on the same ports and data directory.
     pub fn restart(&mut self) {
         self.kill();
@@ -267,7 +277,13 @@ impl EtcdCluster {
             .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect::<Vec<_>>()
             .join(",");
-        let tls_files = pki.map(|p| (p.path("server.pem"), p.path("server-key.pem"), p.path("ca.pem")));
+        let tls_files = pki.map(|p| {
+            (
+                p.path("server.pem"),
+                p.path("server-key.pem"),
+                p.path("ca.pem"),
+            )
+        });
         let members: Vec<EtcdMember> = ports
             .iter()
             .enumerate()
@@ -278,6 +294,7 @@ impl EtcdCluster {
                     peer_port: *peer_port,
                     data_dir: data.path().join(format!("m{i}")),
                     initial_cluster: initial_cluster.clone(),
+                    cluster_token: format!("kvsync-test-{}", ports[0].1),
                     tls: tls_files.clone(),
                 };
                 let process = Some(spec.spawn("new"));
@@ -344,28 +361,43 @@ impl EtcdCluster {
                 if ok {
                     break;
                 }
-                assert!(Instant::now() < deadline, "etcd at {} did not answer within {timeout:?}", m.endpoint());
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd at {} did not answer within {timeout:?}",
+                    m.endpoint()
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
 }
 
-/// One etcd per test binary, shared by its tests (each uses its own key prefix).
-pub fn shared() -> &'static EtcdCluster {
-    static SERVER: OnceLock<EtcdCluster> = OnceLock::new();
-    SERVER.get_or_init(EtcdCluster::start)
-}
-
 /// The etcd backend under test, over an [`EtcdCluster`].
 pub struct EtcdTestBackend {
-    cluster: &'static EtcdCluster,
+    cluster: Arc<EtcdCluster>,
 }
 
 impl EtcdTestBackend {
     /// Over the shared server of this test binary.
     pub fn shared() -> Self {
-        EtcdTestBackend { cluster: shared() }
+        static SERVER: OnceLock<Arc<EtcdCluster>> = OnceLock::new();
+        EtcdTestBackend {
+            cluster: SERVER
+                .get_or_init(|| Arc::new(EtcdCluster::start()))
+                .clone(),
+        }
+    }
+
+    /// Over a server of its own, stopped when the last client of it is dropped.
+    pub fn private() -> Self {
+        EtcdTestBackend {
+            cluster: Arc::new(EtcdCluster::start()),
+        }
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &Arc<EtcdCluster> {
+        &self.cluster
     }
 }
 
@@ -395,7 +427,19 @@ impl TestBackend for EtcdTestBackend {
         TestClient {
             client: Arc::new(backend.clone()),
             raw: Arc::new(EtcdRaw(backend)),
+            guard: Some(self.cluster.clone()),
         }
+    }
+
+    async fn isolated_client(&self) -> TestClient {
+        let own = EtcdTestBackend {
+            cluster: Arc::new(
+                tokio::task::spawn_blocking(EtcdCluster::start)
+                    .await
+                    .expect("start a private etcd"),
+            ),
+        };
+        own.client().await
     }
 }
 
@@ -406,7 +450,9 @@ impl TestBackend for EtcdTestBackend {
 /// If etcd refuses.
 pub async fn enable_auth_with_reader(endpoint: &str, readable_prefix: &str) {
     use etcd_client::{Permission, PermissionType};
-    let mut c = etcd_client::Client::connect([endpoint], None).await.expect("connect");
+    let mut c = etcd_client::Client::connect([endpoint], None)
+        .await
+        .expect("connect");
     c.user_add("root", "rootpw", None).await.expect("add root");
     c.role_add("root").await.ok();
     c.user_grant_role("root", "root").await.expect("grant root");
@@ -417,8 +463,12 @@ pub async fn enable_auth_with_reader(endpoint: &str, readable_prefix: &str) {
     )
     .await
     .expect("grant read");
-    c.user_add("reader", "readerpw", None).await.expect("add reader");
-    c.user_grant_role("reader", "reader").await.expect("grant reader");
+    c.user_add("reader", "readerpw", None)
+        .await
+        .expect("add reader");
+    c.user_grant_role("reader", "reader")
+        .await
+        .expect("grant reader");
     c.auth_enable().await.expect("enable auth");
 }
 

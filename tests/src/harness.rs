@@ -21,6 +21,8 @@ pub struct TestClient {
     pub client: Arc<dyn Client>,
     /// Raw access to what the client reads.
     pub raw: Arc<dyn RawAccess>,
+    /// Whatever must live as long as the client (a private server).
+    pub guard: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 /// A backend under test: hands out fresh clients, each over its own empty key prefix.
@@ -28,6 +30,12 @@ pub struct TestClient {
 pub trait TestBackend: Send + Sync {
     /// A fresh client whose prefix no other test uses.
     async fn client(&self) -> TestClient;
+
+    /// A client whose datastore no other test shares, for tests that compact history (etcd
+    /// compacts the whole cluster, which would break other tests' reads at old revisions).
+    async fn isolated_client(&self) -> TestClient {
+        self.client().await
+    }
 
     /// Whether keys can be given a TTL.
     fn supports_ttl(&self) -> bool {
@@ -73,6 +81,7 @@ impl TestBackend for MemoryTestBackend {
         TestClient {
             client: Arc::new(store.clone()),
             raw: Arc::new(MemoryRaw(store)),
+            guard: None,
         }
     }
 }

@@ -88,7 +88,11 @@ pub async fn run(backend: &dyn TestBackend, config: ModelConfig) {
 
 async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let TestClient { client, raw } = backend.client().await;
+    let TestClient {
+        client,
+        raw,
+        guard: _guard,
+    } = backend.client().await;
     let faulty = Arc::new(FaultyClient::new(client.clone()));
     let faults: Faults = faulty.faults();
 

@@ -348,6 +348,14 @@ async fn dropping_the_handle_or_the_stream_ends_every_task() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_recovery_resumes_short_gaps_and_relists_long_ones() {
+    kvsync_tests::scenarios::outage_recovery_resumes_short_gaps_and_relists_long_ones(
+        &MemoryTestBackend,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_model_holds_the_consumer_invariant() {
     let cases = std::env::var("KVSYNC_MODEL_CASES")
         .ok()

@@ -166,7 +166,10 @@ impl EtcdConfig {
 
     pub(crate) fn connect_options(&self) -> Result<ConnectOptions> {
         if self.endpoints.is_empty() {
-            return Err(Error::invalid("endpoints", "at least one etcd endpoint is needed"));
+            return Err(Error::invalid(
+                "endpoints",
+                "at least one etcd endpoint is needed",
+            ));
         }
         for e in &self.endpoints {
             let scheme_ok = e.starts_with("http://") || e.starts_with("https://");
@@ -187,7 +190,9 @@ impl EtcdConfig {
             .with_timeout(self.request_timeout)
             .with_connect_timeout(self.connect_timeout);
         if let Some((interval, timeout)) = self.keep_alive {
-            opts = opts.with_keep_alive(interval, timeout).with_keep_alive_while_idle(true);
+            opts = opts
+                .with_keep_alive(interval, timeout)
+                .with_keep_alive_while_idle(true);
         }
         if let Some((user, password)) = &self.user {
             opts = opts.with_user(user.clone(), password.clone());

@@ -91,7 +91,9 @@ pub(super) fn decode_kv(codec: &PathCodec, kv: &KeyValue) -> Result<KVPair, Box<
             reason,
         })
     };
-    let key = codec.from_path(&path).map_err(|e| fail(None, e.to_string()))?;
+    let key = codec
+        .from_path(&path)
+        .map_err(|e| fail(None, e.to_string()))?;
     let env: EnvelopeIn = serde_json::from_slice(kv.value())
         .map_err(|e| fail(Some(key.clone()), format!("not a kvsync value: {e}")))?;
     Ok(KVPair {
@@ -150,7 +152,9 @@ pub(super) struct WatchState {
     stream: etcd_client::WatchStream,
     buf: VecDeque<Result<WatchEvent>>,
     last: i64,
-    progress_every: Duration,
+    /// How long to idle before requesting progress; `None` where requested progress cannot be
+    /// trusted.
+    progress_every: Option<Duration>,
     done: bool,
 }
 
@@ -161,7 +165,7 @@ impl WatchState {
         stream: etcd_client::WatchStream,
         first: WatchResponse,
         from: i64,
-        progress_every: Duration,
+        progress_every: Option<Duration>,
     ) -> Self {
         let mut s = WatchState {
             codec,
@@ -196,8 +200,12 @@ impl WatchState {
         }
         let events = resp.events();
         if events.is_empty() {
-            // A progress notification: everything up to the header's revision was sent.
+            // A progress notification: everything up to the header's revision was sent. An
+            // answer to a progress request (watch id -1) counts only where such answers are
+            // in order with events.
+            let requested = resp.watch_id() == -1;
             if !resp.created()
+                && (!requested || self.progress_every.is_some())
                 && let Some(rev) = resp.header().map(|h| h.revision())
                 && rev > self.last
             {
@@ -251,8 +259,12 @@ impl WatchState {
             if self.done {
                 return None;
             }
-            let msg = match tokio::time::timeout(self.progress_every, self.stream.message()).await
-            {
+            let next = self.stream.message();
+            let msg = match self.progress_every {
+                None => Ok(next.await),
+                Some(every) => tokio::time::timeout(every, next).await,
+            };
+            let msg = match msg {
                 Ok(m) => m,
                 Err(_) => {
                     // Idle: ask for a progress notification to keep the resume point fresh.
@@ -267,7 +279,10 @@ impl WatchState {
                 Ok(Some(resp)) => self.absorb(resp),
                 Ok(None) => {
                     self.done = true;
-                    return Some((Err(Error::unavailable("etcd closed the watch stream")), self));
+                    return Some((
+                        Err(Error::unavailable("etcd closed the watch stream")),
+                        self,
+                    ));
                 }
                 Err(e) => {
                     self.done = true;

@@ -14,8 +14,10 @@
 //!   bytes per key seen so far), and the client's decode limit is raised to fit them.
 //! - `watch` starts at `from + 1` with `prev_kv`, so deletions carry the last value; a
 //!   compacted start surfaces as [`Error::Compacted`] with etcd's compact revision; progress
-//!   notifications are requested on idle watches and become
-//!   [`WatchEvent::Bookmark`](crate::WatchEvent::Bookmark)s.
+//!   notifications become [`WatchEvent::Bookmark`](crate::WatchEvent::Bookmark)s. On etcd
+//!   3.4.25+ and 3.5.8+ progress is requested when a watch opens and when it idles; older
+//!   servers answer such requests out of order with events (etcd issue 15220), so there only
+//!   the server's periodic per-watch notifications are used.
 //! - TTLs use one etcd lease per key written with a TTL, as Calico does: exact expiry per key,
 //!   a `Deleted` event from etcd itself when it runs out, and leases vanish with their keys.
 //!   (Shared buckets would save a grant per write but expire keys early or late by up to the
@@ -25,12 +27,13 @@ mod config;
 mod convert;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, KvClient, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Compare, CompareOp, DeleteOptions, GetOptions, KvClient, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use futures::StreamExt;
 use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision};
@@ -62,6 +65,28 @@ pub struct EtcdBackend {
     kv: KvClient,
     codec: PathCodec,
     endpoints: Vec<String>,
+    /// Whether the server answers progress requests only once a watch has caught up.
+    synced_progress: Arc<tokio::sync::OnceCell<bool>>,
+}
+
+/// Whether an etcd version sends requested progress notifications in order with events.
+///
+/// Before 3.4.25 and 3.5.8 a progress request was answered at once with the store's
+/// revision, possibly ahead of events still queued for the watch (etcd issue 15220), so such
+/// an answer cannot be trusted as "everything up to here was sent".
+fn progress_is_synchronized(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor, patch) = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    match (major, minor) {
+        (3, 4) => patch >= 25,
+        (3, 5) => patch >= 8,
+        (3, m) => m > 5,
+        (m, _) => m > 3,
+    }
 }
 
 impl fmt::Debug for EtcdBackend {
@@ -93,13 +118,32 @@ impl EtcdBackend {
         let client = etcd_client::Client::connect(&endpoints, Some(options))
             .await
             .map_err(map_err)?;
-        let kv = client.kv_client().max_decoding_message_size(MAX_DECODE_BYTES);
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_DECODE_BYTES);
         Ok(EtcdBackend {
             client,
             kv,
             codec,
             endpoints,
+            synced_progress: Arc::new(tokio::sync::OnceCell::new()),
         })
+    }
+
+    /// Whether requested progress notifications can be trusted (see
+    /// [`progress_is_synchronized`]); asked of the server once.
+    async fn synced_progress(&self) -> bool {
+        let client = self.client.clone();
+        *self
+            .synced_progress
+            .get_or_init(|| async move {
+                let mut m = client.maintenance_client();
+                match m.status().await {
+                    Ok(s) => progress_is_synchronized(s.version()),
+                    Err(_) => false,
+                }
+            })
+            .await
     }
 
     /// The underlying `etcd-client` client, for what this backend does not cover.
@@ -107,8 +151,11 @@ impl EtcdBackend {
         &self.client
     }
 
-    fn kv(&self) -> KvClient {
-        self.kv.clone()
+    fn kv(&self) -> RetryingKv {
+        RetryingKv {
+            kv: self.kv.clone(),
+            attempts: self.endpoints.len() * 2 + 1,
+        }
     }
 
     /// etcd's oldest readable revision, read from a watch at `requested` (etcd does not put
@@ -120,7 +167,10 @@ impl EtcdBackend {
             .max_decoding_message_size(MAX_DECODE_BYTES);
         let opts = WatchOptions::new().with_start_revision(requested.max(1));
         let probe = async {
-            let mut stream = wc.watch(self.codec.prefix().as_bytes(), Some(opts)).await.ok()?;
+            let mut stream = wc
+                .watch(self.codec.prefix().as_bytes(), Some(opts))
+                .await
+                .ok()?;
             let resp = stream.message().await.ok()??;
             (resp.compact_revision() > 0).then(|| Revision::from(resp.compact_revision() as u64))
         };
@@ -142,7 +192,10 @@ impl EtcdBackend {
         }
     }
 
-    fn decode(&self, kv: &etcd_client::KeyValue) -> Result<KVPair, Box<kvsync_model::ParseFailure>> {
+    fn decode(
+        &self,
+        kv: &etcd_client::KeyValue,
+    ) -> Result<KVPair, Box<kvsync_model::ParseFailure>> {
         decode_kv(&self.codec, kv)
     }
 
@@ -154,7 +207,8 @@ impl EtcdBackend {
 
     async fn lease_for(&self, ttl: Option<Duration>) -> Result<Option<i64>> {
         let Some(ttl) = ttl else { return Ok(None) };
-        let secs = i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).unwrap_or(i64::MAX);
+        let secs =
+            i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).unwrap_or(i64::MAX);
         let lease = self
             .client
             .lease_client()
@@ -204,9 +258,11 @@ impl EtcdBackend {
             };
             let bytes = Envelope::encode(&uid, kvp.ttl, &kvp.value)?;
             let put_opts = lease.map(|l| PutOptions::new().with_lease(l));
-            let txn = Txn::new()
-                .when(vec![compare])
-                .and_then(vec![TxnOp::put(path.as_str(), bytes, put_opts)]);
+            let txn = Txn::new().when(vec![compare]).and_then(vec![TxnOp::put(
+                path.as_str(),
+                bytes,
+                put_opts,
+            )]);
             let resp = self.kv().txn(txn).await.map_err(map_err)?;
             if !resp.succeeded() {
                 // Another writer came between our read and our write: read again.
@@ -231,16 +287,25 @@ impl EtcdBackend {
         )))
     }
 
-    /// Compacts etcd's history at `revision` and waits until the compaction is applied.
+    /// Compacts etcd's history at `revision` and waits until the compaction is applied. A
+    /// revision compacted already is no error.
     ///
     /// # Errors
-    /// [`Error::Compacted`] if already compacted past it; transport errors.
+    /// [`Error::Invalid`] for a future revision; transport errors.
     pub async fn compact_at(&self, revision: i64) -> Result<()> {
-        self.kv()
-            .compact(revision, Some(etcd_client::CompactionOptions::new().with_physical()))
+        let done = self
+            .kv()
+            .compact(
+                revision,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
             .await
-            .map_err(map_err)?;
-        Ok(())
+            .map_err(map_err);
+        match done {
+            // Compacted at or after `revision` already: nothing older is left, as asked.
+            Ok(_) | Err(Error::Compacted { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The cluster's current revision.
@@ -250,12 +315,97 @@ impl EtcdBackend {
     pub async fn current_revision(&self) -> Result<i64> {
         let resp = self
             .kv()
-            .get(self.codec.prefix(), Some(GetOptions::new().with_count_only()))
+            .get(
+                self.codec.prefix(),
+                Some(GetOptions::new().with_count_only()),
+            )
             .await
             .map_err(map_err)?;
         resp.header()
             .map(|h| h.revision())
             .ok_or_else(|| Error::unavailable("etcd answered without a header"))
+    }
+}
+
+/// The KV client, retrying a call whose connection could not be made (so the request never
+/// left): with several endpoints, a dead member must not fail requests the others can serve.
+struct RetryingKv {
+    kv: KvClient,
+    attempts: usize,
+}
+
+fn is_connect_error(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        _ => false,
+    }
+}
+
+impl RetryingKv {
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(KvClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match f(self.kv.clone()).await {
+                Err(e) if attempt < self.attempts && is_connect_error(&e) => {
+                    tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn get(
+        &self,
+        key: impl Into<Vec<u8>>,
+        opts: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        let key = key.into();
+        self.run(|mut kv| {
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { kv.get(key, opts).await }
+        })
+        .await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        self.run(|mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        key: impl Into<Vec<u8>>,
+        opts: Option<DeleteOptions>,
+    ) -> Result<etcd_client::DeleteResponse, etcd_client::Error> {
+        let key = key.into();
+        self.run(|mut kv| {
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { kv.delete(key, opts).await }
+        })
+        .await
+    }
+
+    async fn compact(
+        &self,
+        revision: i64,
+        opts: Option<etcd_client::CompactionOptions>,
+    ) -> Result<etcd_client::CompactionResponse, etcd_client::Error> {
+        self.run(|mut kv| {
+            let opts = opts.clone();
+            async move { kv.compact(revision, opts).await }
+        })
+        .await
     }
 }
 
@@ -399,7 +549,8 @@ impl Client for EtcdBackend {
                 break;
             }
             let per_key = (bytes_seen / keys_seen.max(1)).max(1);
-            limit = i64::try_from((PAGE_TARGET_BYTES / per_key).clamp(100, 50_000)).unwrap_or(5_000);
+            limit =
+                i64::try_from((PAGE_TARGET_BYTES / per_key).clamp(100, 50_000)).unwrap_or(5_000);
         }
         Ok(list)
     }
@@ -419,7 +570,17 @@ impl Client for EtcdBackend {
             .with_start_revision(start)
             .with_prev_key()
             .with_progress_notify();
-        let mut stream = wc.watch(prefix.as_bytes(), Some(wopts)).await.map_err(map_err)?;
+        let attempts = self.endpoints.len() * 2 + 1;
+        let mut attempt = 1;
+        let mut stream = loop {
+            match wc.watch(prefix.as_bytes(), Some(wopts.clone())).await {
+                Err(e) if attempt < attempts && is_connect_error(&e) => {
+                    tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;
+                    attempt += 1;
+                }
+                other => break other.map_err(map_err)?,
+            }
+        };
         // The first response says whether the watch was created or its start is compacted.
         let first = stream
             .message()
@@ -438,13 +599,21 @@ impl Client for EtcdBackend {
                 first.cancel_reason()
             )));
         }
+        // Where the server answers progress requests in order, ask at once: the answer comes
+        // once the watch has caught up, which tells a resuming Syncer it has seen everything.
+        // Older servers still send their periodic per-watch progress notifications, which are
+        // in order (`--experimental-watch-progress-notify-interval`, 10 minutes by default).
+        let synced_progress = self.synced_progress().await;
+        if synced_progress {
+            stream.request_progress().await.map_err(map_err)?;
+        }
         let state = convert::WatchState::new(
             self.codec.clone(),
             opts.clone(),
             stream,
             first,
             start - 1,
-            PROGRESS_INTERVAL,
+            synced_progress.then_some(PROGRESS_INTERVAL),
         );
         Ok(futures::stream::unfold(state, convert::WatchState::next).boxed())
     }
@@ -460,5 +629,11 @@ impl Client for EtcdBackend {
 
     async fn compact(&self, revision: &Revision) -> Result<()> {
         self.compact_at(rev_i64(revision)?).await
+    }
+
+    async fn current_revision(&self) -> Result<Revision> {
+        Ok(Revision::from(
+            EtcdBackend::current_revision(self).await? as u64,
+        ))
     }
 }

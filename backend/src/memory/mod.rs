@@ -597,6 +597,10 @@ impl Client for MemoryBackend {
         Ok(())
     }
 
+    async fn current_revision(&self) -> Result<Revision> {
+        Ok(self.revision().into())
+    }
+
     async fn compact(&self, revision: &Revision) -> Result<()> {
         let rev = parse_rev(revision)?;
         let mut store = self.lock();
