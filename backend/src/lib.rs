@@ -4,6 +4,7 @@
 //! | backend | feature | what it is |
 //! |---|---|---|
 //! | [`MemoryBackend`] | always | in-process MVCC store, like etcd's mvcc; for tests and demos |
+//! | `SqliteBackend` | `sqlite` (default) | persistent, multi-process revision log in one SQLite file, in the style of kine |
 //! | `EtcdBackend` | `etcd` | etcd v3 through `etcd-client`: paged consistent lists, watches with progress notifications, leases for TTLs, TLS and auth |
 //! | [`FaultyClient`] | always | wraps any client and injects failures, for tests |
 //!
@@ -29,6 +30,8 @@ mod error;
 pub mod etcd;
 mod faults;
 pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 mod watch;
 
 pub use client::{Api, Client};
@@ -37,6 +40,8 @@ pub use error::{BoxError, Error, Result};
 pub use etcd::{EtcdBackend, EtcdConfig};
 pub use faults::{Faults, FaultyClient};
 pub use memory::MemoryBackend;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteBackend, SqliteConfig};
 pub use watch::{WatchEvent, WatchStream};
 
 pub use kvsync_model as model;

@@ -8,6 +8,7 @@ pub mod conformance;
 pub mod etcd;
 pub mod harness;
 pub mod scenarios;
+pub mod sqlite;
 
 pub use harness::{MemoryTestBackend, RawAccess, TestBackend, TestClient, unique_prefix};
 pub mod checker;

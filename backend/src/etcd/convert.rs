@@ -226,7 +226,7 @@ impl WatchState {
                     }
                     Ok(kvp) => Some(WatchEvent::Modified {
                         new: kvp,
-                        old: ev.prev_kv().and_then(|p| decode_kv(&self.codec, p).ok()),
+                        old: None,
                     }),
                     Err(f) if f.key.as_ref().is_none_or(|k| self.opts.matches(k)) => {
                         Some(WatchEvent::ParseFailed(*f))

@@ -10,9 +10,12 @@
 //! - Updates keep the uid: the current envelope is read and the write is made conditional on
 //!   its `mod_revision`, retried if another writer came first.
 //! - `list` reads pages pinned to the revision of the first page, so a list of any size is
-//!   one consistent snapshot. Pages are sized by bytes (about 2 MiB each, adapted from the
-//!   bytes per key seen so far), and the client's decode limit is raised to fit them.
-//! - `watch` starts at `from + 1` with `prev_kv`, so deletions carry the last value; a
+//!   one consistent snapshot. Pages are sized by bytes (about 8 MiB each, adapted from the
+//!   bytes per key seen so far), the client's decode limit is raised to fit them, and the next
+//!   page is fetched while the current one is decoded.
+//! - `watch` starts at `from + 1` with `prev_kv`, so deletions carry the last value
+//!   (`Modified` events carry no old value: decoding it would double the cost of every
+//!   event, and the Syncer does not need it); a
 //!   compacted start surfaces as [`Error::Compacted`] with etcd's compact revision; progress
 //!   notifications become [`WatchEvent::Bookmark`](crate::WatchEvent::Bookmark)s. On etcd
 //!   3.4.25+ and 3.5.8+ progress is requested when a watch opens and when it idles; older
@@ -49,8 +52,12 @@ use crate::watch::WatchStream;
 /// The decode limit of the client's responses: room for a 1.5 MiB value and pages of many
 /// small ones.
 const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
-/// The bytes a list page aims at.
-const PAGE_TARGET_BYTES: usize = 2 * 1024 * 1024;
+/// The bytes a list page aims at. Measured on a local etcd 3.4 with 100,000 keys of 170
+/// bytes: pages of 500 keys read them in 3.3 s, 5,000 in 0.70 s, 10,000 in 0.45 s and 50,000
+/// (8.5 MB) in 0.28 s, so pages are large: 8 MiB, well under the raised decode limit.
+const PAGE_TARGET_BYTES: usize = 8 * 1024 * 1024;
+/// The most keys a page asks for.
+const MAX_PAGE_KEYS: usize = 100_000;
 /// The first page's key count (about 400 bytes a key fill a page).
 const FIRST_PAGE_KEYS: i64 = 5_000;
 /// How long an idle watch waits before asking etcd for a progress notification.
@@ -514,27 +521,45 @@ impl Client for EtcdBackend {
             parse_failures: Vec::new(),
         };
         let (mut bytes_seen, mut keys_seen) = (0usize, 0usize);
-        loop {
+        let fetch = |start: Vec<u8>, limit: i64, at: Option<i64>| {
+            let kv = self.kv();
             let mut page_opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
             if let Some(r) = at {
                 page_opts = page_opts.with_revision(r);
             }
-            let mut resp = match self.kv().get(start.clone(), Some(page_opts)).await {
+            // A task of its own, so the next page is on its way while this one is decoded.
+            tokio::spawn(async move { kv.get(start, Some(page_opts)).await })
+        };
+        let mut pending = Some(fetch(start.clone(), limit, at));
+        while let Some(page) = pending.take() {
+            let page = page
+                .await
+                .map_err(|e| Error::unavailable(format!("list page task failed: {e}")))?;
+            let mut resp = match page {
                 Ok(r) => r,
                 Err(e) => return Err(self.map_read_err(e, at).await),
             };
             // Pin every later page to the first page's revision: one consistent snapshot.
             let header_rev = resp.header().map(|h| h.revision());
             let pinned = *at.get_or_insert(header_rev.unwrap_or(0));
+            list.revision = Revision::from(pinned as u64);
             let more = resp.more();
             let kvs = resp.take_kvs();
-            if let Some(last) = kvs.last() {
-                start = last.key().to_vec();
-                start.push(0);
-            }
+            let Some(last) = kvs.last() else { break };
+            start = last.key().to_vec();
+            start.push(0);
             for kv in &kvs {
                 bytes_seen += kv.key().len() + kv.value().len();
                 keys_seen += 1;
+            }
+            let per_key = (bytes_seen / keys_seen.max(1)).max(1);
+            limit = i64::try_from((PAGE_TARGET_BYTES / per_key).clamp(100, MAX_PAGE_KEYS))
+                .unwrap_or(FIRST_PAGE_KEYS);
+            if more {
+                pending = Some(fetch(start.clone(), limit, at));
+            }
+            list.items.reserve(kvs.len());
+            for kv in &kvs {
                 match self.decode(kv) {
                     Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
                     Ok(_) => {}
@@ -544,13 +569,6 @@ impl Client for EtcdBackend {
                     Err(_) => {}
                 }
             }
-            list.revision = Revision::from(pinned as u64);
-            if !more || kvs.is_empty() {
-                break;
-            }
-            let per_key = (bytes_seen / keys_seen.max(1)).max(1);
-            limit =
-                i64::try_from((PAGE_TARGET_BYTES / per_key).clamp(100, 50_000)).unwrap_or(5_000);
         }
         Ok(list)
     }

@@ -1,0 +1,55 @@
+//! A writer process for the SQLite multi-process and crash tests.
+//!
+//! `kvsync-sqlite-writer DB PREFIX COUNT` applies COUNT writes to IPPools `w-0` … `w-49` and
+//! prints `ack SEQ REVISION` on stdout after each acknowledged write. The value of write SEQ
+//! has the CIDR `10.A.B.0/24` with `SEQ = A * 256 + B`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use kvsync_backend::Client;
+use kvsync_backend::sqlite::{Durability, SqliteBackend, SqliteConfig};
+use kvsync_model::{KVPair, ResourceKey};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, db, prefix, count] = args.as_slice() else {
+        eprintln!("usage: kvsync-sqlite-writer DB PREFIX COUNT");
+        std::process::exit(2);
+    };
+    let count: u64 = count.parse().unwrap_or(0);
+    let backend = match SqliteBackend::open(
+        SqliteConfig::new(db)
+            .with_prefix(prefix.as_str())
+            .with_poll_interval(Duration::from_millis(20))
+            .with_durability(Durability::Normal),
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("open {db}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for seq in 0..count {
+        let key = ResourceKey::cluster("IPPool", format!("w-{}", seq % 50));
+        let value =
+            serde_json::json!({"cidr": format!("10.{}.{}.0/24", (seq / 256) % 256, seq % 256)});
+        match backend.apply(KVPair::new(key, value)).await {
+            Ok(kvp) => {
+                let rev = kvp.revision.map(|r| r.to_string()).unwrap_or_default();
+                if writeln!(out, "ack {seq} {rev}")
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                eprintln!("write {seq}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The Syncer against the SQLite backend: the randomized model test, a writer in another
+//! process, and a writer killed with SIGKILL mid-stream.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvsync_backend::Client;
+use kvsync_backend::sqlite::SqliteBackend;
+use kvsync_model::ListOptions;
+use kvsync_syncer::{ResourceType, SyncStatus, Syncer};
+use kvsync_tests::checker::{CheckingConsumer, datastore_state, diff};
+use kvsync_tests::sqlite::{SqliteTestBackend, test_config};
+use kvsync_tests::syncer_model::{self, ModelConfig};
+
+const WRITER: &str = env!("CARGO_BIN_EXE_kvsync-sqlite-writer");
+
+fn seq_of(value: &serde_json::Value) -> Option<u64> {
+    let cidr = value["cidr"].as_str()?;
+    let mut parts = cidr.split('.');
+    parts.next()?;
+    let a: u64 = parts.next()?.parse().ok()?;
+    let b: u64 = parts.next()?.parse().ok()?;
+    Some(a * 256 + b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_model_holds_the_consumer_invariant_on_sqlite() {
+    let cases = std::env::var("KVSYNC_SQLITE_MODEL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    syncer_model::run(&SqliteTestBackend, ModelConfig::new(cases)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_recovery_resumes_short_gaps_and_relists_long_ones_on_sqlite() {
+    kvsync_tests::scenarios::outage_recovery_resumes_short_gaps_and_relists_long_ones(
+        &SqliteTestBackend,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syncer_follows_writes_made_by_another_process() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("shared.db");
+    let config = test_config(&db);
+    let prefix = config.prefix.clone();
+    let client: Arc<dyn Client> = Arc::new(SqliteBackend::open(config).expect("open"));
+    let consumer = CheckingConsumer::start(
+        Syncer::new(client.clone())
+            .with_resource(ResourceType::new(ListOptions::new("IPPool")))
+            .stream(),
+    );
+    assert!(
+        consumer
+            .wait_for(Duration::from_secs(10), |s| s.status()
+                == Some(SyncStatus::InSync))
+            .await
+    );
+
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new(WRITER)
+            .args([db.to_str().expect("utf-8 path"), prefix.as_str(), "300"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run the writer")
+    })
+    .await
+    .expect("writer task");
+    assert!(status.success(), "writer failed: {status}");
+
+    let expected = datastore_state(client.as_ref(), &[ListOptions::new("IPPool")]).await;
+    assert_eq!(expected.len(), 50);
+    let ok = consumer
+        .wait_for(Duration::from_secs(10), |s| s.cache == expected)
+        .await;
+    let seen = consumer.stop().await;
+    assert!(
+        ok,
+        "consumer did not see the other process's writes: {}",
+        diff(&expected, &seen.cache)
+    );
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    assert!(seen.counts.get("Updated").copied().unwrap_or(0) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_survives_kill_9_of_the_writer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("crash.db");
+    let config = test_config(&db);
+    let prefix = config.prefix.clone();
+    let writer_prefix = prefix.clone();
+    let db2 = db.clone();
+    let acked: BTreeMap<String, u64> = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(WRITER)
+            .args([
+                db2.to_str().expect("utf-8 path"),
+                prefix.as_str(),
+                "1000000",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the writer");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut acked = BTreeMap::new();
+        let mut n = 0;
+        // Let it write a while, then SIGKILL it (by pid) mid-stream.
+        while let Some(Ok(line)) = lines.next() {
+            let mut parts = line.split_whitespace().skip(1);
+            let seq: u64 = parts.next().and_then(|s| s.parse().ok()).expect("ack line");
+            acked.insert(format!("w-{}", seq % 50), seq);
+            n += 1;
+            if n == 500 {
+                child.kill().expect("kill -9 the writer");
+            }
+        }
+        let status = child.wait().expect("reap");
+        assert!(!status.success(), "the writer was killed, not finished");
+        acked
+    })
+    .await
+    .expect("writer task");
+    assert!(
+        acked.len() == 50,
+        "the writer acknowledged writes to every key"
+    );
+
+    let backend = SqliteBackend::open(test_config(&db).with_prefix(writer_prefix))
+        .expect("reopen after the crash");
+    let list = backend
+        .list(&ListOptions::new("IPPool"), None)
+        .await
+        .expect("list");
+    assert!(list.parse_failures.is_empty());
+    let stored: BTreeMap<String, u64> = list
+        .items
+        .iter()
+        .map(|k| {
+            (
+                k.key.name.clone(),
+                seq_of(&k.value).expect("a writer value"),
+            )
+        })
+        .collect();
+    for (name, seq) in &acked {
+        let found = stored.get(name).copied();
+        assert!(
+            found.is_some_and(|f| f >= *seq),
+            "{name}: acknowledged write {seq} lost (found {found:?})"
+        );
+    }
+    let integrity = integrity_check(&db);
+    assert_eq!(
+        integrity, "ok",
+        "the database file is consistent after the crash"
+    );
+}
+
+fn integrity_check(db: &std::path::Path) -> String {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity check")
+}
