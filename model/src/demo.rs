@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -27,13 +28,15 @@ pub fn register(registry: &mut Registry) {
 /// let pool = IPPool { cidr: "10.1.0.0/16".into(), block_size: 26, nat_outgoing: true, disabled: false };
 /// assert!(pool.validate().is_ok());
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IPPool {
     /// The pool's network, e.g. `10.1.0.0/16`.
+    #[schemars(regex(pattern = CIDR_PATTERN))]
     pub cidr: String,
     /// The prefix length of the blocks handed to nodes (26 for IPv4, 122 for IPv6 by default).
     #[serde(default = "default_block_size")]
+    #[schemars(range(min = 0, max = 128))]
     pub block_size: u8,
     /// Whether traffic leaving the pool is masqueraded.
     #[serde(default)]
@@ -43,11 +46,19 @@ pub struct IPPool {
     pub disabled: bool,
 }
 
+/// What a CIDR looks like, for the CRD schemas (the exact check is in `validate`).
+pub const CIDR_PATTERN: &str =
+    r"^(([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*/[0-9]{1,3})$";
+
 fn default_block_size() -> u8 {
     26
 }
 
 impl Resource for IPPool {
+    fn schema() -> serde_json::Value {
+        crate::crd::schema_of::<Self>()
+    }
+
     const KIND: &'static str = "IPPool";
     const PLURAL: &'static str = "ippools";
     const NAMESPACED: bool = false;
@@ -70,7 +81,7 @@ impl Resource for IPPool {
 }
 
 /// What a rule does with matching traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Action {
     /// Let it through.
     Allow,
@@ -83,7 +94,7 @@ pub enum Action {
 }
 
 /// A transport protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Protocol {
     /// TCP.
     #[serde(rename = "TCP")]
@@ -100,7 +111,7 @@ pub enum Protocol {
 }
 
 /// One rule of a policy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     /// What to do with matching traffic.
@@ -110,14 +121,16 @@ pub struct Rule {
     pub protocol: Option<Protocol>,
     /// Only these ports (1-65535); all when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 1, max = 65535)))]
     pub ports: Vec<u16>,
     /// Only these networks (CIDRs); all when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = CIDR_PATTERN)))]
     pub nets: Vec<String>,
 }
 
 /// A set of rules applied to the workloads that a selector picks (namespaced).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkPolicy {
     /// Policies with a lower order apply first.
@@ -135,6 +148,10 @@ pub struct NetworkPolicy {
 }
 
 impl Resource for NetworkPolicy {
+    fn schema() -> serde_json::Value {
+        crate::crd::schema_of::<Self>()
+    }
+
     const KIND: &'static str = "NetworkPolicy";
     const PLURAL: &'static str = "networkpolicies";
     const NAMESPACED: bool = true;
@@ -184,7 +201,7 @@ impl Resource for NetworkPolicy {
 }
 
 /// A host in the cluster (cluster-scoped).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Node {
     /// The node's addresses.
@@ -199,6 +216,10 @@ pub struct Node {
 }
 
 impl Resource for Node {
+    fn schema() -> serde_json::Value {
+        crate::crd::schema_of::<Self>()
+    }
+
     const KIND: &'static str = "Node";
     const PLURAL: &'static str = "nodes";
     const NAMESPACED: bool = false;

@@ -20,6 +20,7 @@
 //! assert!(kvp.value.validate().is_ok());
 //! ```
 
+pub mod crd;
 pub mod demo;
 mod error;
 mod key;

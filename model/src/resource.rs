@@ -55,6 +55,13 @@ pub trait Resource:
     /// Short names that the CLI accepts, e.g. `["pool"]`.
     const SHORT_NAMES: &'static [&'static str] = &[];
 
+    /// The OpenAPI v3 schema of the value, for the kind's CRD. By default any object; derive
+    /// [`schemars::JsonSchema`] and return [`crate::crd::schema_of::<Self>()`] to have the API
+    /// server check the fields.
+    fn schema() -> serde_json::Value {
+        crate::crd::any_object()
+    }
+
     /// Checks the value's fields beyond what its type enforces.
     ///
     /// # Errors
@@ -80,6 +87,7 @@ pub struct KindInfo {
     /// Short names for the CLI.
     pub short_names: Vec<String>,
     validator: Option<fn(&serde_json::Value) -> Result<()>>,
+    schema: fn() -> serde_json::Value,
 }
 
 impl fmt::Debug for KindInfo {
@@ -110,6 +118,7 @@ impl KindInfo {
             namespaced: R::NAMESPACED,
             short_names: R::SHORT_NAMES.iter().map(|s| (*s).to_owned()).collect(),
             validator: Some(validate_as::<R>),
+            schema: R::schema,
         }
     }
 
@@ -123,6 +132,7 @@ impl KindInfo {
             namespaced,
             short_names: Vec::new(),
             validator: None,
+            schema: crate::crd::any_object,
         }
     }
 
@@ -134,6 +144,11 @@ impl KindInfo {
     /// The lower-case kind, e.g. `ippool`.
     pub fn singular(&self) -> String {
         self.kind.to_ascii_lowercase()
+    }
+
+    /// The OpenAPI v3 schema of the kind's values.
+    pub fn schema(&self) -> serde_json::Value {
+        (self.schema)()
     }
 
     /// Checks a JSON value against the kind's type and rules.

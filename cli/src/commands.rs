@@ -1,0 +1,500 @@
+//! The subcommands.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::StreamExt;
+use kvsync_backend::{Client, Error};
+use kvsync_model::{KVPair, KindInfo, ListOptions, Registry, ResourceKey, Revision};
+use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent, UpdateType};
+use serde_json::{Value, json};
+
+use crate::manifest::{self, Doc};
+use crate::output;
+use crate::{Cli, Command, Output, WatchOutput};
+
+/// Runs the command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    if let Command::Crds { out_dir } = &cli.command {
+        return crds(&Registry::with_demo_kinds(), out_dir.as_deref());
+    }
+    let client = cli.datastore.connect().await?;
+    match cli.command {
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => get(&client, &kind, name, namespace, all_namespaces, output).await,
+        Command::Apply(files) => write(&client, &files.files, false).await,
+        Command::Create(files) => write(&client, &files.files, true).await,
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+            files,
+        } => delete(&client, kind, name, namespace, &files).await,
+        Command::Watch {
+            kinds,
+            namespace,
+            output,
+            once,
+        } => watch(client, &kinds, namespace, output, once).await,
+        Command::Compact { revision } => compact(&client, revision).await,
+        Command::Demo => demo(client, &cli.datastore.describe()).await,
+        Command::Crds { .. } => unreachable!("handled above"),
+    }
+}
+
+/// The kind a user named (`ippools`, `ippool`, `pool`, `IPPool`).
+fn resolve<'a>(registry: &'a Registry, name: &str) -> Result<&'a KindInfo> {
+    registry.resolve(name).ok_or_else(|| {
+        let known: Vec<&str> = registry.kinds().iter().map(|k| k.plural.as_str()).collect();
+        anyhow!(
+            "the server doesn't have a resource type {name:?} (known: {})",
+            known.join(", ")
+        )
+    })
+}
+
+fn key_for(info: &KindInfo, name: &str, namespace: Option<String>) -> Result<ResourceKey> {
+    match (info.namespaced, namespace) {
+        (true, ns) => Ok(ResourceKey::namespaced(
+            &info.kind,
+            ns.unwrap_or_else(|| "default".into()),
+            name,
+        )),
+        (false, None) => Ok(ResourceKey::cluster(&info.kind, name)),
+        (false, Some(_)) => bail!(
+            "kind {} is cluster-scoped: it takes no namespace",
+            info.kind
+        ),
+    }
+}
+
+/// `ippool/pool-a`, as kubectl names resources in its messages.
+fn display(kvp_key: &ResourceKey) -> String {
+    match &kvp_key.namespace {
+        Some(ns) => format!(
+            "{}/{} -n {ns}",
+            kvp_key.kind.to_ascii_lowercase(),
+            kvp_key.name
+        ),
+        None => format!("{}/{}", kvp_key.kind.to_ascii_lowercase(), kvp_key.name),
+    }
+}
+
+async fn get(
+    client: &Arc<dyn Client>,
+    kind: &str,
+    name: Option<String>,
+    namespace: Option<String>,
+    all_namespaces: bool,
+    out: Output,
+) -> Result<()> {
+    let info = resolve(client.codec().registry(), kind)?.clone();
+    if !info.namespaced && namespace.is_some() {
+        bail!(
+            "kind {} is cluster-scoped: it takes no namespace",
+            info.kind
+        );
+    }
+    let items = match &name {
+        Some(name) => {
+            let key = key_for(&info, name, namespace)?;
+            match client.get(&key, None).await {
+                Ok(kvp) => vec![kvp],
+                Err(Error::NotFound { .. }) => bail!("{} {name:?} not found", info.plural),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        None => {
+            let mut opts = ListOptions::new(&info.kind);
+            if info.namespaced && !all_namespaces {
+                opts.namespace = Some(namespace.unwrap_or_else(|| "default".into()));
+            }
+            client.list(&opts, None).await?.items
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    match out {
+        Output::Table | Output::Wide => {
+            if items.is_empty() {
+                eprintln!("No resources found.");
+            } else {
+                write!(
+                    stdout,
+                    "{}",
+                    output::table(&info, &items, out == Output::Wide)
+                )?;
+            }
+        }
+        Output::Yaml | Output::Json => {
+            let value = if name.is_some() {
+                output::manifest(&info, &items[0])
+            } else {
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "List",
+                    "items": items.iter().map(|k| output::manifest(&info, k)).collect::<Vec<_>>(),
+                })
+            };
+            if out == Output::Yaml {
+                write!(stdout, "{}", output::yaml(&value)?)?;
+            } else {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&value)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn progress(total: usize) -> Option<indicatif::ProgressBar> {
+    (total > 20 && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    })
+}
+
+async fn write(client: &Arc<dyn Client>, files: &[String], create_only: bool) -> Result<()> {
+    let docs: Vec<Doc> = manifest::load(client.codec(), files)?;
+    let bar = progress(docs.len());
+    let mut failures = Vec::new();
+    let mut stdout = std::io::stdout().lock();
+    for doc in docs {
+        let what = display(&doc.kvp.key);
+        let result = if create_only {
+            client.create(doc.kvp).await.map(|_| "created")
+        } else {
+            client.apply(doc.kvp).await.map(|k| {
+                if k.create_revision == k.revision {
+                    "created"
+                } else {
+                    "configured"
+                }
+            })
+        };
+        match result {
+            Ok(verb) => {
+                let line = format!("{what} {verb}");
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => writeln!(stdout, "{line}")?,
+                }
+            }
+            Err(e) if e.is_retryable() => {
+                return Err(anyhow!(e)).with_context(|| format!("{}: {what}", doc.origin));
+            }
+            Err(e) => failures.push(format!("{}: {what}: {e}", doc.origin)),
+        }
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 => bail!("{}", failures[0]),
+        n => bail!("{} (and {} more failures)", failures[0], n - 1),
+    }
+}
+
+async fn delete(
+    client: &Arc<dyn Client>,
+    kind: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    files: &[String],
+) -> Result<()> {
+    let keys: Vec<ResourceKey> = if files.is_empty() {
+        let (Some(kind), Some(name)) = (kind, name) else {
+            bail!("give KIND NAME or -f FILE");
+        };
+        let info = resolve(client.codec().registry(), &kind)?;
+        vec![key_for(info, &name, namespace)?]
+    } else {
+        manifest::load(client.codec(), files)?
+            .into_iter()
+            .map(|d| d.kvp.key)
+            .collect()
+    };
+    let mut stdout = std::io::stdout().lock();
+    for key in keys {
+        match client.delete(&key, None).await {
+            Ok(_) => writeln!(stdout, "{} deleted", display(&key))?,
+            Err(Error::NotFound { .. }) => bail!("{} not found", display(&key)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn update_json(u: &kvsync_syncer::Update, registry: &Registry) -> Value {
+    let object = registry
+        .kind(&u.kvp.key.kind)
+        .map(|info| output::manifest(info, &u.kvp))
+        .unwrap_or_else(|_| json!({"key": u.kvp.key.to_string(), "spec": u.kvp.value}));
+    json!({
+        "type": u.update_type.to_string(),
+        "key": u.kvp.key.to_string(),
+        "revision": u.kvp.revision.as_ref().map(ToString::to_string),
+        "object": object,
+    })
+}
+
+async fn watch(
+    client: Arc<dyn Client>,
+    kinds: &[String],
+    namespace: Option<String>,
+    out: WatchOutput,
+    once: bool,
+) -> Result<()> {
+    let registry = client.codec().registry().clone();
+    let mut syncer = Syncer::new(client.clone());
+    for k in kinds {
+        let info = resolve(&registry, k)?;
+        let mut opts = ListOptions::new(&info.kind);
+        if info.namespaced {
+            opts.namespace = namespace.clone();
+        }
+        syncer = syncer.with_resource(ResourceType::new(opts));
+    }
+    let mut events = syncer.stream();
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        let ev = tokio::select! {
+            ev = events.next() => ev,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(ev) = ev else { break };
+        match (&ev, out) {
+            (SyncerEvent::Status(s), WatchOutput::Text) => writeln!(stdout, "status {s}")?,
+            (SyncerEvent::Status(s), WatchOutput::Json) => {
+                writeln!(
+                    stdout,
+                    "{}",
+                    json!({"type": "Status", "status": s.to_string()})
+                )?;
+            }
+            (SyncerEvent::Updates(batch), WatchOutput::Text) => {
+                for u in batch {
+                    let rev = u
+                        .kvp
+                        .revision
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    let value = if u.update_type == UpdateType::Deleted {
+                        String::new()
+                    } else {
+                        format!(" {}", u.kvp.value)
+                    };
+                    writeln!(
+                        stdout,
+                        "{:<8} {} @{rev}{value}",
+                        u.update_type.to_string(),
+                        u.kvp.key
+                    )?;
+                }
+            }
+            (SyncerEvent::Updates(batch), WatchOutput::Json) => {
+                for u in batch {
+                    writeln!(stdout, "{}", update_json(u, &registry))?;
+                }
+            }
+            (SyncerEvent::ParseFailed(f), _) => {
+                eprintln!("warning: cannot decode {}: {}", f.raw_key, f.reason);
+            }
+            (SyncerEvent::Error(e), _) => eprintln!("warning: {e} (retrying)"),
+        }
+        stdout.flush()?;
+        if once && matches!(ev, SyncerEvent::Status(SyncStatus::InSync)) {
+            break;
+        }
+    }
+    events.stop().await;
+    Ok(())
+}
+
+async fn compact(client: &Arc<dyn Client>, revision: Option<String>) -> Result<()> {
+    let at = match revision {
+        Some(r) => Revision::from(r),
+        None => client.current_revision().await?,
+    };
+    client.compact(&at).await?;
+    println!("compacted at revision {at}");
+    Ok(())
+}
+
+fn crds(registry: &Registry, out_dir: Option<&std::path::Path>) -> Result<()> {
+    let mut all = String::new();
+    for info in registry.kinds() {
+        let text = output::yaml(&kvsync_model::crd::crd(info))?;
+        match out_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let path = dir.join(format!("{}.{}.yaml", info.plural, info.group));
+                std::fs::write(&path, &text)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+            None => {
+                all.push_str("---\n");
+                all.push_str(&text);
+            }
+        }
+    }
+    print!("{all}");
+    Ok(())
+}
+
+/// The demo resources: (key, spec).
+fn demo_resources() -> Vec<KVPair> {
+    let pool = |name: &str, cidr: &str| {
+        KVPair::new(
+            ResourceKey::cluster("IPPool", name),
+            json!({"cidr": cidr, "blockSize": 26, "natOutgoing": true}),
+        )
+    };
+    let policy = |ns: &str, name: &str, order: f64, port: u16| {
+        KVPair::new(
+            ResourceKey::namespaced("NetworkPolicy", ns, name),
+            json!({
+                "order": order,
+                "selector": format!("app == '{name}'"),
+                "ingress": [{"action": "Allow", "protocol": "TCP", "ports": [port]}],
+                "egress": [{"action": "Allow", "nets": ["10.0.0.0/8"]}],
+            }),
+        )
+    };
+    let node = |name: &str, ip: &str, asn: u32| {
+        KVPair::new(
+            ResourceKey::cluster("Node", name),
+            json!({"addresses": [ip], "labels": {"zone": "a"}, "asn": asn}),
+        )
+    };
+    vec![
+        pool("demo-pool-a", "10.10.0.0/16"),
+        pool("demo-pool-b", "10.20.0.0/16"),
+        policy("demo-prod", "web", 100.0, 443),
+        policy("demo-prod", "db", 200.0, 5432),
+        policy("demo-dev", "web", 100.0, 8080),
+        node("demo-node-1", "192.168.0.11", 64512),
+        node("demo-node-2", "192.168.0.12", 64512),
+    ]
+}
+
+async fn demo(client: Arc<dyn Client>, datastore: &str) -> Result<()> {
+    println!("kvsync demo on {datastore}");
+    let kinds = ["IPPool", "NetworkPolicy", "Node"];
+    let mut syncer = Syncer::new(client.clone());
+    for k in kinds {
+        syncer = syncer.with_resource(ResourceType::new(ListOptions::new(k)));
+    }
+    let mut events = syncer.stream();
+    let mut cache = Cache::new();
+    // The initial sync.
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .context("the Syncer did not reach InSync within 30 s")?
+            .ok_or_else(|| anyhow!("the Syncer stopped"))?;
+        let in_sync = matches!(ev, SyncerEvent::Status(SyncStatus::InSync));
+        apply_event(&mut cache, ev);
+        if in_sync {
+            break;
+        }
+    }
+    // Writes, while the Syncer follows them.
+    let mut script: Vec<(String, KVPair)> = demo_resources()
+        .into_iter()
+        .map(|k| (format!("apply  {}", k.key), k))
+        .collect();
+    let disabled = KVPair::new(
+        ResourceKey::cluster("IPPool", "demo-pool-b"),
+        json!({"cidr": "10.20.0.0/16", "blockSize": 26, "natOutgoing": true, "disabled": true}),
+    );
+    script.push(("update IPPool(demo-pool-b): disabled".into(), disabled));
+    for (what, kvp) in script {
+        client.apply(kvp).await.with_context(|| what.clone())?;
+        println!("[writer] {what}");
+        drain(&mut events, &mut cache).await;
+    }
+    let gone = ResourceKey::cluster("Node", "demo-node-2");
+    if client.delete(&gone, None).await.is_ok() {
+        println!("[writer] delete {gone}");
+    }
+    // Wait until the cache holds exactly the datastore's state.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        drain(&mut events, &mut cache).await;
+        let mut truth = BTreeMap::new();
+        for k in kinds {
+            for kvp in client.list(&ListOptions::new(k), None).await?.items {
+                truth.insert(kvp.key, (kvp.value, kvp.revision));
+            }
+        }
+        if truth == cache {
+            println!(
+                "the Syncer's cache matches the datastore: {} resources",
+                cache.len()
+            );
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the Syncer's cache did not converge within 30 s");
+        }
+    }
+    events.stop().await;
+    let registry = client.codec().registry().clone();
+    for k in kinds {
+        let info = registry.kind(k)?;
+        let items = client.list(&ListOptions::new(k), None).await?.items;
+        println!("\n{}:", info.plural);
+        print!("{}", output::table(info, &items, false));
+    }
+    println!("\nnext: kvsync get ippools -o yaml; kvsync watch ippools networkpolicies");
+    Ok(())
+}
+
+type Cache = BTreeMap<ResourceKey, (Value, Option<Revision>)>;
+
+/// Prints a Syncer event and applies it to the demo's cache.
+fn apply_event(cache: &mut Cache, ev: SyncerEvent) {
+    match ev {
+        SyncerEvent::Status(s) => println!("  [syncer] status {s}"),
+        SyncerEvent::Updates(batch) => {
+            for u in batch {
+                println!("  [syncer] {:<8} {}", u.update_type.to_string(), u.kvp.key);
+                match u.update_type {
+                    UpdateType::Deleted => {
+                        cache.remove(&u.kvp.key);
+                    }
+                    _ => {
+                        cache.insert(u.kvp.key, (u.kvp.value, u.kvp.revision));
+                    }
+                }
+            }
+        }
+        SyncerEvent::ParseFailed(f) => println!("  [syncer] cannot decode {}", f.raw_key),
+        SyncerEvent::Error(e) => println!("  [syncer] retrying after: {e}"),
+    }
+}
+
+/// Applies whatever the Syncer has delivered within a short while.
+async fn drain(events: &mut kvsync_syncer::SyncerStream, cache: &mut Cache) {
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(150), events.next()).await {
+        apply_event(cache, ev);
+    }
+}

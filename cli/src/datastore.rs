@@ -1,0 +1,162 @@
+//! Choosing and connecting to the datastore, as calicoctl does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use kvsync_backend::etcd::{EtcdBackend, EtcdConfig, EtcdTls};
+use kvsync_backend::sqlite::{SqliteBackend, SqliteConfig};
+use kvsync_backend::{Client, MemoryBackend};
+
+/// The kinds of datastore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatastoreType {
+    /// A SQLite file (the default).
+    Sqlite,
+    /// An etcd v3 cluster.
+    Etcd,
+    /// A Kubernetes API server (CRDs).
+    Kubernetes,
+    /// In memory, for this process only.
+    Memory,
+}
+
+/// Where the data is.
+#[derive(Debug, Args)]
+pub struct DatastoreArgs {
+    /// The datastore type.
+    #[arg(long = "datastore", env = "KVSYNC_DATASTORE_TYPE", value_enum, global = true, default_value_t = DatastoreType::Sqlite)]
+    pub datastore_type: DatastoreType,
+
+    /// The SQLite database file (default: kvsync.db in the platform's data directory).
+    #[arg(long, env = "KVSYNC_DB", global = true)]
+    pub db: Option<PathBuf>,
+
+    /// etcd client URLs, comma-separated.
+    #[arg(
+        long,
+        env = "ETCD_ENDPOINTS",
+        global = true,
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// The CA certificate that signed etcd's certificates.
+    #[arg(long, env = "ETCD_CA_CERT_FILE", global = true)]
+    pub etcd_ca_cert: Option<PathBuf>,
+
+    /// The client certificate for etcd.
+    #[arg(long, env = "ETCD_CERT_FILE", global = true)]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The client certificate's key.
+    #[arg(long, env = "ETCD_KEY_FILE", global = true)]
+    pub etcd_key: Option<PathBuf>,
+
+    /// The etcd user name.
+    #[arg(long, env = "ETCD_USERNAME", global = true)]
+    pub etcd_username: Option<String>,
+
+    /// The etcd password.
+    #[arg(long, env = "ETCD_PASSWORD", global = true, hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// A kubeconfig file (kubernetes datastore).
+    #[arg(long, env = "KUBECONFIG", global = true)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The key prefix.
+    #[arg(long, env = "KVSYNC_PREFIX", global = true, default_value = kvsync_model::DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// How long one request may take, in seconds.
+    #[arg(long, env = "KVSYNC_TIMEOUT", global = true, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+/// The default database file.
+fn default_db() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kvsync")
+        .join("kvsync.db")
+}
+
+impl DatastoreArgs {
+    /// Connects to the chosen datastore.
+    pub async fn connect(&self) -> Result<Arc<dyn Client>> {
+        let timeout = Duration::from_secs(self.timeout.max(1));
+        Ok(match self.datastore_type {
+            DatastoreType::Memory => Arc::new(
+                MemoryBackend::builder()
+                    .prefix(self.prefix.clone())
+                    .build()
+                    .context("memory datastore")?,
+            ),
+            DatastoreType::Sqlite => {
+                let path = self.db.clone().unwrap_or_else(default_db);
+                let backend =
+                    SqliteBackend::open(SqliteConfig::new(&path).with_prefix(self.prefix.clone()))
+                        .with_context(|| {
+                            format!("cannot open the SQLite datastore {}", path.display())
+                        })?;
+                Arc::new(backend)
+            }
+            DatastoreType::Etcd => {
+                let mut config = EtcdConfig::new(self.etcd_endpoints.clone())
+                    .with_prefix(self.prefix.clone())
+                    .with_request_timeout(timeout)
+                    .with_connect_timeout(timeout.min(Duration::from_secs(5)));
+                if self.etcd_ca_cert.is_some()
+                    || self.etcd_cert.is_some()
+                    || self.etcd_key.is_some()
+                {
+                    config = config.with_tls(EtcdTls::from_files(
+                        self.etcd_ca_cert.as_deref(),
+                        self.etcd_cert.as_deref(),
+                        self.etcd_key.as_deref(),
+                    )?);
+                }
+                match (&self.etcd_username, &self.etcd_password) {
+                    (Some(u), Some(p)) => config = config.with_user(u.clone(), p.clone()),
+                    (None, None) => {}
+                    _ => bail!("--etcd-username and --etcd-password go together"),
+                }
+                let endpoints = self.etcd_endpoints.join(",");
+                let backend = tokio::time::timeout(timeout, EtcdBackend::connect(config))
+                    .await
+                    .with_context(|| {
+                        format!("etcd at {endpoints} did not answer within {timeout:?}")
+                    })?
+                    .with_context(|| format!("cannot connect to etcd at {endpoints}"))?;
+                Arc::new(backend)
+            }
+            DatastoreType::Kubernetes => {
+                let from = self.kubeconfig.as_ref().map_or_else(
+                    || "the in-cluster service account".to_owned(),
+                    |p| p.display().to_string(),
+                );
+                bail!(
+                    "the kubernetes datastore ({from}) is not available in this version of kvsync; \
+                     use --datastore sqlite or etcd"
+                )
+            }
+        })
+    }
+
+    /// A short description of the datastore, for messages.
+    pub fn describe(&self) -> String {
+        match self.datastore_type {
+            DatastoreType::Memory => "memory".to_owned(),
+            DatastoreType::Sqlite => format!(
+                "sqlite {}",
+                self.db.clone().unwrap_or_else(default_db).display()
+            ),
+            DatastoreType::Etcd => format!("etcd {}", self.etcd_endpoints.join(",")),
+            DatastoreType::Kubernetes => "kubernetes".to_owned(),
+        }
+    }
+}

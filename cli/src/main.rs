@@ -1,0 +1,158 @@
+//! `kvsync`: a kubectl/calicoctl-style tool for kvsync datastores.
+//!
+//! Exit codes: 0 on success, 1 when an operation fails (not found, conflict, invalid input,
+//! unreachable datastore), 2 for usage errors. Errors are one line on stderr.
+
+mod commands;
+mod datastore;
+mod manifest;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::datastore::DatastoreArgs;
+
+/// kvsync: get, apply, delete and watch resources in a kvsync datastore.
+#[derive(Debug, Parser)]
+#[command(name = "kvsync", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    datastore: DatastoreArgs,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output formats of `get`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// A table of the main fields.
+    Table,
+    /// A table with revision and uid too.
+    Wide,
+    /// YAML manifests.
+    Yaml,
+    /// JSON manifests.
+    Json,
+}
+
+/// Output formats of `watch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum WatchOutput {
+    /// One readable line per status change or update.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct FileArgs {
+    /// A manifest file, a directory of them, or `-` for standard input.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show resources of a kind.
+    Get {
+        /// The kind (e.g. ippools, ippool, pool, IPPool).
+        kind: String,
+        /// Only this resource.
+        name: Option<String>,
+        /// The namespace (namespaced kinds).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// All namespaces.
+        #[arg(short = 'A', long, conflicts_with = "namespace")]
+        all_namespaces: bool,
+        /// The output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Create or update the resources of manifests.
+    Apply(FileArgs),
+    /// Create the resources of manifests; fails if one exists.
+    Create(FileArgs),
+    /// Delete a resource, or the resources of manifests.
+    Delete {
+        /// The kind.
+        kind: Option<String>,
+        /// The name.
+        name: Option<String>,
+        /// The namespace (namespaced kinds).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Manifests naming the resources to delete.
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
+        files: Vec<String>,
+    },
+    /// Follow kinds with a Syncer: print status changes and updates as they arrive.
+    Watch {
+        /// The kinds to follow.
+        #[arg(required = true)]
+        kinds: Vec<String>,
+        /// Only this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// The output format.
+        #[arg(short, long, value_enum, default_value_t = WatchOutput::Text)]
+        output: WatchOutput,
+        /// Exit after the first InSync.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Compact the datastore's history (at its current revision unless given).
+    Compact {
+        /// The revision to compact at.
+        #[arg(long)]
+        revision: Option<String>,
+    },
+    /// Print the CustomResourceDefinitions of the kinds, as YAML.
+    Crds {
+        /// Write one file per kind into this directory instead.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+    },
+    /// Write demo resources and show a Syncer following them.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if std::env::var_os("KVSYNC_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("KVSYNC_LOG"))
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            let mut line = format!("error: {e}");
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !line.contains(&cause) {
+                    line.push_str(": ");
+                    line.push_str(&cause);
+                }
+            }
+            eprintln!("{}", line.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

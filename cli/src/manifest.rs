@@ -1,0 +1,227 @@
+//! Reading manifests: YAML or JSON, one or many documents, in the Kubernetes shape.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use kvsync_model::{KVPair, PathCodec, ResourceKey};
+use serde_json::Value;
+
+/// One document of a manifest, validated and turned into a KVPair.
+#[derive(Debug)]
+pub struct Doc {
+    /// Where it came from, e.g. `pools.yaml: document 2`.
+    pub origin: String,
+    /// The resource.
+    pub kvp: KVPair,
+}
+
+/// The files that `-f` arguments name: files as given, directories' `.yaml`, `.yml` and
+/// `.json` files in name order, `-` for standard input.
+fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for arg in args {
+        let p = PathBuf::from(arg);
+        if arg == "-" {
+            out.push(p);
+        } else if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&p)
+                .with_context(|| format!("cannot read directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.is_file()
+                        && matches!(
+                            f.extension().and_then(|e| e.to_str()),
+                            Some("yaml" | "yml" | "json")
+                        )
+                })
+                .collect();
+            entries.sort();
+            out.extend(entries);
+        } else if p.is_file() {
+            out.push(p);
+        } else {
+            bail!("{arg}: no such file or directory");
+        }
+    }
+    Ok(out)
+}
+
+fn read(path: &Path) -> Result<String> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read standard input")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Splits a file's text into documents (YAML streams, a JSON object, a JSON array, or a
+/// `kind: List`).
+fn documents(name: &str, text: &str) -> Result<Vec<Value>> {
+    let trimmed = text.trim_start();
+    let mut docs = Vec::new();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| anyhow!("{name}: invalid JSON: {e}"))?;
+        match v {
+            Value::Array(items) => docs.extend(items),
+            other => docs.push(other),
+        }
+    } else {
+        for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let v = serde::Deserialize::deserialize(de)
+                .map_err(|e| anyhow!("{name}: document {}: invalid YAML: {e}", i + 1))?;
+            docs.push(v);
+        }
+    }
+    // A `kind: List` holds its documents in `items`.
+    let mut out = Vec::new();
+    for d in docs {
+        match d {
+            Value::Null => {}
+            Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+                if let Some(Value::Array(items)) = m.get("items") {
+                    out.extend(items.iter().cloned());
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    Ok(out)
+}
+
+/// Turns one document into a KVPair, checking every field.
+fn to_kvp(codec: &PathCodec, doc: &Value) -> Result<KVPair, String> {
+    let obj = doc.as_object().ok_or("a document must be a mapping")?;
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("missing field kind")?;
+    let info = codec.registry().kind(kind).map_err(|e| e.to_string())?;
+    let api_version = obj
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .ok_or("missing field apiVersion")?;
+    if api_version != info.api_version() {
+        return Err(format!(
+            "invalid apiVersion: {api_version:?} (kind {kind} is {})",
+            info.api_version()
+        ));
+    }
+    let meta = obj
+        .get("metadata")
+        .and_then(Value::as_object)
+        .ok_or("missing field metadata")?;
+    let name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("missing field metadata.name")?;
+    let namespace = meta.get("namespace").and_then(Value::as_str);
+    let key = match (info.namespaced, namespace) {
+        (true, ns) => ResourceKey::namespaced(kind, ns.unwrap_or("default"), name),
+        (false, None) => ResourceKey::cluster(kind, name),
+        (false, Some(_)) => {
+            return Err(format!(
+                "invalid metadata.namespace: kind {kind} is cluster-scoped and takes no namespace"
+            ));
+        }
+    };
+    codec.validate(&key).map_err(|e| {
+        // Name the manifest's own field.
+        e.to_string()
+            .replacen("invalid name", "invalid metadata.name", 1)
+            .replacen("invalid namespace", "invalid metadata.namespace", 1)
+    })?;
+    let spec = obj.get("spec").cloned().ok_or("missing field spec")?;
+    info.validate(&spec).map_err(|e| e.to_string())?;
+    Ok(KVPair::new(key, spec))
+}
+
+/// Reads and validates every document of every file before anything is written.
+pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for path in expand(args)? {
+        let name = if path.as_os_str() == "-" {
+            "<stdin>".to_owned()
+        } else {
+            path.display().to_string()
+        };
+        let text = read(&path)?;
+        for (i, doc) in documents(&name, &text)?.iter().enumerate() {
+            let label = describe(doc);
+            match to_kvp(codec, doc) {
+                Ok(kvp) => out.push(Doc {
+                    origin: format!("{name}: document {}", i + 1),
+                    kvp,
+                }),
+                Err(e) => errors.push(format!("{name}: document {}{label}: {e}", i + 1)),
+            }
+        }
+    }
+    if !errors.is_empty() {
+        let more = if errors.len() > 1 {
+            format!(" (and {} more invalid documents)", errors.len() - 1)
+        } else {
+            String::new()
+        };
+        bail!("{}{more}; nothing was written", errors[0]);
+    }
+    if out.is_empty() {
+        bail!("no resources found in {}", args.join(", "));
+    }
+    Ok(out)
+}
+
+fn describe(doc: &Value) -> String {
+    let kind = doc.get("kind").and_then(Value::as_str);
+    let name = doc.pointer("/metadata/name").and_then(Value::as_str);
+    match (kind, name) {
+        (Some(k), Some(n)) => format!(" ({k} {n})"),
+        (Some(k), None) => format!(" ({k})"),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> PathCodec {
+        PathCodec::default()
+    }
+
+    #[test]
+    fn yaml_streams_json_arrays_and_lists_all_parse() {
+        let yaml = "apiVersion: kvsync.dev/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.0.0.0/16}\n---\n\
+                    apiVersion: kvsync.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {selector: all()}\n";
+        let docs = documents("x.yaml", yaml).unwrap();
+        assert_eq!(docs.len(), 2);
+        let kvp = to_kvp(&codec(), &docs[1]).unwrap();
+        assert_eq!(
+            kvp.key,
+            ResourceKey::namespaced("NetworkPolicy", "default", "p")
+        );
+        let json = r#"{"kind": "List", "items": [{"apiVersion": "kvsync.dev/v1", "kind": "Node", "metadata": {"name": "n"}, "spec": {}}]}"#;
+        assert_eq!(documents("x.json", json).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = serde_json::json!({"apiVersion": "kvsync.dev/v1", "kind": "IPPool", "metadata": {"name": "Bad_Name"}, "spec": {"cidr": "10.0.0.0/8"}});
+        assert!(
+            to_kvp(&codec(), &bad)
+                .unwrap_err()
+                .contains("metadata.name")
+        );
+        let bad = serde_json::json!({"apiVersion": "kvsync.dev/v1", "kind": "IPPool", "metadata": {"name": "a"}, "spec": {"cidr": "10.0.0.1/8"}});
+        assert!(to_kvp(&codec(), &bad).unwrap_err().contains("spec.cidr"));
+        let bad = serde_json::json!({"apiVersion": "v1", "kind": "IPPool", "metadata": {"name": "a"}, "spec": {}});
+        assert!(to_kvp(&codec(), &bad).unwrap_err().contains("apiVersion"));
+        let bad = serde_json::json!({"apiVersion": "kvsync.dev/v1", "kind": "Gizmo", "metadata": {"name": "a"}, "spec": {}});
+        assert!(to_kvp(&codec(), &bad).unwrap_err().contains("unknown kind"));
+    }
+}

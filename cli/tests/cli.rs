@@ -1,0 +1,482 @@
+//! The `kvsync` binary, driven as a user would: every subcommand, good and bad input.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command as StdCommand, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Env {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("kvsync.db")
+    }
+
+    fn kvsync(&self) -> Command {
+        let mut cmd = Command::cargo_bin("kvsync").expect("the kvsync binary");
+        cmd.env_remove("KVSYNC_DATASTORE_TYPE")
+            .env_remove("ETCD_ENDPOINTS")
+            .env("KVSYNC_DB", self.db())
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, text).expect("write manifest");
+        p
+    }
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+const POOLS: &str = "apiVersion: kvsync.dev/v1
+kind: IPPool
+metadata:
+  name: pool-a
+spec:
+  cidr: 10.1.0.0/16
+  natOutgoing: true
+---
+apiVersion: kvsync.dev/v1
+kind: IPPool
+metadata:
+  name: pool-b
+spec:
+  cidr: 10.2.0.0/16
+";
+
+const POLICY: &str = r#"{"apiVersion": "kvsync.dev/v1", "kind": "NetworkPolicy",
+ "metadata": {"name": "allow-dns", "namespace": "kube-system"},
+ "spec": {"selector": "all()", "egress": [{"action": "Allow", "protocol": "UDP", "ports": [53]}]}}"#;
+
+#[test]
+fn apply_then_get_in_every_output_format() {
+    let env = Env::new();
+    let pools = env.file("pools.yaml", POOLS);
+    let out = env
+        .kvsync()
+        .args(["apply", "-f"])
+        .arg(&pools)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "ippool/pool-a created\nippool/pool-b created\n"
+    );
+    let out = env
+        .kvsync()
+        .args(["apply", "-f"])
+        .arg(&pools)
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&out),
+        "ippool/pool-a configured\nippool/pool-b configured\n"
+    );
+
+    let out = env.kvsync().args(["get", "ippools"]).output().unwrap();
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(
+        text.contains("pool-a") && text.contains("10.1.0.0/16"),
+        "{text}"
+    );
+
+    let out = env
+        .kvsync()
+        .args(["get", "pool", "pool-a", "-o", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["kind"], "IPPool");
+    assert_eq!(v["apiVersion"], "kvsync.dev/v1");
+    assert_eq!(v["spec"]["cidr"], "10.1.0.0/16");
+    assert!(v["metadata"]["uid"].is_string() && v["metadata"]["resourceVersion"].is_string());
+
+    let out = env
+        .kvsync()
+        .args(["get", "ippool", "-o", "yaml"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_yaml_ng::from_str(&stdout(&out)).expect("yaml");
+    assert_eq!(v["kind"], "List");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
+
+    let out = env
+        .kvsync()
+        .args(["get", "IPPool", "-o", "wide"])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .contains("REVISION")
+    );
+}
+
+#[test]
+fn namespaced_kinds_and_json_manifests_from_stdin() {
+    let env = Env::new();
+    let out = env
+        .kvsync()
+        .args(["apply", "-f", "-"])
+        .write_stdin(POLICY)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "networkpolicy/allow-dns -n kube-system created\n"
+    );
+    let out = env.kvsync().args(["get", "netpol"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        stderr(&out).contains("No resources found"),
+        "the default namespace is empty"
+    );
+    let out = env
+        .kvsync()
+        .args(["get", "netpol", "-n", "kube-system"])
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("allow-dns"));
+    let out = env
+        .kvsync()
+        .args(["get", "networkpolicies", "-A"])
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("kube-system"));
+    let out = env
+        .kvsync()
+        .args(["delete", "netpol", "allow-dns", "-n", "kube-system"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&out),
+        "networkpolicy/allow-dns -n kube-system deleted\n"
+    );
+}
+
+#[test]
+fn a_directory_applies_every_manifest_in_it() {
+    let env = Env::new();
+    env.file("dir/a.yaml", POOLS);
+    env.file("dir/b.json", POLICY);
+    env.file("dir/readme.txt", "not a manifest");
+    let out = env.kvsync().args(["create", "-f", "dir"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 3);
+    // create refuses what exists: exit 1 with the conflict named.
+    let out = env.kvsync().args(["create", "-f", "dir"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    let out = env.kvsync().args(["delete", "-f", "dir"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).matches("deleted").count(), 3);
+}
+
+#[test]
+fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
+    let env = Env::new();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("malformed.yaml", "apiVersion: [\n".into(), "invalid YAML"),
+        (
+            "unknown.yaml",
+            POOLS.replace(
+                "kind: IPPool\nmetadata:\n  name: pool-b",
+                "kind: Gizmo\nmetadata:\n  name: pool-b",
+            ),
+            "unknown kind \"Gizmo\"",
+        ),
+        (
+            "badname.yaml",
+            POOLS.replace("name: pool-b", "name: Pool_B"),
+            "metadata.name",
+        ),
+        (
+            "badcidr.yaml",
+            POOLS.replace("10.2.0.0/16", "10.2.0.1/16"),
+            "spec.cidr",
+        ),
+        (
+            "noversion.yaml",
+            POOLS.replace(
+                "apiVersion: kvsync.dev/v1\nkind: IPPool\nmetadata:\n  name: pool-b",
+                "apiVersion: v9\nkind: IPPool\nmetadata:\n  name: pool-b",
+            ),
+            "apiVersion",
+        ),
+        (
+            "nospec.json",
+            r#"{"apiVersion": "kvsync.dev/v1", "kind": "Node", "metadata": {"name": "n"}}"#.into(),
+            "missing field spec",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let path = env.file(name, &text);
+        let out = env
+            .kvsync()
+            .args(["apply", "-f"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains(expected),
+            "{name}: expected {expected:?} in {err:?}"
+        );
+        assert!(
+            err.contains(name),
+            "{name}: the error names the file: {err:?}"
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{name}: one line: {err:?}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // The valid first document of each file was not written either.
+    let out = env
+        .kvsync()
+        .args(["get", "ippools", "-o", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["items"], serde_json::json!([]));
+
+    let out = env.kvsync().args(["get", "gizmos"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("gizmos"));
+    let out = env
+        .kvsync()
+        .args(["get", "ippool", "missing"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not found"));
+    let out = env
+        .kvsync()
+        .args(["get", "ippool", "Bad_Name"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("invalid name"), "{}", stderr(&out));
+    let out = env
+        .kvsync()
+        .args(["delete", "ippool", "missing"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = env
+        .kvsync()
+        .args(["apply", "-f", "no-such-file.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no-such-file.yaml"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let env = Env::new();
+    for args in [
+        vec!["--bogus"],
+        vec!["get"],
+        vec!["apply"],
+        vec!["frobnicate"],
+        vec!["--datastore", "oracle", "get", "pools"],
+    ] {
+        let out = env.kvsync().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn an_unreachable_etcd_fails_clearly_within_the_timeout() {
+    let env = Env::new();
+    let port = kvsync_tests::etcd::free_port();
+    let started = Instant::now();
+    let out = env
+        .kvsync()
+        .args(["--datastore", "etcd", "--timeout", "2", "--etcd-endpoints"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args(["get", "ippools"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.starts_with("error: datastore unavailable"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn the_kubernetes_datastore_is_reported_as_unavailable_not_a_panic() {
+    let env = Env::new();
+    let out = env
+        .kvsync()
+        .args(["--datastore", "kubernetes", "get", "ippools"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("kubernetes"));
+}
+
+#[test]
+fn watch_prints_the_state_then_follows_changes() {
+    let env = Env::new();
+    let pools = env.file("pools.yaml", POOLS);
+    env.kvsync()
+        .args(["apply", "-f"])
+        .arg(&pools)
+        .assert()
+        .success();
+
+    let out = env
+        .kvsync()
+        .args(["watch", "ippools", "--once", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    assert_eq!(
+        lines.first().map(|l| l["status"].clone()),
+        Some("WaitForDatastore".into())
+    );
+    assert_eq!(
+        lines.last().map(|l| l["status"].clone()),
+        Some("InSync".into())
+    );
+    assert_eq!(lines.iter().filter(|l| l["type"] == "New").count(), 2);
+
+    // A running watch sees a change made by another process.
+    let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("kvsync"))
+        .env("KVSYNC_DB", env.db())
+        .args(["watch", "pools", "networkpolicies"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start watch");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        let done = line == "status InSync";
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    env.kvsync()
+        .args(["delete", "ippool", "pool-a"])
+        .assert()
+        .success();
+    let next = lines.next().and_then(Result::ok).unwrap_or_default();
+    child.kill().expect("stop the watch");
+    let _ = child.wait();
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("New") && l.contains("IPPool(pool-a)")),
+        "{seen:?}"
+    );
+    assert!(
+        next.starts_with("Deleted") && next.contains("IPPool(pool-a)"),
+        "{next}"
+    );
+}
+
+#[test]
+fn compact_crds_and_demo() {
+    let env = Env::new();
+    let out = env.kvsync().arg("demo").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("status InSync"), "{text}");
+    assert!(text.contains("matches the datastore"), "{text}");
+    let out = env.kvsync().args(["get", "pools"]).output().unwrap();
+    assert!(stdout(&out).contains("demo-pool-a"));
+
+    let out = env.kvsync().arg("compact").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("compacted at revision "));
+
+    let out = env.kvsync().arg("crds").output().unwrap();
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert_eq!(text.matches("kind: CustomResourceDefinition").count(), 3);
+    assert!(text.contains("name: networkpolicies.kvsync.dev"));
+    let dir = env.dir.path().join("crds");
+    let out = env
+        .kvsync()
+        .args(["crds", "--out-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(Path::new(&dir.join("ippools.kvsync.dev.yaml")).is_file());
+}
+
+#[test]
+fn the_cli_works_against_a_real_etcd() {
+    let env = Env::new();
+    let backend = kvsync_tests::etcd::EtcdTestBackend::shared();
+    let endpoint = backend.cluster().endpoints()[0].clone();
+    let prefix = kvsync_tests::unique_prefix();
+    let pools = env.file("pools.yaml", POOLS);
+    let run = |args: &[&str]| {
+        env.kvsync()
+            .args([
+                "--datastore",
+                "etcd",
+                "--etcd-endpoints",
+                endpoint.as_str(),
+                "--prefix",
+                prefix.as_str(),
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["apply", "-f", pools.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["get", "ippools", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
+    let out = run(&["watch", "ippools", "--once"]);
+    assert!(
+        stdout(&out).ends_with("status InSync\n"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&["delete", "ippool", "pool-b"]);
+    assert!(out.status.success());
+}
