@@ -1,0 +1,513 @@
+//! The Kubernetes CRD backend: each kind is a CustomResource (Calico's "KDD" mode).
+//!
+//! - A kind maps to the CRD `<plural>.<group>` (group `kvsync.dev`, version `v1` for the demo
+//!   kinds) with its scope; the resource value is the object's `spec`, name and namespace come
+//!   from the key, `revision` is the object's `resourceVersion` (opaque), `uid` is
+//!   `metadata.uid`. The CRDs come from `kvsync crds` (deploy/crds).
+//! - `create` is a POST (409 -> [`Error::AlreadyExists`]); `update` a PUT carrying the
+//!   resourceVersion (409 -> [`Error::Conflict`] with the actual revision, read back); `apply`
+//!   creates or replaces; `delete` sends a resourceVersion precondition when given and returns
+//!   the deleted value; `list` pages with `limit`/`continue` (one consistent snapshot, the
+//!   revision from the list's metadata).
+//! - `watch` is list-then-watch from a resourceVersion with bookmarks requested; `410 Gone`
+//!   (an expired resourceVersion) surfaces as [`Error::Compacted`] so the Syncer relists; a
+//!   closed stream is a retryable [`Error::Unavailable`]. kube's errors map onto the crate's
+//!   kinds: 401/403 -> [`Error::Unauthorized`], 422 -> [`Error::Invalid`], 5xx and transport
+//!   errors -> [`Error::Unavailable`].
+//! - **TTLs are not supported** by the Kubernetes API: a KVPair with a `ttl` gets
+//!   [`Error::Unsupported`] and nothing is written. Reads at an old revision and compaction
+//!   are not supported either (the API server keeps a short window of its own);
+//!   `current_revision` is unsupported, so a Syncer relists after an outage.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
+    Preconditions, WatchEvent as KubeEvent, WatchParams,
+};
+use kube::core::Status;
+use kvsync_model::{KVList, KVPair, KindInfo, ListOptions, PathCodec, Registry, ResourceKey, Revision};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+use crate::client::Client;
+use crate::encoding::encode_for_write;
+use crate::error::{Error, Result};
+use crate::watch::{WatchEvent, WatchStream};
+
+/// How many objects a list page asks for.
+const PAGE_LIMIT: u32 = 500;
+/// How many times a write retries when other writers keep changing its object.
+const MAX_WRITE_RETRIES: usize = 32;
+
+/// Where the Kubernetes API server is.
+#[derive(Clone, Debug, Default)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; `None` infers the configuration as kube does (`KUBECONFIG`,
+    /// `~/.kube/config`, then the in-cluster service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: the current one).
+    pub context: Option<String>,
+    /// The kinds (default: the demo kinds).
+    pub registry: Option<Arc<Registry>>,
+}
+
+/// The Kubernetes CRD backend. Cheap to clone.
+#[derive(Clone)]
+pub struct KubernetesBackend {
+    client: kube::Client,
+    codec: PathCodec,
+}
+
+impl fmt::Debug for KubernetesBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubernetesBackend")
+            .field("default_namespace", &self.client.default_namespace())
+            .finish_non_exhaustive()
+    }
+}
+
+fn status_err(s: &Status, key: Option<&ResourceKey>) -> Error {
+    let message = if s.message.is_empty() { s.reason.clone() } else { s.message.clone() };
+    match (s.code, key) {
+        (404, Some(k)) => Error::NotFound { key: k.clone() },
+        (409, Some(k)) if s.reason == "AlreadyExists" => Error::AlreadyExists { key: k.clone() },
+        (410, _) => Error::Compacted {
+            requested: Revision::from("expired"),
+            compacted: Revision::from("unknown"),
+        },
+        (401 | 403, _) => Error::Unauthorized { message },
+        (400 | 422, _) => Error::Invalid {
+            field: "object".into(),
+            reason: format!("the API server refused it: {message}"),
+        },
+        (code, _) => Error::Unavailable {
+            message: format!("kubernetes: {message} ({code})"),
+            source: Some(Box::new(s.clone())),
+        },
+    }
+}
+
+/// Maps a kube error onto the crate's kinds.
+fn map_err(e: kube::Error, key: Option<&ResourceKey>) -> Error {
+    match e {
+        kube::Error::Api(s) => status_err(&s, key),
+        kube::Error::SerdeError(e) => Error::Parse {
+            raw_key: key.map(ToString::to_string).unwrap_or_default(),
+            raw_value: Vec::new(),
+            source: Box::new(e),
+        },
+        other => Error::Unavailable {
+            message: format!("kubernetes: {other}"),
+            source: Some(Box::new(other)),
+        },
+    }
+}
+
+fn api_resource(info: &KindInfo) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(&info.group, &info.version, &info.kind),
+        &info.plural,
+    )
+}
+
+impl KubernetesBackend {
+    /// Connects with `config`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when no configuration can be found or read.
+    pub async fn connect(config: KubernetesConfig) -> Result<Self> {
+        let kube_config = match &config.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    Error::invalid("kubeconfig", format!("cannot read {}: {e}", path.display()))
+                })?;
+                let opts = kube::config::KubeConfigOptions {
+                    context: config.context.clone(),
+                    ..Default::default()
+                };
+                kube::Config::from_custom_kubeconfig(kc, &opts)
+                    .await
+                    .map_err(|e| Error::invalid("kubeconfig", e.to_string()))?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| Error::invalid("kubeconfig", e.to_string()))?,
+        };
+        let client = kube::Client::try_from(kube_config)
+            .map_err(|e| Error::invalid("kubeconfig", e.to_string()))?;
+        let registry = config
+            .registry
+            .unwrap_or_else(|| Arc::new(Registry::with_demo_kinds()));
+        Ok(KubernetesBackend {
+            client,
+            codec: PathCodec::new(kvsync_model::DEFAULT_PREFIX, registry)?,
+        })
+    }
+
+    /// The underlying kube client.
+    pub fn kube_client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    fn api(&self, kind: &str, namespace: Option<&str>) -> Result<Api<DynamicObject>> {
+        let info = self.codec.registry().kind(kind)?;
+        let ar = api_resource(info);
+        Ok(match namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+            None => Api::all_with(self.client.clone(), &ar),
+        })
+    }
+
+    fn to_object(&self, kvp: &KVPair, resource_version: Option<String>) -> Result<DynamicObject> {
+        let info = self.codec.registry().kind(&kvp.key.kind)?;
+        let mut obj = DynamicObject::new(&kvp.key.name, &api_resource(info)).data(json!({
+            "spec": kvp.value,
+        }));
+        obj.metadata.namespace = kvp.key.namespace.clone();
+        obj.metadata.resource_version = resource_version;
+        Ok(obj)
+    }
+
+    fn to_kvp(&self, kind: &str, obj: DynamicObject) -> Result<KVPair> {
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let key = match obj.metadata.namespace.clone() {
+            Some(ns) => ResourceKey::namespaced(kind, ns, name),
+            None => ResourceKey::cluster(kind, name),
+        };
+        let mut data = obj.data;
+        let spec = data
+            .get_mut("spec")
+            .map(Value::take)
+            .ok_or_else(|| Error::Parse {
+                raw_key: key.to_string(),
+                raw_value: data.to_string().into_bytes(),
+                source: "the object has no spec".into(),
+            })?;
+        Ok(KVPair {
+            key,
+            value: spec,
+            revision: obj.metadata.resource_version.map(Revision::from),
+            create_revision: None,
+            uid: obj.metadata.uid,
+            ttl: None,
+        })
+    }
+
+    fn check_writable(&self, kvp: &KVPair) -> Result<()> {
+        encode_for_write(&self.codec, kvp)?;
+        if kvp.ttl.is_some() {
+            return Err(Error::Unsupported {
+                op: "ttl".into(),
+                backend: "kubernetes",
+            });
+        }
+        Ok(())
+    }
+
+    async fn current(&self, key: &ResourceKey) -> Result<Option<DynamicObject>> {
+        let api = self.api(&key.kind, key.namespace.as_deref())?;
+        api.get_opt(&key.name).await.map_err(|e| map_err(e, Some(key)))
+    }
+
+    async fn replace(&self, kvp: &KVPair, rv: String) -> Result<std::result::Result<KVPair, Error>> {
+        let api = self.api(&kvp.key.kind, kvp.key.namespace.as_deref())?;
+        let obj = self.to_object(kvp, Some(rv))?;
+        match api.replace(&kvp.key.name, &PostParams::default(), &obj).await {
+            Ok(o) => Ok(Ok(self.to_kvp(&kvp.key.kind, o)?)),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(status_err(&s, Some(&kvp.key)))),
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::NotFound { key: kvp.key.clone() }),
+            Err(e) => Err(map_err(e, Some(&kvp.key))),
+        }
+    }
+
+    async fn conflict(&self, kvp: &KVPair, expected: &Revision) -> Error {
+        let actual = match self.current(&kvp.key).await {
+            Ok(Some(o)) => o.metadata.resource_version.map(Revision::from),
+            _ => None,
+        };
+        Error::Conflict {
+            key: kvp.key.clone(),
+            expected: expected.clone(),
+            actual,
+        }
+    }
+}
+
+#[async_trait]
+impl Client for KubernetesBackend {
+    fn codec(&self) -> &PathCodec {
+        &self.codec
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
+        self.check_writable(&kvp)?;
+        let api = self.api(&kvp.key.kind, kvp.key.namespace.as_deref())?;
+        let obj = self.to_object(&kvp, None)?;
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(o) => self.to_kvp(&kvp.key.kind, o),
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::AlreadyExists { key: kvp.key }),
+            Err(e) => Err(map_err(e, Some(&kvp.key))),
+        }
+    }
+
+    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
+        self.check_writable(&kvp)?;
+        if let Some(expected) = kvp.revision.clone() {
+            return match self.replace(&kvp, expected.to_string()).await? {
+                Ok(k) => Ok(k),
+                Err(_) => Err(self.conflict(&kvp, &expected).await),
+            };
+        }
+        for _ in 0..MAX_WRITE_RETRIES {
+            let Some(cur) = self.current(&kvp.key).await? else {
+                return Err(Error::NotFound { key: kvp.key });
+            };
+            let rv = cur.metadata.resource_version.unwrap_or_default();
+            if let Ok(k) = self.replace(&kvp, rv).await? {
+                return Ok(k);
+            }
+        }
+        Err(Error::unavailable(format!("{} kept changing", kvp.key)))
+    }
+
+    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
+        self.check_writable(&kvp)?;
+        for _ in 0..MAX_WRITE_RETRIES {
+            match self.current(&kvp.key).await? {
+                None => match self.create(kvp.clone()).await {
+                    Err(Error::AlreadyExists { .. }) => continue,
+                    other => return other,
+                },
+                Some(cur) => {
+                    let rv = cur.metadata.resource_version.unwrap_or_default();
+                    match self.replace(&kvp, rv).await {
+                        Ok(Ok(k)) => return Ok(k),
+                        Ok(Err(_)) | Err(Error::NotFound { .. }) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(Error::unavailable(format!("{} kept changing", kvp.key)))
+    }
+
+    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        self.codec.validate(key)?;
+        let api = self.api(&key.kind, key.namespace.as_deref())?;
+        let dp = DeleteParams {
+            preconditions: revision.map(|r| Preconditions {
+                resource_version: Some(r.to_string()),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&key.name, &dp).await {
+            Ok(either) => match either.left() {
+                Some(o) => self.to_kvp(&key.kind, o),
+                None => Ok(KVPair::new(key.clone(), Value::Null)),
+            },
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let actual = match self.current(key).await {
+                    Ok(Some(o)) => o.metadata.resource_version.map(Revision::from),
+                    _ => None,
+                };
+                Err(Error::Conflict {
+                    key: key.clone(),
+                    expected: revision.cloned().unwrap_or_else(|| Revision::from("")),
+                    actual,
+                })
+            }
+            Err(e) => Err(map_err(e, Some(key))),
+        }
+    }
+
+    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        self.codec.validate(key)?;
+        if revision.is_some() {
+            return Err(Error::Unsupported {
+                op: "get at a revision".into(),
+                backend: "kubernetes",
+            });
+        }
+        match self.current(key).await? {
+            Some(o) => self.to_kvp(&key.kind, o),
+            None => Err(Error::NotFound { key: key.clone() }),
+        }
+    }
+
+    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
+        self.codec.list_prefix(opts)?;
+        if revision.is_some() {
+            return Err(Error::Unsupported {
+                op: "list at a revision".into(),
+                backend: "kubernetes",
+            });
+        }
+        let api = self.api(&opts.kind, opts.namespace.as_deref())?;
+        let mut list = KVList {
+            items: Vec::new(),
+            revision: Revision::from(""),
+            parse_failures: Vec::new(),
+        };
+        let mut token: Option<String> = None;
+        loop {
+            let mut lp = ListParams::default().limit(PAGE_LIMIT);
+            if let Some(t) = &token {
+                lp = lp.continue_token(t);
+            }
+            if let Some(name) = &opts.name {
+                lp = lp.fields(&format!("metadata.name={name}"));
+            }
+            let page = api.list(&lp).await.map_err(|e| map_err(e, None))?;
+            if token.is_none() {
+                list.revision = Revision::from(page.metadata.resource_version.clone().unwrap_or_default());
+            }
+            for obj in page.items {
+                match self.to_kvp(&opts.kind, obj) {
+                    Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
+                    Ok(_) => {}
+                    Err(Error::Parse { raw_key, raw_value, source }) => {
+                        list.parse_failures.push(kvsync_model::ParseFailure {
+                            raw_key,
+                            raw_value,
+                            key: None,
+                            revision: None,
+                            reason: source.to_string(),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            token = page.metadata.continue_.filter(|t| !t.is_empty());
+            if token.is_none() {
+                break;
+            }
+        }
+        list.items.sort_by(|a, b| {
+            (&a.key.namespace, &a.key.name).cmp(&(&b.key.namespace, &b.key.name))
+        });
+        Ok(list)
+    }
+
+    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+        self.codec.list_prefix(opts)?;
+        let api = self.api(&opts.kind, opts.namespace.as_deref())?;
+        let from = match from {
+            Some(r) => r.to_string(),
+            None => {
+                let page = api
+                    .list(&ListParams::default().limit(1))
+                    .await
+                    .map_err(|e| map_err(e, None))?;
+                page.metadata.resource_version.unwrap_or_default()
+            }
+        };
+        let wp = WatchParams::default().bookmarks(true).timeout(290);
+        let stream = api.watch(&wp, &from).await.map_err(|e| map_err(e, None))?;
+        let kind = opts.kind.clone();
+        let opts = opts.clone();
+        let this = self.clone();
+        let requested = Revision::from(from);
+        let events = stream
+            .map_err(move |e| map_err(e, None))
+            .filter_map(move |item| {
+                let out = match item {
+                    Err(e) => Some(Err(e)),
+                    Ok(KubeEvent::Bookmark(b)) => Some(Ok(WatchEvent::Bookmark(Revision::from(
+                        b.metadata.resource_version,
+                    )))),
+                    Ok(KubeEvent::Error(s)) if s.code == 410 => Some(Err(Error::Compacted {
+                        requested: requested.clone(),
+                        compacted: Revision::from("expired"),
+                    })),
+                    Ok(KubeEvent::Error(s)) => Some(Err(status_err(&s, None))),
+                    Ok(KubeEvent::Added(o)) => convert(&this, &kind, &opts, o, |k| WatchEvent::Added(k)),
+                    Ok(KubeEvent::Modified(o)) => {
+                        convert(&this, &kind, &opts, o, |k| WatchEvent::Modified { new: k, old: None })
+                    }
+                    Ok(KubeEvent::Deleted(o)) => convert(&this, &kind, &opts, o, |k| WatchEvent::Deleted {
+                        key: k.key.clone(),
+                        revision: k.revision.clone().unwrap_or_else(|| Revision::from("")),
+                        old: Some(k),
+                    }),
+                };
+                futures::future::ready(out)
+            });
+        // An error ends the stream; so does the server closing it, which is retryable.
+        let ended = futures::stream::once(async { Err(Error::unavailable("the API server closed the watch")) });
+        let stream = events.chain(ended).scan(false, |done, item| {
+            let out = if *done {
+                None
+            } else {
+                *done = item.is_err();
+                Some(item)
+            };
+            futures::future::ready(out)
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn ensure_initialized(&self) -> Result<()> {
+        for info in self.codec.registry().kinds() {
+            let api = self.api(&info.kind, None)?;
+            match api.list(&ListParams::default().limit(1)).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    return Err(Error::invalid(
+                        "crd",
+                        format!(
+                            "the CRD {}.{} is not installed: kubectl apply -f deploy/crds",
+                            info.plural, info.group
+                        ),
+                    ));
+                }
+                Err(e) => return Err(map_err(e, None)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn clean(&self) -> Result<()> {
+        for info in self.codec.registry().kinds() {
+            let list = self.list(&ListOptions::new(&info.kind), None).await?;
+            for kvp in list.items {
+                match self.delete(&kvp.key, None).await {
+                    Ok(_) | Err(Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn convert(
+    this: &KubernetesBackend,
+    kind: &str,
+    opts: &ListOptions,
+    obj: DynamicObject,
+    f: impl FnOnce(KVPair) -> WatchEvent,
+) -> Option<Result<WatchEvent>> {
+    match this.to_kvp(kind, obj) {
+        Ok(kvp) if opts.matches(&kvp.key) => Some(Ok(f(kvp))),
+        Ok(_) => None,
+        Err(Error::Parse { raw_key, raw_value, source }) => {
+            Some(Ok(WatchEvent::ParseFailed(kvsync_model::ParseFailure {
+                raw_key,
+                raw_value,
+                key: None,
+                revision: None,
+                reason: source.to_string(),
+            })))
+        }
+        Err(e) => Some(Err(e)),
+    }
+}
