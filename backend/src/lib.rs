@@ -6,6 +6,7 @@
 //! | [`MemoryBackend`] | always | in-process MVCC store, like etcd's mvcc; for tests and demos |
 //! | `SqliteBackend` | `sqlite` (default) | persistent, multi-process revision log in one SQLite file, in the style of kine |
 //! | `EtcdBackend` | `etcd` | etcd v3 through `etcd-client`: paged consistent lists, watches with progress notifications, leases for TTLs, TLS and auth |
+//! | `KubernetesBackend` | `kubernetes` | each kind a CustomResource on a Kubernetes API server (`kube`); no TTLs |
 //! | [`FaultyClient`] | always | wraps any client and injects failures, for tests |
 //!
 //! ```
@@ -29,6 +30,8 @@ mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 mod faults;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod memory;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
@@ -39,6 +42,8 @@ pub use error::{BoxError, Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdConfig};
 pub use faults::{Faults, FaultyClient};
+#[cfg(feature = "kubernetes")]
+pub use kubernetes::{KubernetesBackend, KubernetesConfig};
 pub use memory::MemoryBackend;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteBackend, SqliteConfig};

@@ -428,7 +428,7 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
         .unwrap()
         .revision
         .unwrap();
-    c.compact(&newest).await.unwrap();
+    tc.raw.compact(c.as_ref(), &newest).await;
 
     let first_error = match c.watch(&ListOptions::new("IPPool"), Some(&old)).await {
         Err(e) => e,
@@ -693,13 +693,16 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
     let path = c.codec().to_path(&pool_key("bad")).unwrap();
     tc.raw.put_raw(&path, b"{not json").await;
 
+    let raw_bytes = b.stores_raw_bytes();
     let err = c.get(&pool_key("bad"), None).await.unwrap_err();
     match &err {
         Error::Parse {
             raw_key, raw_value, ..
         } => {
             assert_eq!(raw_key, &path);
-            assert_eq!(raw_value, b"{not json");
+            if raw_bytes {
+                assert_eq!(raw_value, b"{not json");
+            }
         }
         other => panic!("expected Parse, got {other}"),
     }
@@ -715,7 +718,9 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
     match next_change(&mut w).await {
         WatchEvent::ParseFailed(f) => {
             assert_eq!(f.key, Some(pool_key("bad")));
-            assert_eq!(f.raw_value, b"{not json");
+            if raw_bytes {
+                assert_eq!(f.raw_value, b"{not json");
+            }
         }
         other => panic!("expected ParseFailed, got {other:?}"),
     }

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use kvsync_backend::etcd::{EtcdBackend, EtcdConfig, EtcdTls};
 use kvsync_model::Revision;
 
-use crate::harness::{RawAccess, TestBackend, TestClient, unique_prefix};
+use crate::harness::{Guarded, RawAccess, TestBackend, TestClient, unique_prefix};
 
 /// Where the etcd binary is: `$KVSYNC_ETCD_BIN`, then `etcd` on the PATH, then `/usr/bin/etcd`.
 ///
@@ -425,9 +425,8 @@ impl TestBackend for EtcdTestBackend {
             .await
             .expect("connect to the test etcd");
         TestClient {
-            client: Arc::new(backend.clone()),
+            client: Guarded::wrap(Arc::new(backend.clone()), self.cluster.clone()),
             raw: Arc::new(EtcdRaw(backend)),
-            guard: Some(self.cluster.clone()),
         }
     }
 

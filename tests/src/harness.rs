@@ -4,14 +4,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use kvsync_backend::{Client, MemoryBackend};
-use kvsync_model::Revision;
+use kvsync_backend::{Client, MemoryBackend, Result, WatchStream};
+use kvsync_model::{KVList, KVPair, ListOptions, ResourceKey, Revision};
 
 /// Direct access to a backend's storage, bypassing the client, as a foreign writer has.
 #[async_trait]
 pub trait RawAccess: Send + Sync {
     /// Writes `bytes` under `path` as they are; returns the revision of the write.
     async fn put_raw(&self, path: &str, bytes: &[u8]) -> Revision;
+
+    /// Drops the history before `revision`, as an operator's compaction does (the
+    /// Kubernetes API server double forgets its watch window instead).
+    async fn compact(&self, client: &dyn Client, revision: &Revision) {
+        client
+            .compact(revision)
+            .await
+            .expect("compaction must succeed in tests");
+    }
 }
 
 /// A client under test and raw access to the same storage.
@@ -21,8 +30,78 @@ pub struct TestClient {
     pub client: Arc<dyn Client>,
     /// Raw access to what the client reads.
     pub raw: Arc<dyn RawAccess>,
-    /// Whatever must live as long as the client (a private server).
-    pub guard: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+/// Something a test client needs alive as long as itself (a private server, a directory).
+pub type Guard = Arc<dyn std::any::Any + Send + Sync>;
+
+/// A client that keeps a [`Guard`] alive for as long as the client is.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: Arc<dyn Client>,
+    _guard: GuardBox,
+}
+
+/// Held only to be dropped with the client.
+struct GuardBox(#[allow(dead_code)] Guard);
+
+impl std::fmt::Debug for GuardBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("guard")
+    }
+}
+
+impl Guarded {
+    /// `inner`, keeping `guard` alive.
+    pub fn wrap(inner: Arc<dyn Client>, guard: Guard) -> Arc<dyn Client> {
+        Arc::new(Guarded {
+            inner,
+            _guard: GuardBox(guard),
+        })
+    }
+}
+
+#[async_trait]
+impl Client for Guarded {
+    fn codec(&self) -> &kvsync_model::PathCodec {
+        self.inner.codec()
+    }
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
+        self.inner.create(kvp).await
+    }
+    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
+        self.inner.update(kvp).await
+    }
+    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
+        self.inner.apply(kvp).await
+    }
+    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        self.inner.delete(key, revision).await
+    }
+    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+        self.inner.get(key, revision).await
+    }
+    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
+        self.inner.list(opts, revision).await
+    }
+    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+        self.inner.watch(opts, from).await
+    }
+    async fn ensure_initialized(&self) -> Result<()> {
+        self.inner.ensure_initialized().await
+    }
+    async fn clean(&self) -> Result<()> {
+        self.inner.clean().await
+    }
+    async fn compact(&self, revision: &Revision) -> Result<()> {
+        self.inner.compact(revision).await
+    }
+    async fn current_revision(&self) -> Result<Revision> {
+        self.inner.current_revision().await
+    }
 }
 
 /// A backend under test: hands out fresh clients, each over its own empty key prefix.
@@ -39,6 +118,12 @@ pub trait TestBackend: Send + Sync {
 
     /// Whether keys can be given a TTL.
     fn supports_ttl(&self) -> bool {
+        true
+    }
+
+    /// Whether stored bytes come back as they were written (not so on Kubernetes, whose API
+    /// stores only JSON objects).
+    fn stores_raw_bytes(&self) -> bool {
         true
     }
 
@@ -81,7 +166,6 @@ impl TestBackend for MemoryTestBackend {
         TestClient {
             client: Arc::new(store.clone()),
             raw: Arc::new(MemoryRaw(store)),
-            guard: None,
         }
     }
 }

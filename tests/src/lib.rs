@@ -7,10 +7,12 @@
 pub mod conformance;
 pub mod etcd;
 pub mod harness;
+pub mod kube_double;
+pub mod kubernetes;
 pub mod scenarios;
 pub mod sqlite;
 
-pub use harness::{MemoryTestBackend, RawAccess, TestBackend, TestClient, unique_prefix};
+pub use harness::{Guarded, MemoryTestBackend, RawAccess, TestBackend, TestClient, unique_prefix};
 pub mod checker;
 pub mod syncer_model;
 

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use kvsync_backend::sqlite::{Durability, SqliteBackend, SqliteConfig};
 use kvsync_model::Revision;
 
-use crate::harness::{RawAccess, TestBackend, TestClient, unique_prefix};
+use crate::harness::{Guarded, RawAccess, TestBackend, TestClient, unique_prefix};
 
 /// The SQLite backend under test.
 #[derive(Debug, Default)]
@@ -39,9 +39,8 @@ impl TestBackend for SqliteTestBackend {
         let backend =
             SqliteBackend::open(test_config(&dir.path().join("kvsync.db"))).expect("open sqlite");
         TestClient {
-            client: Arc::new(backend.clone()),
+            client: Guarded::wrap(Arc::new(backend.clone()), Arc::new(dir)),
             raw: Arc::new(SqliteRaw(backend)),
-            guard: Some(Arc::new(dir)),
         }
     }
 }

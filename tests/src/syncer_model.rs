@@ -88,11 +88,7 @@ pub async fn run(backend: &dyn TestBackend, config: ModelConfig) {
 
 async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let TestClient {
-        client,
-        raw,
-        guard: _guard,
-    } = backend.client().await;
+    let TestClient { client, raw } = backend.client().await;
     let faulty = Arc::new(FaultyClient::new(client.clone()));
     let faults: Faults = faulty.faults();
 
@@ -151,7 +147,7 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
                     .list(&ListOptions::new("Node"), None)
                     .await
                     .expect("list");
-                client.compact(&list.revision).await.expect("compact");
+                raw.compact(client.as_ref(), &list.revision).await;
                 log.push(format!("compact @{}", list.revision));
             }
             77..=82 => {

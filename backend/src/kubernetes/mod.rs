@@ -29,7 +29,9 @@ use kube::api::{
     Preconditions, WatchEvent as KubeEvent, WatchParams,
 };
 use kube::core::Status;
-use kvsync_model::{KVList, KVPair, KindInfo, ListOptions, PathCodec, Registry, ResourceKey, Revision};
+use kvsync_model::{
+    KVList, KVPair, KindInfo, ListOptions, PathCodec, Registry, ResourceKey, Revision,
+};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -71,7 +73,11 @@ impl fmt::Debug for KubernetesBackend {
 }
 
 fn status_err(s: &Status, key: Option<&ResourceKey>) -> Error {
-    let message = if s.message.is_empty() { s.reason.clone() } else { s.message.clone() };
+    let message = if s.message.is_empty() {
+        s.reason.clone()
+    } else {
+        s.message.clone()
+    };
     match (s.code, key) {
         (404, Some(k)) => Error::NotFound { key: k.clone() },
         (409, Some(k)) if s.reason == "AlreadyExists" => Error::AlreadyExists { key: k.clone() },
@@ -183,7 +189,7 @@ impl KubernetesBackend {
             .get_mut("spec")
             .map(Value::take)
             .ok_or_else(|| Error::Parse {
-                raw_key: key.to_string(),
+                raw_key: self.codec.to_path(&key).unwrap_or_else(|_| key.to_string()),
                 raw_value: data.to_string().into_bytes(),
                 source: "the object has no spec".into(),
             })?;
@@ -210,16 +216,27 @@ impl KubernetesBackend {
 
     async fn current(&self, key: &ResourceKey) -> Result<Option<DynamicObject>> {
         let api = self.api(&key.kind, key.namespace.as_deref())?;
-        api.get_opt(&key.name).await.map_err(|e| map_err(e, Some(key)))
+        api.get_opt(&key.name)
+            .await
+            .map_err(|e| map_err(e, Some(key)))
     }
 
-    async fn replace(&self, kvp: &KVPair, rv: String) -> Result<std::result::Result<KVPair, Error>> {
+    async fn replace(
+        &self,
+        kvp: &KVPair,
+        rv: String,
+    ) -> Result<std::result::Result<KVPair, Error>> {
         let api = self.api(&kvp.key.kind, kvp.key.namespace.as_deref())?;
         let obj = self.to_object(kvp, Some(rv))?;
-        match api.replace(&kvp.key.name, &PostParams::default(), &obj).await {
+        match api
+            .replace(&kvp.key.name, &PostParams::default(), &obj)
+            .await
+        {
             Ok(o) => Ok(Ok(self.to_kvp(&kvp.key.kind, o)?)),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(status_err(&s, Some(&kvp.key)))),
-            Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::NotFound { key: kvp.key.clone() }),
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::NotFound {
+                key: kvp.key.clone(),
+            }),
             Err(e) => Err(map_err(e, Some(&kvp.key))),
         }
     }
@@ -302,31 +319,56 @@ impl Client for KubernetesBackend {
     async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
         self.codec.validate(key)?;
         let api = self.api(&key.kind, key.namespace.as_deref())?;
-        let dp = DeleteParams {
-            preconditions: revision.map(|r| Preconditions {
-                resource_version: Some(r.to_string()),
-                uid: None,
-            }),
-            ..DeleteParams::default()
-        };
-        match api.delete(&key.name, &dp).await {
-            Ok(either) => match either.left() {
-                Some(o) => self.to_kvp(&key.kind, o),
-                None => Ok(KVPair::new(key.clone(), Value::Null)),
-            },
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                let actual = match self.current(key).await {
-                    Ok(Some(o)) => o.metadata.resource_version.map(Revision::from),
-                    _ => None,
-                };
-                Err(Error::Conflict {
-                    key: key.clone(),
-                    expected: revision.cloned().unwrap_or_else(|| Revision::from("")),
-                    actual,
-                })
+        // The API server answers with the object stamped with the deletion's resourceVersion;
+        // the contract returns the last write's, so read it first and delete exactly that.
+        for _ in 0..MAX_WRITE_RETRIES {
+            let last = match revision {
+                Some(_) => None,
+                None => match self.current(key).await? {
+                    Some(o) => Some(self.to_kvp(&key.kind, o)?),
+                    None => return Err(Error::NotFound { key: key.clone() }),
+                },
+            };
+            let rv = match (&last, revision) {
+                (Some(l), _) => l.revision.clone(),
+                (None, r) => r.cloned(),
+            };
+            let dp = DeleteParams {
+                preconditions: rv.as_ref().map(|r| Preconditions {
+                    resource_version: Some(r.to_string()),
+                    uid: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&key.name, &dp).await {
+                Ok(either) => {
+                    return Ok(match (last, either.left()) {
+                        (Some(l), _) => l,
+                        (None, Some(o)) => {
+                            let mut kvp = self.to_kvp(&key.kind, o)?;
+                            kvp.revision = rv;
+                            kvp
+                        }
+                        (None, None) => KVPair::new(key.clone(), Value::Null),
+                    });
+                }
+                // Written since we read it: read again.
+                Err(kube::Error::Api(s)) if s.code == 409 && revision.is_none() => continue,
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    let actual = match self.current(key).await {
+                        Ok(Some(o)) => o.metadata.resource_version.map(Revision::from),
+                        _ => None,
+                    };
+                    return Err(Error::Conflict {
+                        key: key.clone(),
+                        expected: revision.cloned().unwrap_or_else(|| Revision::from("")),
+                        actual,
+                    });
+                }
+                Err(e) => return Err(map_err(e, Some(key))),
             }
-            Err(e) => Err(map_err(e, Some(key))),
         }
+        Err(Error::unavailable(format!("{key} kept changing")))
     }
 
     async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
@@ -368,17 +410,22 @@ impl Client for KubernetesBackend {
             }
             let page = api.list(&lp).await.map_err(|e| map_err(e, None))?;
             if token.is_none() {
-                list.revision = Revision::from(page.metadata.resource_version.clone().unwrap_or_default());
+                list.revision =
+                    Revision::from(page.metadata.resource_version.clone().unwrap_or_default());
             }
             for obj in page.items {
                 match self.to_kvp(&opts.kind, obj) {
                     Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
                     Ok(_) => {}
-                    Err(Error::Parse { raw_key, raw_value, source }) => {
+                    Err(Error::Parse {
+                        raw_key,
+                        raw_value,
+                        source,
+                    }) => {
                         list.parse_failures.push(kvsync_model::ParseFailure {
+                            key: self.codec.from_path(&raw_key).ok(),
                             raw_key,
                             raw_value,
-                            key: None,
                             revision: None,
                             reason: source.to_string(),
                         });
@@ -391,9 +438,8 @@ impl Client for KubernetesBackend {
                 break;
             }
         }
-        list.items.sort_by(|a, b| {
-            (&a.key.namespace, &a.key.name).cmp(&(&b.key.namespace, &b.key.name))
-        });
+        list.items
+            .sort_by(|a, b| (&a.key.namespace, &a.key.name).cmp(&(&b.key.namespace, &b.key.name)));
         Ok(list)
     }
 
@@ -410,7 +456,7 @@ impl Client for KubernetesBackend {
                 page.metadata.resource_version.unwrap_or_default()
             }
         };
-        let wp = WatchParams::default().bookmarks(true).timeout(290);
+        let wp = WatchParams::default().timeout(290);
         let stream = api.watch(&wp, &from).await.map_err(|e| map_err(e, None))?;
         let kind = opts.kind.clone();
         let opts = opts.clone();
@@ -429,20 +475,26 @@ impl Client for KubernetesBackend {
                         compacted: Revision::from("expired"),
                     })),
                     Ok(KubeEvent::Error(s)) => Some(Err(status_err(&s, None))),
-                    Ok(KubeEvent::Added(o)) => convert(&this, &kind, &opts, o, |k| WatchEvent::Added(k)),
-                    Ok(KubeEvent::Modified(o)) => {
-                        convert(&this, &kind, &opts, o, |k| WatchEvent::Modified { new: k, old: None })
+                    Ok(KubeEvent::Added(o)) => {
+                        convert(&this, &kind, &opts, o, |k| WatchEvent::Added(k))
                     }
-                    Ok(KubeEvent::Deleted(o)) => convert(&this, &kind, &opts, o, |k| WatchEvent::Deleted {
-                        key: k.key.clone(),
-                        revision: k.revision.clone().unwrap_or_else(|| Revision::from("")),
-                        old: Some(k),
+                    Ok(KubeEvent::Modified(o)) => convert(&this, &kind, &opts, o, |k| {
+                        WatchEvent::Modified { new: k, old: None }
                     }),
+                    Ok(KubeEvent::Deleted(o)) => {
+                        convert(&this, &kind, &opts, o, |k| WatchEvent::Deleted {
+                            key: k.key.clone(),
+                            revision: k.revision.clone().unwrap_or_else(|| Revision::from("")),
+                            old: Some(k),
+                        })
+                    }
                 };
                 futures::future::ready(out)
             });
         // An error ends the stream; so does the server closing it, which is retryable.
-        let ended = futures::stream::once(async { Err(Error::unavailable("the API server closed the watch")) });
+        let ended = futures::stream::once(async {
+            Err(Error::unavailable("the API server closed the watch"))
+        });
         let stream = events.chain(ended).scan(false, |done, item| {
             let out = if *done {
                 None
@@ -499,15 +551,17 @@ fn convert(
     match this.to_kvp(kind, obj) {
         Ok(kvp) if opts.matches(&kvp.key) => Some(Ok(f(kvp))),
         Ok(_) => None,
-        Err(Error::Parse { raw_key, raw_value, source }) => {
-            Some(Ok(WatchEvent::ParseFailed(kvsync_model::ParseFailure {
-                raw_key,
-                raw_value,
-                key: None,
-                revision: None,
-                reason: source.to_string(),
-            })))
-        }
+        Err(Error::Parse {
+            raw_key,
+            raw_value,
+            source,
+        }) => Some(Ok(WatchEvent::ParseFailed(kvsync_model::ParseFailure {
+            key: this.codec.from_path(&raw_key).ok(),
+            raw_key,
+            raw_value,
+            revision: None,
+            reason: source.to_string(),
+        }))),
         Err(e) => Some(Err(e)),
     }
 }

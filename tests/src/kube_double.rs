@@ -1,0 +1,866 @@
+//! A test double of the Kubernetes API server: the REST semantics the kvsync backend relies
+//! on, served over real HTTP on 127.0.0.1 (following the Kubernetes "API Concepts" document),
+//! for tests only.
+//!
+//! It serves custom resources under `/apis/<group>/<version>/[namespaces/<ns>/]<plural>[/<name>]`:
+//! create (POST, 201; 409 AlreadyExists), get (404 NotFound), replace (PUT; 409 Conflict on a
+//! stale `metadata.resourceVersion`), delete (with `preconditions.resourceVersion`; returns the
+//! object), list (with `limit`/`continue` over one snapshot, `fieldSelector=metadata.name=`),
+//! and watch (`?watch=1&resourceVersion=R&allowWatchBookmarks=true`) streaming ADDED,
+//! MODIFIED, DELETED, BOOKMARK and ERROR events as JSON lines. Every write bumps one global
+//! resourceVersion; objects get a uid on create. Only the last `window` events are kept: a
+//! watch from an older resourceVersion gets an ERROR event with a `410 Gone` (Expired) Status,
+//! as the real server does. A bearer token can be required (401 without it).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use kvsync_model::Registry;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// `(plural, namespace, name)`.
+type ObjKey = (String, Option<String>, String);
+
+struct Event {
+    rv: u64,
+    plural: String,
+    namespace: Option<String>,
+    kind: &'static str,
+    object: Value,
+}
+
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<ObjKey, Value>,
+    events: VecDeque<Event>,
+    /// The oldest resourceVersion a watch may start from.
+    oldest: u64,
+    window: usize,
+    continues: HashMap<String, Vec<Value>>,
+    next_continue: u64,
+    /// plural -> (group, version, kind, namespaced)
+    kinds: HashMap<String, (String, String, String, bool)>,
+    token: Option<String>,
+    /// Bumped to end every open watch with a 410.
+    expire_epoch: u64,
+}
+
+#[derive(Clone)]
+struct Shared {
+    inner: Arc<Mutex<Inner>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A running double, stopped when dropped.
+pub struct ApiServerDouble {
+    addr: SocketAddr,
+    shared: Shared,
+    dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiServerDouble {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn status(code: u16, reason: &str, message: impl Into<String>) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message.into(),
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn reply(code: u16, body: &Value) -> Response {
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn fail(code: u16, reason: &str, message: impl Into<String>) -> Response {
+    reply(code, &status(code, reason, message))
+}
+
+fn dns_subdomain(s: &str) -> bool {
+    kvsync_model::validation::validate_name(s).is_ok()
+}
+
+impl ApiServerDouble {
+    /// Starts a double serving the CRDs of `registry`, keeping the last `window` events.
+    ///
+    /// # Panics
+    /// If it cannot bind a loopback port.
+    pub async fn start(registry: &Registry, window: usize) -> Self {
+        let kinds = registry
+            .kinds()
+            .into_iter()
+            .map(|k| {
+                (
+                    k.plural.clone(),
+                    (
+                        k.group.clone(),
+                        k.version.clone(),
+                        k.kind.clone(),
+                        k.namespaced,
+                    ),
+                )
+            })
+            .collect();
+        let shared = Shared {
+            inner: Arc::new(Mutex::new(Inner {
+                rv: 1000,
+                objects: BTreeMap::new(),
+                events: VecDeque::new(),
+                oldest: 1000,
+                window: window.max(1),
+                continues: HashMap::new(),
+                next_continue: 0,
+                kinds,
+                token: None,
+                expire_epoch: 0,
+            })),
+            changed: watch::Sender::new(0),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1");
+        let addr = listener.local_addr().expect("local addr");
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let double = ApiServerDouble {
+            addr,
+            shared,
+            dir,
+            task,
+        };
+        double.write_kubeconfig("kubeconfig", "test-token");
+        double
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn write_kubeconfig(&self, file: &str, token: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {url}\n\
+             users:\n- name: tester\n  user:\n    token: {token}\ncontexts:\n- name: double\n  context:\n    \
+             cluster: double\n    user: tester\n    namespace: default\ncurrent-context: double\n",
+            url = self.url()
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
+    /// A kubeconfig pointing at the double, with the token `test-token`.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// A kubeconfig with another token.
+    pub fn kubeconfig_with_token(&self, token: &str) -> PathBuf {
+        self.write_kubeconfig(&format!("kubeconfig-{token}"), token)
+    }
+
+    /// Requires `Authorization: Bearer <token>` from now on.
+    pub fn require_token(&self, token: &str) {
+        self.shared.lock().token = Some(token.to_owned());
+    }
+
+    /// Ends every open watch with `410 Gone` and forgets the history, as an API server whose
+    /// watch cache moved on does.
+    pub fn expire_history(&self) {
+        let rv = {
+            let mut inner = self.shared.lock();
+            inner.events.clear();
+            inner.oldest = inner.rv;
+            inner.expire_epoch += 1;
+            inner.rv
+        };
+        self.shared.changed.send_replace(rv);
+    }
+
+    /// Stores an object whose `spec` is missing, as a foreign writer could.
+    pub fn put_without_spec(&self, plural: &str, namespace: Option<&str>, name: &str) -> u64 {
+        let mut inner = self.shared.lock();
+        let Some((group, version, kind, _)) = inner.kinds.get(plural).cloned() else {
+            return 0;
+        };
+        inner.rv += 1;
+        let rv = inner.rv;
+        let mut meta = json!({"name": name, "uid": uuid(), "resourceVersion": rv.to_string()});
+        if let Some(ns) = namespace {
+            meta["namespace"] = json!(ns);
+        }
+        let obj =
+            json!({"apiVersion": format!("{group}/{version}"), "kind": kind, "metadata": meta});
+        let key = (
+            plural.to_owned(),
+            namespace.map(str::to_owned),
+            name.to_owned(),
+        );
+        let existed = inner.objects.insert(key, obj.clone()).is_some();
+        record(
+            &mut inner,
+            rv,
+            plural,
+            namespace,
+            if existed { "MODIFIED" } else { "ADDED" },
+            obj,
+        );
+        drop(inner);
+        self.shared.changed.send_replace(rv);
+        rv
+    }
+}
+
+fn uuid() -> String {
+    let mut rng = rand::rng();
+    let n: u128 = rand::Rng::random(&mut rng);
+    let h = format!("{n:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn record(
+    inner: &mut Inner,
+    rv: u64,
+    plural: &str,
+    namespace: Option<&str>,
+    kind: &'static str,
+    object: Value,
+) {
+    inner.events.push_back(Event {
+        rv,
+        plural: plural.to_owned(),
+        namespace: namespace.map(str::to_owned),
+        kind,
+        object,
+    });
+    while inner.events.len() > inner.window {
+        if let Some(e) = inner.events.pop_front() {
+            inner.oldest = e.rv;
+        }
+    }
+}
+
+struct Target {
+    plural: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    group: String,
+    version: String,
+    kind: String,
+}
+
+fn parse_target(inner: &Inner, path: &str) -> Result<Target, Response> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => {
+            return Err(fail(
+                404,
+                "NotFound",
+                format!("the server could not find {path}"),
+            ));
+        }
+    };
+    let (namespace, plural, name) = match rest {
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        [plural] => (None, *plural, None),
+        [plural, name] => (None, *plural, Some(*name)),
+        _ => {
+            return Err(fail(
+                404,
+                "NotFound",
+                format!("the server could not find {path}"),
+            ));
+        }
+    };
+    let Some((g, v, kind, namespaced)) = inner.kinds.get(plural).cloned() else {
+        return Err(fail(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({plural})"),
+        ));
+    };
+    if g != group || v != version {
+        return Err(fail(
+            404,
+            "NotFound",
+            format!("no {plural} in {group}/{version}"),
+        ));
+    }
+    if !namespaced && namespace.is_some() {
+        return Err(fail(404, "NotFound", format!("{plural} is cluster-scoped")));
+    }
+    if namespaced && namespace.is_none() && name.is_some() {
+        return Err(fail(404, "NotFound", format!("{plural} is namespaced")));
+    }
+    Ok(Target {
+        plural: plural.to_owned(),
+        namespace: namespace.map(str::to_owned),
+        name: name.map(str::to_owned),
+        group: g,
+        version: v,
+        kind,
+    })
+}
+
+fn query(req: &Request) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (!k.is_empty()).then(|| (k.to_owned(), percent_decode(v)))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 3 <= bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle(State(shared): State<Shared>, req: Request) -> Response {
+    let q = query(&req);
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    {
+        let inner = shared.lock();
+        if let Some(token) = &inner.token {
+            let auth = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default();
+            if auth != format!("Bearer {token}") {
+                return fail(401, "Unauthorized", "Unauthorized");
+            }
+        }
+    }
+    let body = match axum::body::to_bytes(req.into_body(), 16 << 20).await {
+        Ok(b) => b,
+        Err(e) => return fail(400, "BadRequest", e.to_string()),
+    };
+    let target = match parse_target(&shared.lock(), &path) {
+        Ok(t) => t,
+        Err(resp) => return resp,
+    };
+    let json_body = || -> Result<Value, Response> {
+        serde_json::from_slice(&body)
+            .map_err(|e| fail(400, "BadRequest", format!("invalid JSON: {e}")))
+    };
+    match (method, target.name.is_some()) {
+        (Method::GET, false) if q.get("watch").is_some_and(|w| w == "1" || w == "true") => {
+            watch_stream(shared, target, &q)
+        }
+        (Method::GET, false) => list(&shared, &target, &q),
+        (Method::POST, false) => match json_body() {
+            Ok(b) => create(&shared, &target, b),
+            Err(r) => r,
+        },
+        (Method::GET, true) => get(&shared, &target),
+        (Method::PUT, true) => match json_body() {
+            Ok(b) => replace(&shared, &target, b),
+            Err(r) => r,
+        },
+        (Method::DELETE, true) => {
+            let opts = if body.is_empty() {
+                json!({})
+            } else {
+                json_body().unwrap_or(json!({}))
+            };
+            delete(&shared, &target, &opts)
+        }
+        (m, _) => fail(405, "MethodNotAllowed", format!("{m} is not allowed here")),
+    }
+}
+
+fn key_of(t: &Target, name: &str) -> ObjKey {
+    (t.plural.clone(), t.namespace.clone(), name.to_owned())
+}
+
+fn check_object(t: &Target, obj: &Value, name: &str) -> Result<(), Response> {
+    if obj.get("kind").and_then(Value::as_str) != Some(t.kind.as_str()) {
+        return Err(fail(400, "BadRequest", format!("kind must be {}", t.kind)));
+    }
+    if obj.get("apiVersion").and_then(Value::as_str)
+        != Some(format!("{}/{}", t.group, t.version).as_str())
+    {
+        return Err(fail(400, "BadRequest", "apiVersion does not match the URL"));
+    }
+    if !dns_subdomain(name) {
+        return Err(fail(
+            422,
+            "Invalid",
+            format!(
+                "{} \"{name}\" is invalid: metadata.name: Invalid value: a lowercase RFC 1123 subdomain must consist of ...",
+                t.kind
+            ),
+        ));
+    }
+    if let Some(ns) = obj.pointer("/metadata/namespace").and_then(Value::as_str)
+        && Some(ns) != t.namespace.as_deref()
+    {
+        return Err(fail(
+            400,
+            "BadRequest",
+            "the namespace of the object does not match the URL",
+        ));
+    }
+    Ok(())
+}
+
+fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response {
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if let Err(r) = check_object(t, &obj, &name) {
+        return r;
+    }
+    let mut inner = shared.lock();
+    let key = key_of(t, &name);
+    if inner.objects.contains_key(&key) {
+        return fail(
+            409,
+            "AlreadyExists",
+            format!("{}.{} \"{name}\" already exists", t.plural, t.group),
+        );
+    }
+    inner.rv += 1;
+    let rv = inner.rv;
+    obj["metadata"]["uid"] = json!(uuid());
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+    obj["metadata"]["generation"] = json!(1);
+    if let Some(ns) = &t.namespace {
+        obj["metadata"]["namespace"] = json!(ns);
+    }
+    inner.objects.insert(key, obj.clone());
+    record(
+        &mut inner,
+        rv,
+        &t.plural,
+        t.namespace.as_deref(),
+        "ADDED",
+        obj.clone(),
+    );
+    drop(inner);
+    shared.changed.send_replace(rv);
+    reply(201, &obj)
+}
+
+fn get(shared: &Shared, t: &Target) -> Response {
+    let name = t.name.clone().unwrap_or_default();
+    match shared.lock().objects.get(&key_of(t, &name)) {
+        Some(o) => reply(200, o),
+        None => fail(
+            404,
+            "NotFound",
+            format!("{}.{} \"{name}\" not found", t.plural, t.group),
+        ),
+    }
+}
+
+fn replace(shared: &Shared, t: &Target, mut obj: Value) -> Response {
+    let name = t.name.clone().unwrap_or_default();
+    if obj.pointer("/metadata/name").and_then(Value::as_str) != Some(name.as_str()) {
+        return fail(
+            400,
+            "BadRequest",
+            "the name of the object does not match the URL",
+        );
+    }
+    if let Err(r) = check_object(t, &obj, &name) {
+        return r;
+    }
+    let mut inner = shared.lock();
+    let key = key_of(t, &name);
+    let Some(current) = inner.objects.get(&key).cloned() else {
+        return fail(
+            404,
+            "NotFound",
+            format!("{}.{} \"{name}\" not found", t.plural, t.group),
+        );
+    };
+    let given = obj
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let actual = current
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if !given.is_empty() && given != actual {
+        return fail(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                t.plural, t.group
+            ),
+        );
+    }
+    inner.rv += 1;
+    let rv = inner.rv;
+    obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    obj["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    if let Some(ns) = &t.namespace {
+        obj["metadata"]["namespace"] = json!(ns);
+    }
+    inner.objects.insert(key, obj.clone());
+    record(
+        &mut inner,
+        rv,
+        &t.plural,
+        t.namespace.as_deref(),
+        "MODIFIED",
+        obj.clone(),
+    );
+    drop(inner);
+    shared.changed.send_replace(rv);
+    reply(200, &obj)
+}
+
+fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
+    let name = t.name.clone().unwrap_or_default();
+    let mut inner = shared.lock();
+    let key = key_of(t, &name);
+    let Some(current) = inner.objects.get(&key).cloned() else {
+        return fail(
+            404,
+            "NotFound",
+            format!("{}.{} \"{name}\" not found", t.plural, t.group),
+        );
+    };
+    if let Some(want) = opts
+        .pointer("/preconditions/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        let actual = current
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if want != actual {
+            return fail(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {}.{} \"{name}\": Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {actual}",
+                    t.plural, t.group
+                ),
+            );
+        }
+    }
+    inner.objects.remove(&key);
+    inner.rv += 1;
+    let rv = inner.rv;
+    let mut gone = current;
+    gone["metadata"]["resourceVersion"] = json!(rv.to_string());
+    record(
+        &mut inner,
+        rv,
+        &t.plural,
+        t.namespace.as_deref(),
+        "DELETED",
+        gone.clone(),
+    );
+    drop(inner);
+    shared.changed.send_replace(rv);
+    reply(200, &gone)
+}
+
+fn matches_target(
+    t: &Target,
+    namespace: Option<&str>,
+    obj: &Value,
+    field_name: Option<&str>,
+) -> bool {
+    (t.namespace.is_none() || t.namespace.as_deref() == namespace)
+        && field_name
+            .is_none_or(|n| obj.pointer("/metadata/name").and_then(Value::as_str) == Some(n))
+}
+
+fn field_name(q: &HashMap<String, String>) -> Option<String> {
+    q.get("fieldSelector")
+        .and_then(|f| f.strip_prefix("metadata.name="))
+        .map(str::to_owned)
+}
+
+fn list(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response {
+    let mut inner = shared.lock();
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let fname = field_name(q);
+    let (mut items, rv) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => match inner.continues.remove(token) {
+            Some(rest) => {
+                let rv = token.split(':').nth(1).unwrap_or_default().to_owned();
+                (rest, rv)
+            }
+            None => return fail(410, "Expired", "the provided continue parameter is too old"),
+        },
+        None => {
+            let items: Vec<Value> = inner
+                .objects
+                .iter()
+                .filter(|((p, ns, _), o)| {
+                    *p == t.plural && matches_target(t, ns.as_deref(), o, fname.as_deref())
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            (items, inner.rv.to_string())
+        }
+    };
+    let mut meta = json!({"resourceVersion": rv});
+    if limit > 0 && items.len() > limit {
+        let rest = items.split_off(limit);
+        inner.next_continue += 1;
+        let token = format!("c{}:{rv}", inner.next_continue);
+        meta["continue"] = json!(token);
+        meta["remainingItemCount"] = json!(rest.len());
+        inner.continues.insert(token, rest);
+    }
+    reply(
+        200,
+        &json!({
+            "apiVersion": format!("{}/{}", t.group, t.version),
+            "kind": format!("{}List", t.kind),
+            "metadata": meta,
+            "items": items,
+        }),
+    )
+}
+
+fn line(kind: &str, object: &Value) -> Result<Bytes, Infallible> {
+    let mut s = json!({"type": kind, "object": object}).to_string();
+    s.push('\n');
+    Ok(Bytes::from(s))
+}
+
+fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Response {
+    let from: Option<u64> = q
+        .get("resourceVersion")
+        .filter(|r| !r.is_empty() && *r != "0")
+        .and_then(|r| r.parse().ok());
+    let bookmarks = q
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true" || b == "1");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let fname = field_name(q);
+    let api_version = format!("{}/{}", t.group, t.version);
+    let mut rx = shared.changed.subscribe();
+    let (start, epoch, initial) = {
+        let inner = shared.lock();
+        match from {
+            Some(r) if r < inner.oldest => {
+                let err = status(
+                    410,
+                    "Expired",
+                    format!("too old resource version: {r} ({})", inner.oldest),
+                );
+                let body = Body::from_stream(futures::stream::iter([line("ERROR", &err)]));
+                return (StatusCode::OK, body).into_response();
+            }
+            Some(r) => (r, inner.expire_epoch, Vec::new()),
+            None => {
+                // No resourceVersion: the current state as ADDED events, then what follows.
+                let added: Vec<Value> = inner
+                    .objects
+                    .iter()
+                    .filter(|((p, ns, _), o)| {
+                        *p == t.plural && matches_target(&t, ns.as_deref(), o, fname.as_deref())
+                    })
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                (inner.rv, inner.expire_epoch, added)
+            }
+        }
+    };
+    let deadline = timeout.map(|d| tokio::time::Instant::now() + d);
+    rx.borrow_and_update();
+    let stream = event_stream(
+        shared,
+        t,
+        fname,
+        api_version,
+        start,
+        epoch,
+        bookmarks,
+        deadline,
+        initial,
+        rx,
+    );
+    (StatusCode::OK, Body::from_stream(stream)).into_response()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event_stream(
+    shared: Shared,
+    t: Target,
+    fname: Option<String>,
+    api_version: String,
+    start: u64,
+    epoch: u64,
+    bookmarks: bool,
+    deadline: Option<tokio::time::Instant>,
+    initial: Vec<Value>,
+    rx: watch::Receiver<u64>,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
+    struct S {
+        shared: Shared,
+        t: Target,
+        fname: Option<String>,
+        api_version: String,
+        after: u64,
+        epoch: u64,
+        bookmarks: bool,
+        deadline: Option<tokio::time::Instant>,
+        pending: VecDeque<Result<Bytes, Infallible>>,
+        rx: watch::Receiver<u64>,
+        done: bool,
+    }
+    let mut pending: VecDeque<_> = initial.iter().map(|o| line("ADDED", o)).collect();
+    if pending.is_empty() && bookmarks {
+        pending.push_back(line("BOOKMARK", &json!({"kind": t.kind, "apiVersion": api_version, "metadata": {"resourceVersion": start.to_string()}})));
+    }
+    let s = S {
+        shared,
+        t,
+        fname,
+        api_version,
+        after: start,
+        epoch,
+        bookmarks,
+        deadline,
+        pending,
+        rx,
+        done: false,
+    };
+    futures::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(item) = s.pending.pop_front() {
+                return Some((item, s));
+            }
+            if s.done {
+                return None;
+            }
+            s.rx.borrow_and_update();
+            {
+                let inner = s.shared.lock();
+                if inner.expire_epoch != s.epoch || s.after < inner.oldest {
+                    let err = status(
+                        410,
+                        "Expired",
+                        format!("too old resource version: {} ({})", s.after, inner.oldest),
+                    );
+                    s.pending.push_back(line("ERROR", &err));
+                    s.done = true;
+                    continue;
+                }
+                let after = s.after;
+                for e in inner.events.iter().filter(|e| e.rv > after) {
+                    s.after = e.rv;
+                    if e.plural == s.t.plural
+                        && matches_target(
+                            &s.t,
+                            e.namespace.as_deref(),
+                            &e.object,
+                            s.fname.as_deref(),
+                        )
+                    {
+                        s.pending.push_back(line(e.kind, &e.object));
+                    }
+                }
+                if s.pending.is_empty() && s.bookmarks && inner.rv > s.after {
+                    s.after = inner.rv;
+                }
+            }
+            if !s.pending.is_empty() {
+                continue;
+            }
+            let wait = tokio::time::sleep(Duration::from_millis(500));
+            tokio::select! {
+                _ = s.rx.changed() => {}
+                () = wait => {
+                    if s.bookmarks {
+                        let rv = s.shared.lock().rv.max(s.after);
+                        s.after = rv;
+                        s.pending.push_back(line("BOOKMARK", &json!({
+                            "kind": s.t.kind, "apiVersion": s.api_version,
+                            "metadata": {"resourceVersion": rv.to_string()}
+                        })));
+                    }
+                }
+            }
+            if s.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                s.done = true;
+            }
+        }
+    })
+    .boxed()
+}
