@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use kvsync_backend::etcd::{EtcdBackend, EtcdConfig, EtcdTls};
+use kvsync_backend::kubernetes::{KubernetesBackend, KubernetesConfig};
 use kvsync_backend::sqlite::{SqliteBackend, SqliteConfig};
 use kvsync_backend::{Client, MemoryBackend};
 
@@ -135,14 +136,15 @@ impl DatastoreArgs {
                 Arc::new(backend)
             }
             DatastoreType::Kubernetes => {
-                let from = self.kubeconfig.as_ref().map_or_else(
-                    || "the in-cluster service account".to_owned(),
-                    |p| p.display().to_string(),
-                );
-                bail!(
-                    "the kubernetes datastore ({from}) is not available in this version of kvsync; \
-                     use --datastore sqlite or etcd"
-                )
+                let config = KubernetesConfig {
+                    kubeconfig: self.kubeconfig.clone(),
+                    ..KubernetesConfig::default()
+                };
+                let backend = tokio::time::timeout(timeout, KubernetesBackend::connect(config))
+                    .await
+                    .context("the Kubernetes configuration could not be loaded in time")?
+                    .context("cannot use the kubernetes datastore")?;
+                Arc::new(backend)
             }
         })
     }

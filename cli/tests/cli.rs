@@ -337,15 +337,51 @@ fn an_unreachable_etcd_fails_clearly_within_the_timeout() {
 }
 
 #[test]
-fn the_kubernetes_datastore_is_reported_as_unavailable_not_a_panic() {
+fn the_cli_works_against_the_kubernetes_api_server_double() {
     let env = Env::new();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let double = rt.block_on(kvsync_tests::kube_double::ApiServerDouble::start(
+        &kvsync_model::Registry::with_demo_kinds(),
+        1000,
+    ));
+    let kubeconfig = double.kubeconfig();
+    let pools = env.file("pools.yaml", POOLS);
+    let run = |args: &[&str]| {
+        env.kvsync()
+            .args(["--datastore", "kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["apply", "-f", pools.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["get", "ippools", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
+    let out = run(&["watch", "ippools", "--once"]);
+    assert!(
+        stdout(&out).ends_with("status InSync\n"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&["delete", "ippool", "pool-a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let out = env
         .kvsync()
-        .args(["--datastore", "kubernetes", "get", "ippools"])
+        .args([
+            "--datastore",
+            "kubernetes",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+            "get",
+            "ippools",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("kubernetes"));
+    assert!(stderr(&out).contains("kubeconfig"), "{}", stderr(&out));
+    drop(double);
 }
 
 #[test]

@@ -33,11 +33,52 @@ pub fn any_object() -> Value {
     json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
+/// Rewrites what the API server refuses in a structural schema: `additionalProperties: false`
+/// beside `properties`, and `oneOf` of documented unit variants (one `enum` value each), which
+/// becomes one string `enum`.
 fn make_structural(v: &mut Value) {
     match v {
         Value::Object(map) => {
             if map.get("additionalProperties") == Some(&Value::Bool(false)) {
                 map.remove("additionalProperties");
+            }
+            let variants: Option<Vec<Value>> =
+                map.get("oneOf").and_then(Value::as_array).and_then(|alts| {
+                    alts.iter()
+                        .map(|a| match a.get("enum").and_then(Value::as_array) {
+                            Some(e)
+                                if e.len() == 1 && a.get("type").is_none_or(|t| t == "string") =>
+                            {
+                                Some(e[0].clone())
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                });
+            if let Some(values) = variants {
+                map.remove("oneOf");
+                map.insert("type".into(), Value::String("string".into()));
+                map.insert("enum".into(), Value::Array(values));
+            }
+            // `Option<T>` of a schema with its own `type`: `anyOf: [T, null]` -> T, nullable.
+            let optional = map.get("anyOf").and_then(Value::as_array).and_then(|alts| {
+                let is_null = |a: &Value| a.get("enum") == Some(&serde_json::json!([null]));
+                match alts.as_slice() {
+                    [a, b] if is_null(b) => Some(a.clone()),
+                    [a, b] if is_null(a) => Some(b.clone()),
+                    _ => None,
+                }
+            });
+            if let Some(Value::Object(inner)) = optional {
+                map.remove("anyOf");
+                for (k, v) in inner {
+                    if k != "description" || !map.contains_key("description") {
+                        map.insert(k, v);
+                    }
+                }
+                map.insert("nullable".into(), Value::Bool(true));
+                make_structural(v);
+                return;
             }
             for child in map.values_mut() {
                 make_structural(child);

@@ -789,12 +789,12 @@ pub async fn client_is_shareable_across_tasks(b: &dyn TestBackend) {
     );
 }
 
-/// Generates one `#[tokio::test]` per conformance check, each calling it with the backend
-/// that `$make` evaluates to (a value implementing [`TestBackend`]).
+/// Calls `$callback!` with the names of every conformance check, so that the list is written
+/// once.
 #[macro_export]
-macro_rules! conformance_tests {
-    ($make:expr) => {
-        $crate::conformance_tests!(@each $make;
+macro_rules! with_conformance_checks {
+    ($callback:ident ! ($($args:tt)*)) => {
+        $crate::$callback!($($args)*;
             create_assigns_revision_and_uid_and_refuses_duplicates,
             update_checks_existence_and_revision,
             apply_creates_then_replaces,
@@ -812,6 +812,15 @@ macro_rules! conformance_tests {
             clean_removes_only_the_clients_keys,
             client_is_shareable_across_tasks,
         );
+    };
+}
+
+/// Generates one `#[tokio::test]` per conformance check, each calling it with the backend
+/// that `$make` evaluates to (a value implementing [`TestBackend`]).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::with_conformance_checks!(conformance_tests!(@each $make));
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(

@@ -12,6 +12,9 @@
 //! watch from an older resourceVersion gets an ERROR event with a `410 Gone` (Expired) Status,
 //! as the real server does. A bearer token can be required (401 without it).
 
+// Handlers return the error response itself; boxing it would only add noise to a test server.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -83,3 +83,119 @@ impl TestBackend for KubeDoubleTestBackend {
         false
     }
 }
+
+/// The Kubernetes backend against a real cluster named by `KVSYNC_TEST_KUBECONFIG`: installs
+/// the CRDs from deploy/crds and the namespaces the suites use, and empties the kvsync
+/// resources before every client (so run checks one at a time).
+pub struct RealClusterTestBackend {
+    kubeconfig: std::path::PathBuf,
+}
+
+impl RealClusterTestBackend {
+    /// The cluster of `KVSYNC_TEST_KUBECONFIG`, prepared; `None` when the variable is unset.
+    ///
+    /// # Panics
+    /// When the cluster refuses the CRDs or namespaces.
+    pub async fn from_env() -> Option<Self> {
+        let kubeconfig = std::path::PathBuf::from(std::env::var_os("KVSYNC_TEST_KUBECONFIG")?);
+        let backend = RealClusterTestBackend { kubeconfig };
+        backend.prepare().await;
+        Some(backend)
+    }
+
+    async fn connect(&self) -> KubernetesBackend {
+        KubernetesBackend::connect(KubernetesConfig {
+            kubeconfig: Some(self.kubeconfig.clone()),
+            ..KubernetesConfig::default()
+        })
+        .await
+        .expect("connect to the cluster of KVSYNC_TEST_KUBECONFIG")
+    }
+
+    async fn prepare(&self) {
+        use k8s_openapi::api::core::v1::Namespace;
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        use kube::api::{Api, PostParams};
+        let client = self.connect().await.kube_client().clone();
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("deploy/crds")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("read CRD");
+            let crd: CustomResourceDefinition = serde_yaml_ng::from_str(&text).expect("a CRD");
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            match crds.get_opt(&name).await.expect("read CRD") {
+                Some(existing) => {
+                    let mut crd = crd;
+                    crd.metadata.resource_version = existing.metadata.resource_version;
+                    crds.replace(&name, &PostParams::default(), &crd)
+                        .await
+                        .expect("replace CRD");
+                }
+                None => {
+                    crds.create(&PostParams::default(), &crd)
+                        .await
+                        .expect("create CRD");
+                }
+            }
+        }
+        // Wait until the API serves them.
+        let backend = self.connect().await;
+        for _ in 0..100 {
+            if kvsync_backend::Client::ensure_initialized(&backend)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let namespaces: Api<Namespace> = Api::all(client);
+        for ns in ["a", "b", "ab", "ns", "ns-a", "ns-b", "prod", "dev"] {
+            let obj: Namespace =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))
+                    .expect("namespace");
+            let _ = namespaces.create(&PostParams::default(), &obj).await;
+        }
+    }
+}
+
+#[async_trait]
+impl TestBackend for RealClusterTestBackend {
+    async fn client(&self) -> TestClient {
+        let backend = self.connect().await;
+        kvsync_backend::Client::clean(&backend)
+            .await
+            .expect("empty the kvsync resources");
+        struct NoRaw;
+        #[async_trait]
+        impl RawAccess for NoRaw {
+            async fn put_raw(&self, _path: &str, _bytes: &[u8]) -> Revision {
+                panic!("a real cluster cannot store undecodable objects through the API")
+            }
+            async fn compact(&self, _client: &dyn kvsync_backend::Client, _revision: &Revision) {
+                // The API server's watch cache window cannot be moved from outside.
+            }
+        }
+        TestClient {
+            client: Arc::new(backend),
+            raw: Arc::new(NoRaw),
+        }
+    }
+
+    fn supports_ttl(&self) -> bool {
+        false
+    }
+
+    fn supports_historical_reads(&self) -> bool {
+        false
+    }
+
+    fn stores_raw_bytes(&self) -> bool {
+        false
+    }
+}

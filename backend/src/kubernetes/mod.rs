@@ -475,9 +475,7 @@ impl Client for KubernetesBackend {
                         compacted: Revision::from("expired"),
                     })),
                     Ok(KubeEvent::Error(s)) => Some(Err(status_err(&s, None))),
-                    Ok(KubeEvent::Added(o)) => {
-                        convert(&this, &kind, &opts, o, |k| WatchEvent::Added(k))
-                    }
+                    Ok(KubeEvent::Added(o)) => convert(&this, &kind, &opts, o, WatchEvent::Added),
                     Ok(KubeEvent::Modified(o)) => convert(&this, &kind, &opts, o, |k| {
                         WatchEvent::Modified { new: k, old: None }
                     }),

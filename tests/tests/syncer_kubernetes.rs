@@ -1,0 +1,158 @@
+//! The Syncer against the Kubernetes backend through the API server double: the randomized
+//! model test, and 410 Gone in the middle of a watch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvsync_backend::Client;
+use kvsync_model::{KVPair, ListOptions, Registry, ResourceKey};
+use kvsync_syncer::{Backoff, ResourceType, SyncStatus, Syncer};
+use kvsync_tests::checker::{CheckingConsumer, datastore_state, diff};
+use kvsync_tests::kube_double::ApiServerDouble;
+use kvsync_tests::kubernetes::{KubeDoubleTestBackend, connect};
+use kvsync_tests::syncer_model::{self, ModelConfig};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_model_holds_the_consumer_invariant_on_kubernetes() {
+    let cases = std::env::var("KVSYNC_KUBE_MODEL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let mut config = ModelConfig::new(cases);
+    config.max_ops = 30;
+    syncer_model::run(&KubeDoubleTestBackend { window: 50 }, config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_in_the_middle_of_a_watch_relists_and_sends_the_difference() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 10_000).await;
+    let client: Arc<dyn Client> = Arc::new(connect(&double).await);
+    for name in ["a", "b", "c"] {
+        client
+            .create(KVPair::new(
+                ResourceKey::cluster("IPPool", name),
+                json!({"cidr": "10.0.0.0/16"}),
+            ))
+            .await
+            .expect("seed");
+    }
+    let syncer = Syncer::new(client.clone())
+        .with_resource(ResourceType::new(ListOptions::new("IPPool")))
+        .with_backoff(Backoff {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(50),
+        });
+    let consumer = CheckingConsumer::start(syncer.stream());
+    let kinds = [ListOptions::new("IPPool")];
+    let expected = datastore_state(client.as_ref(), &kinds).await;
+    assert!(
+        consumer
+            .wait_for(Duration::from_secs(10), |s| s.status()
+                == Some(SyncStatus::InSync)
+                && s.cache == expected)
+            .await
+    );
+
+    // The API server's window moves on while changes happen: the open watch gets 410 Gone.
+    client
+        .apply(KVPair::new(
+            ResourceKey::cluster("IPPool", "b"),
+            json!({"cidr": "10.9.0.0/16"}),
+        ))
+        .await
+        .expect("update");
+    double.expire_history();
+    client
+        .delete(&ResourceKey::cluster("IPPool", "c"), None)
+        .await
+        .expect("delete");
+    client
+        .create(KVPair::new(
+            ResourceKey::cluster("IPPool", "d"),
+            json!({"cidr": "10.4.0.0/16"}),
+        ))
+        .await
+        .expect("create");
+
+    let expected = datastore_state(client.as_ref(), &kinds).await;
+    let ok = consumer
+        .wait_for(Duration::from_secs(10), |s| {
+            s.status() == Some(SyncStatus::InSync) && s.cache == expected
+        })
+        .await;
+    let seen = consumer.stop().await;
+    assert!(ok, "{}", diff(&expected, &seen.cache));
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    assert!(
+        seen.statuses
+            .iter()
+            .filter(|s| **s == SyncStatus::ResyncInProgress)
+            .count()
+            >= 2,
+        "410 Gone made the type relist: {:?}",
+        seen.statuses
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_unauthorized() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    double.require_token("right");
+    let wrong = kvsync_backend::kubernetes::KubernetesBackend::connect(
+        kvsync_backend::kubernetes::KubernetesConfig {
+            kubeconfig: Some(double.kubeconfig_with_token("wrong")),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let err = wrong
+        .list(&ListOptions::new("IPPool"), None)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(err, kvsync_backend::Error::Unauthorized { .. }),
+        "{err}"
+    );
+    let right = kvsync_backend::kubernetes::KubernetesBackend::connect(
+        kvsync_backend::kubernetes::KubernetesConfig {
+            kubeconfig: Some(double.kubeconfig_with_token("right")),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect");
+    right
+        .list(&ListOptions::new("IPPool"), None)
+        .await
+        .expect("allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_is_unsupported_and_nothing_is_written() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    let client = connect(&double).await;
+    let err = client
+        .create(
+            KVPair::new(
+                ResourceKey::cluster("IPPool", "a"),
+                json!({"cidr": "10.0.0.0/16"}),
+            )
+            .with_ttl(Duration::from_secs(5)),
+        )
+        .await
+        .expect_err("no TTLs on Kubernetes");
+    assert!(
+        matches!(err, kvsync_backend::Error::Unsupported { .. }),
+        "{err}"
+    );
+    assert!(
+        client
+            .list(&ListOptions::new("IPPool"), None)
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+}
