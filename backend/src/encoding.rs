@@ -1,6 +1,10 @@
 //! Helpers every backend shares: validating and encoding values, decoding stored entries.
 
-use kvsync_model::{KVPair, KindInfo, ParseFailure, PathCodec, ResourceKey, Revision};
+use kvsync_model::{
+    KVList, KVPair, KindInfo, ListOptions, ParseFailure, PathCodec, ResourceKey, Revision,
+};
+
+use crate::watch::WatchEvent;
 
 use crate::error::{Error, Result};
 
@@ -68,5 +72,46 @@ pub fn parse_error(f: ParseFailure) -> Error {
         raw_key: f.raw_key,
         raw_value: f.raw_value,
         source: f.reason.into(),
+    }
+}
+
+/// What a write may find: create needs the key absent, update present, apply either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteMode {
+    Create,
+    Update,
+    Apply,
+}
+
+/// A decoded entry, or why it does not decode.
+pub type Decoded = Result<KVPair, Box<ParseFailure>>;
+
+/// Adds a decoded entry to a list if `opts` covers it: good ones to the items, undecodable
+/// ones (whose key, where known, is covered) to the parse failures.
+pub fn push_listed(list: &mut KVList, opts: &ListOptions, entry: Decoded) {
+    match entry {
+        Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
+        Ok(_) => {}
+        Err(f) if f.key.as_ref().is_none_or(|k| opts.matches(k)) => list.parse_failures.push(*f),
+        Err(_) => {}
+    }
+}
+
+/// The watch event of a stored write, if `opts` covers it: `Added` when the write created the
+/// key, `Modified` (with `old` where known) otherwise, `ParseFailed` when it does not decode.
+pub fn put_event(
+    opts: &ListOptions,
+    entry: Decoded,
+    created: bool,
+    old: Option<KVPair>,
+) -> Option<WatchEvent> {
+    match entry {
+        Ok(kvp) if !opts.matches(&kvp.key) => None,
+        Ok(kvp) if created => Some(WatchEvent::Added(kvp)),
+        Ok(kvp) => Some(WatchEvent::Modified { new: kvp, old }),
+        Err(f) if f.key.as_ref().is_none_or(|k| opts.matches(k)) => {
+            Some(WatchEvent::ParseFailed(*f))
+        }
+        Err(_) => None,
     }
 }

@@ -8,6 +8,7 @@ use kvsync_model::{KVPair, ListOptions, ParseFailure, PathCodec, Revision};
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 
+use crate::encoding::put_event;
 use crate::error::{Error, Result};
 use crate::watch::WatchEvent;
 
@@ -219,20 +220,12 @@ impl WatchState {
             let Some(kv) = ev.kv() else { continue };
             self.last = self.last.max(kv.mod_revision());
             let converted = match ev.event_type() {
-                EventType::Put => match decode_kv(&self.codec, kv) {
-                    Ok(kvp) if !self.opts.matches(&kvp.key) => None,
-                    Ok(kvp) if kv.create_revision() == kv.mod_revision() => {
-                        Some(WatchEvent::Added(kvp))
-                    }
-                    Ok(kvp) => Some(WatchEvent::Modified {
-                        new: kvp,
-                        old: None,
-                    }),
-                    Err(f) if f.key.as_ref().is_none_or(|k| self.opts.matches(k)) => {
-                        Some(WatchEvent::ParseFailed(*f))
-                    }
-                    Err(_) => None,
-                },
+                EventType::Put => put_event(
+                    &self.opts,
+                    decode_kv(&self.codec, kv),
+                    kv.create_revision() == kv.mod_revision(),
+                    None,
+                ),
                 EventType::Delete => {
                     let path = String::from_utf8_lossy(kv.key());
                     match self.codec.from_path(&path) {

@@ -45,7 +45,7 @@ pub use config::{EtcdConfig, EtcdTls};
 use convert::{Envelope, decode_kv, map_err, rev_i64};
 
 use crate::client::Client;
-use crate::encoding::{encode_for_write, parse_error};
+use crate::encoding::{WriteMode, encode_for_write, parse_error, push_listed};
 use crate::error::{Error, Result};
 use crate::watch::WatchStream;
 
@@ -103,12 +103,6 @@ impl fmt::Debug for EtcdBackend {
             .field("prefix", &self.codec.prefix())
             .finish_non_exhaustive()
     }
-}
-
-enum WriteMode {
-    Create,
-    Update,
-    Apply,
 }
 
 impl EtcdBackend {
@@ -560,14 +554,7 @@ impl Client for EtcdBackend {
             }
             list.items.reserve(kvs.len());
             for kv in &kvs {
-                match self.decode(kv) {
-                    Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
-                    Ok(_) => {}
-                    Err(f) if f.key.as_ref().is_none_or(|k| opts.matches(k)) => {
-                        list.parse_failures.push(*f);
-                    }
-                    Err(_) => {}
-                }
+                push_listed(&mut list, opts, self.decode(kv));
             }
         }
         Ok(list)

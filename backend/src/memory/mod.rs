@@ -22,7 +22,9 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::client::Client;
-use crate::encoding::{decode_entry, encode_for_write, parse_error};
+use crate::encoding::{
+    WriteMode, decode_entry, encode_for_write, parse_error, push_listed, put_event,
+};
 use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
 
@@ -256,12 +258,6 @@ impl MemoryBackendBuilder {
             }),
         })
     }
-}
-
-enum WriteMode {
-    Create,
-    Update,
-    Apply,
 }
 
 impl MemoryBackend {
@@ -538,14 +534,7 @@ impl Client for MemoryBackend {
             parse_failures: Vec::new(),
         };
         for (path, rec) in &records {
-            match self.to_kvp(path, rec) {
-                Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
-                Ok(_) => {}
-                Err(f) if f.key.as_ref().is_none_or(|k| opts.matches(k)) => {
-                    list.parse_failures.push(*f);
-                }
-                Err(_) => {}
-            }
+            push_listed(&mut list, opts, self.to_kvp(path, rec));
         }
         Ok(list)
     }
@@ -683,15 +672,12 @@ impl WatchState {
             .as_ref()
             .and_then(|p| self.backend.to_kvp(&e.path, p).ok());
         match &e.new {
-            Some(rec) => match self.backend.to_kvp(&e.path, rec) {
-                Ok(kvp) if !self.opts.matches(&kvp.key) => None,
-                Ok(kvp) if e.prev.is_some() => Some(WatchEvent::Modified { new: kvp, old }),
-                Ok(kvp) => Some(WatchEvent::Added(kvp)),
-                Err(f) if f.key.as_ref().is_none_or(|k| self.opts.matches(k)) => {
-                    Some(WatchEvent::ParseFailed(*f))
-                }
-                Err(_) => None,
-            },
+            Some(rec) => put_event(
+                &self.opts,
+                self.backend.to_kvp(&e.path, rec),
+                e.prev.is_none(),
+                old,
+            ),
             None => {
                 let key = self.backend.inner.codec.from_path(&e.path).ok()?;
                 self.opts.matches(&key).then(|| WatchEvent::Deleted {

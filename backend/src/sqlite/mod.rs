@@ -32,7 +32,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::watch;
 
 use crate::client::Client;
-use crate::encoding::{decode_entry, encode_for_write, parse_error};
+use crate::encoding::{
+    WriteMode, decode_entry, encode_for_write, parse_error, push_listed, put_event,
+};
 use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
 
@@ -296,6 +298,23 @@ struct NewRow<'a> {
     old_value: Option<&'a [u8]>,
 }
 
+impl<'a> NewRow<'a> {
+    /// The row that deletes the key `last` holds (keeping its value as the last one).
+    fn deletion_of(last: &'a Row) -> Self {
+        NewRow {
+            name: &last.name,
+            created: false,
+            deleted: true,
+            create_revision: last.create_revision,
+            prev_revision: last.id,
+            ttl: None,
+            uid: &last.uid,
+            value: None,
+            old_value: last.value.as_deref(),
+        }
+    }
+}
+
 fn insert(conn: &Connection, row: NewRow<'_>) -> rusqlite::Result<i64> {
     let ttl_ms = row
         .ttl
@@ -343,20 +362,7 @@ fn expire_due(conn: &mut Connection) -> rusqlite::Result<Option<i64>> {
     };
     let mut last = None;
     for row in &due {
-        last = Some(insert(
-            &tx,
-            NewRow {
-                name: &row.name,
-                created: false,
-                deleted: true,
-                create_revision: row.create_revision,
-                prev_revision: row.id,
-                ttl: None,
-                uid: &row.uid,
-                value: None,
-                old_value: row.value.as_deref(),
-            },
-        )?);
+        last = Some(insert(&tx, NewRow::deletion_of(row))?);
     }
     // Superseded rows keep their expiry; clear it so they are not looked at again.
     tx.execute(
@@ -365,12 +371,6 @@ fn expire_due(conn: &mut Connection) -> rusqlite::Result<Option<i64>> {
     )?;
     tx.commit()?;
     Ok(last)
-}
-
-enum WriteMode {
-    Create,
-    Update,
-    Apply,
 }
 
 impl SqliteBackend {
@@ -655,21 +655,7 @@ impl Client for SqliteBackend {
                         actual: Some(rev(prev.id)),
                     });
                 }
-                insert(
-                    &tx,
-                    NewRow {
-                        name: &path,
-                        created: false,
-                        deleted: true,
-                        create_revision: prev.create_revision,
-                        prev_revision: prev.id,
-                        ttl: None,
-                        uid: &prev.uid,
-                        value: None,
-                        old_value: prev.value.as_deref(),
-                    },
-                )
-                .map_err(db_err)?;
+                insert(&tx, NewRow::deletion_of(&prev)).map_err(db_err)?;
                 tx.commit().map_err(db_err)?;
                 Ok(prev)
             })
@@ -732,14 +718,7 @@ impl Client for SqliteBackend {
             };
             for row in rows {
                 let row = row.map_err(db_err)?;
-                match Self::to_kvp(&codec, &row) {
-                    Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
-                    Ok(_) => {}
-                    Err(f) if f.key.as_ref().is_none_or(|k| opts.matches(k)) => {
-                        list.parse_failures.push(*f);
-                    }
-                    Err(_) => {}
-                }
+                push_listed(&mut list, &opts, Self::to_kvp(&codec, &row));
             }
             Ok(list)
         })
@@ -793,20 +772,7 @@ impl Client for SqliteBackend {
                     .map_err(db_err)?
             };
             for row in &live {
-                insert(
-                    &tx,
-                    NewRow {
-                        name: &row.name,
-                        created: false,
-                        deleted: true,
-                        create_revision: row.create_revision,
-                        prev_revision: row.id,
-                        ttl: None,
-                        uid: &row.uid,
-                        value: None,
-                        old_value: row.value.as_deref(),
-                    },
-                )
+                insert(&tx, NewRow::deletion_of(row))
                 .map_err(db_err)?;
             }
             tx.commit().map_err(db_err)
@@ -952,17 +918,11 @@ impl WatchState {
                 old,
             });
         }
-        match SqliteBackend::to_kvp(codec, row) {
-            Ok(kvp) if !self.opts.matches(&kvp.key) => None,
-            Ok(kvp) if row.created => Some(WatchEvent::Added(kvp)),
-            Ok(kvp) => Some(WatchEvent::Modified {
-                new: kvp,
-                old: None,
-            }),
-            Err(f) if f.key.as_ref().is_none_or(|k| self.opts.matches(k)) => {
-                Some(WatchEvent::ParseFailed(*f))
-            }
-            Err(_) => None,
-        }
+        put_event(
+            &self.opts,
+            SqliteBackend::to_kvp(codec, row),
+            row.created,
+            None,
+        )
     }
 }
