@@ -6,7 +6,7 @@
 //! | [`MemoryBackend`] | always | in-process MVCC store, like etcd's mvcc; for tests and demos |
 //! | `SqliteBackend` | `sqlite` (default) | persistent, multi-process revision log in one SQLite file, in the style of kine |
 //! | `EtcdBackend` | `etcd` | etcd v3 through `etcd-client`: paged consistent lists, watches with progress notifications, leases for TTLs, TLS and auth |
-//! | `KubernetesBackend` | `kubernetes` | each kind a CustomResource on a Kubernetes API server (`kube`); no TTLs |
+//! | `KubernetesBackend` | `kubernetes` | each kind a CustomResource on a Kubernetes API server (`kube`); no TTLs. As with kube, the binary picks the API version: enable a `k8s-openapi` version feature (e.g. `latest`) in it |
 //! | [`FaultyClient`] | always | wraps any client and injects failures, for tests |
 //!
 //! ```
