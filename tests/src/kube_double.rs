@@ -716,10 +716,32 @@ fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Respo
         .map(Duration::from_secs);
     let fname = field_name(q);
     let api_version = format!("{}/{}", t.group, t.version);
+    let initial_events = q.get("sendInitialEvents").is_some_and(|v| v == "true");
+    if initial_events
+        && (q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan") || !bookmarks)
+    {
+        return fail(
+            422,
+            "Invalid",
+            "sendInitialEvents needs resourceVersionMatch=NotOlderThan and allowWatchBookmarks=true",
+        );
+    }
     let mut rx = shared.changed.subscribe();
     let (start, epoch, initial) = {
         let inner = shared.lock();
         match from {
+            // A watch-list: the current state (as of at least `r`), then what follows.
+            _ if initial_events => {
+                let added: Vec<Value> = inner
+                    .objects
+                    .iter()
+                    .filter(|((p, ns, _), o)| {
+                        *p == t.plural && matches_target(&t, ns.as_deref(), o, fname.as_deref())
+                    })
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                (inner.rv, inner.expire_epoch, added)
+            }
             Some(r) if r < inner.oldest => {
                 let err = status(
                     410,
@@ -756,6 +778,7 @@ fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Respo
         bookmarks,
         deadline,
         initial,
+        initial_events,
         rx,
     );
     (StatusCode::OK, Body::from_stream(stream)).into_response()
@@ -772,6 +795,7 @@ fn event_stream(
     bookmarks: bool,
     deadline: Option<tokio::time::Instant>,
     initial: Vec<Value>,
+    initial_events_end: bool,
     rx: watch::Receiver<u64>,
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
     struct S {
@@ -788,7 +812,18 @@ fn event_stream(
         done: bool,
     }
     let mut pending: VecDeque<_> = initial.iter().map(|o| line("ADDED", o)).collect();
-    if pending.is_empty() && bookmarks {
+    if initial_events_end {
+        pending.push_back(line(
+            "BOOKMARK",
+            &json!({
+                "kind": t.kind, "apiVersion": api_version,
+                "metadata": {
+                    "resourceVersion": start.to_string(),
+                    "annotations": {"k8s.io/initial-events-end": "true"},
+                }
+            }),
+        ));
+    } else if pending.is_empty() && bookmarks {
         pending.push_back(line("BOOKMARK", &json!({"kind": t.kind, "apiVersion": api_version, "metadata": {"resourceVersion": start.to_string()}})));
     }
     let s = S {

@@ -15,11 +15,16 @@ use crate::kube_double::ApiServerDouble;
 pub struct KubeDoubleTestBackend {
     /// How many events the double keeps before a watch from older ones gets 410 Gone.
     pub window: usize,
+    /// Whether the backend reads the initial state with watch-list requests.
+    pub watch_list: bool,
 }
 
 impl Default for KubeDoubleTestBackend {
     fn default() -> Self {
-        KubeDoubleTestBackend { window: 10_000 }
+        KubeDoubleTestBackend {
+            window: 10_000,
+            watch_list: false,
+        }
     }
 }
 
@@ -50,8 +55,17 @@ impl RawAccess for DoubleRaw {
 /// # Panics
 /// If the kubeconfig the double wrote cannot be used.
 pub async fn connect(double: &ApiServerDouble) -> KubernetesBackend {
+    connect_with(double, false).await
+}
+
+/// Connects the backend to a double, with or without watch-list requests.
+///
+/// # Panics
+/// If the kubeconfig the double wrote cannot be used.
+pub async fn connect_with(double: &ApiServerDouble, watch_list: bool) -> KubernetesBackend {
     KubernetesBackend::connect(KubernetesConfig {
         kubeconfig: Some(double.kubeconfig()),
+        watch_list,
         ..KubernetesConfig::default()
     })
     .await
@@ -63,7 +77,7 @@ impl TestBackend for KubeDoubleTestBackend {
     async fn client(&self) -> TestClient {
         let double =
             Arc::new(ApiServerDouble::start(&Registry::with_demo_kinds(), self.window).await);
-        let backend = connect(&double).await;
+        let backend = connect_with(&double, self.watch_list).await;
         let codec = kvsync_backend::Client::codec(&backend).clone();
         TestClient {
             client: Guarded::wrap(Arc::new(backend), double.clone()),

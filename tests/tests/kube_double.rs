@@ -216,3 +216,27 @@ async fn watches_stream_added_modified_deleted_and_bookmarks() {
     .await
     .expect("requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_lists_send_the_state_then_an_initial_events_end_bookmark() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    let url = double.url();
+    tokio::task::spawn_blocking(move || {
+        for name in ["a", "b"] {
+            assert_eq!(http(&url, "POST", POOLS, Some(&pool(name))).0, 201);
+        }
+        let (code, body) = http(&url, "GET", &format!("{POOLS}?watch=true&sendInitialEvents=true&allowWatchBookmarks=true"), None);
+        assert_eq!((code, json_of(&body)["reason"].as_str()), (422, Some("Invalid")), "needs resourceVersionMatch");
+        let (code, body) = http(
+            &url,
+            "GET",
+            &format!("{POOLS}?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&resourceVersion=0&timeoutSeconds=1"),
+            None,
+        );
+        assert_eq!(code, 200);
+        assert_eq!(body.matches("\"type\":\"ADDED\"").count(), 2, "{body}");
+        assert!(body.contains("k8s.io/initial-events-end"), "{body}");
+    })
+    .await
+    .expect("requests");
+}

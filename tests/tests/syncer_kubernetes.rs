@@ -21,7 +21,29 @@ async fn randomized_model_holds_the_consumer_invariant_on_kubernetes() {
         .unwrap_or(100);
     let mut config = ModelConfig::new(cases);
     config.max_ops = 30;
-    syncer_model::run(&KubeDoubleTestBackend { window: 50 }, config).await;
+    syncer_model::run(
+        &KubeDoubleTestBackend {
+            window: 50,
+            watch_list: false,
+        },
+        config,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_model_holds_with_watch_list_requests() {
+    let mut config = ModelConfig::new(40);
+    config.max_ops = 30;
+    config.seed = config.seed.wrapping_add(7_000);
+    syncer_model::run(
+        &KubeDoubleTestBackend {
+            window: 50,
+            watch_list: true,
+        },
+        config,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
