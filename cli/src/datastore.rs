@@ -69,6 +69,11 @@ pub struct DatastoreArgs {
     #[arg(long, env = "KUBECONFIG", global = true)]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Read the initial state with streaming watch-list requests (kubernetes datastore; needs
+    /// Kubernetes 1.27+ with WatchList and etcd 3.4.31+ under the API server).
+    #[arg(long, env = "KVSYNC_KUBE_WATCH_LIST", global = true)]
+    pub kube_watch_list: bool,
+
     /// The key prefix.
     #[arg(long, env = "KVSYNC_PREFIX", global = true, default_value = kvsync_model::DEFAULT_PREFIX)]
     pub prefix: String,
@@ -138,6 +143,7 @@ impl DatastoreArgs {
             DatastoreType::Kubernetes => {
                 let config = KubernetesConfig {
                     kubeconfig: self.kubeconfig.clone(),
+                    watch_list: self.kube_watch_list,
                     ..KubernetesConfig::default()
                 };
                 let backend = tokio::time::timeout(timeout, KubernetesBackend::connect(config))

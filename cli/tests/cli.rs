@@ -365,6 +365,13 @@ fn the_cli_works_against_the_kubernetes_api_server_double() {
         "{}",
         stdout(&out)
     );
+    let out = run(&["--kube-watch-list", "get", "ippools", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        v["items"].as_array().map(Vec::len),
+        Some(2),
+        "watch-list reads the same"
+    );
     let out = run(&["delete", "ippool", "pool-a"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = env
