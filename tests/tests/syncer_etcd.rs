@@ -2,6 +2,8 @@
 //! outage recovery, a killed and restarted server, a cluster losing its leader, TLS and auth.
 
 use std::collections::BTreeMap;
+
+use futures::StreamExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -345,4 +347,42 @@ async fn an_unreachable_endpoint_fails_fast_and_retryably() {
     assert!(err.is_retryable(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
     let _ = EtcdTestBackend::shared().client().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_larger_than_the_decode_limit_is_read_in_smaller_pages() {
+    let cluster = start_cluster(1).await;
+    let client = EtcdBackend::connect(cluster.config(&unique_prefix()))
+        .await
+        .expect("connect");
+    // 72 values of about 1 MiB: 72 MiB, over the client's 64 MiB decode limit in one page.
+    let labels: serde_json::Map<String, serde_json::Value> = (0..1000)
+        .map(|i| {
+            (
+                format!("l{i:04}"),
+                serde_json::Value::String("x".repeat(1000)),
+            )
+        })
+        .collect();
+    let value = json!({"labels": labels});
+    let writes = futures::stream::iter(0..72).map(|i| {
+        let client = client.clone();
+        let value = value.clone();
+        async move {
+            client
+                .create(KVPair::new(
+                    ResourceKey::cluster("Node", format!("n{i:02}")),
+                    value,
+                ))
+                .await
+                .expect("write a large value")
+        }
+    });
+    writes.buffer_unordered(8).for_each(|_| async {}).await;
+    let list = client
+        .list(&ListOptions::new("Node"), None)
+        .await
+        .expect("list");
+    assert_eq!(list.items.len(), 72);
+    assert!(list.items.iter().all(|k| k.value == value));
 }

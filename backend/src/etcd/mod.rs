@@ -335,6 +335,18 @@ struct RetryingKv {
     attempts: usize,
 }
 
+/// Whether a response was refused for its size (over the client's decode limit).
+fn is_too_large(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::ResourceExhausted
+                || (s.code() == tonic::Code::OutOfRange && !s.message().contains("compacted"))
+                || s.message().contains("message length too large")
+        }
+        _ => false,
+    }
+}
+
 fn is_connect_error(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) => true,
@@ -531,6 +543,12 @@ impl Client for EtcdBackend {
                 .map_err(|e| Error::unavailable(format!("list page task failed: {e}")))?;
             let mut resp = match page {
                 Ok(r) => r,
+                // A page over the decode limit (large values): ask for fewer keys.
+                Err(e) if is_too_large(&e) && limit > 1 => {
+                    limit = (limit / 4).max(1);
+                    pending = Some(fetch(start.clone(), limit, at));
+                    continue;
+                }
                 Err(e) => return Err(self.map_read_err(e, at).await),
             };
             // Pin every later page to the first page's revision: one consistent snapshot.
