@@ -97,7 +97,34 @@ pub const DEFAULT_MAX_BATCH: usize = 1000;
 ///
 /// The Syncer remembers which keys each resource produced, so a derived key that a later
 /// version no longer produces, or whose resource is deleted, is sent as `Deleted`. Derived
-/// pairs without a revision get their resource's.
+/// pairs without a revision get their resource's. Each derived key must come from one
+/// resource only: two resources producing the same key would report it twice.
+///
+/// ```
+/// use kvsync_model::{KVPair, ResourceKey};
+/// use kvsync_syncer::UpdateProcessor;
+///
+/// /// One derived key per selector term of a policy.
+/// struct BySelector;
+/// impl UpdateProcessor for BySelector {
+///     fn process(&self, kvp: &KVPair) -> Vec<KVPair> {
+///         let selector = kvp.value["selector"].as_str().unwrap_or_default();
+///         selector
+///             .split("&&")
+///             .enumerate()
+///             .map(|(i, term)| {
+///                 let name = format!("{}-{i}", kvp.key.name);
+///                 KVPair::new(ResourceKey::cluster("SelectorTerm", name), term.trim().into())
+///             })
+///             .collect()
+///     }
+/// }
+/// let policy = KVPair::new(
+///     ResourceKey::namespaced("NetworkPolicy", "prod", "web"),
+///     serde_json::json!({"selector": "app == 'web' && tier == 'front'"}),
+/// );
+/// assert_eq!(BySelector.process(&policy).len(), 2);
+/// ```
 pub trait UpdateProcessor: Send + Sync + 'static {
     /// The derived pairs for the current value of a resource.
     fn process(&self, kvp: &KVPair) -> Vec<KVPair>;

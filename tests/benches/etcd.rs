@@ -211,11 +211,17 @@ async fn run(cluster: &EtcdCluster, n: usize) {
     let mut list_best = Duration::MAX;
     for _ in 0..3 {
         let t = Instant::now();
-        let list = client.list(&ListOptions::new("IPPool"), None).await.expect("list");
+        let list = client
+            .list(&ListOptions::new("IPPool"), None)
+            .await
+            .expect("list");
         list_best = list_best.min(t.elapsed());
         assert_eq!(list.items.len(), n);
     }
-    println!("  the backend's list alone (pages decoded into KVPairs): {:>8.1} ms", ms(list_best));
+    println!(
+        "  the backend's list alone (pages decoded into KVPairs): {:>8.1} ms",
+        ms(list_best)
+    );
     let mut sync_best = Duration::MAX;
     for _ in 0..3 {
         let t = Instant::now();
