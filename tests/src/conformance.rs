@@ -463,6 +463,37 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
     ));
 }
 
+/// A watch from just before a deletion that a compaction at the deletion's own revision
+/// covered reports the deletion or Compacted, never nothing (etcd drops tombstones at the
+/// compaction revision).
+pub async fn watch_from_just_before_a_compacted_deletion_never_misses_it(b: &dyn TestBackend) {
+    let tc = b.isolated_client().await;
+    let c = tc.client.clone();
+    c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let before = c
+        .create(pool("b", "10.1.0.0/16"))
+        .await
+        .unwrap()
+        .revision
+        .unwrap();
+    c.delete(&pool_key("a"), None).await.unwrap();
+    let deleted_at = c.current_revision().await.ok();
+    let at = deleted_at.clone().unwrap_or_else(|| before.clone());
+    tc.raw.compact(c.as_ref(), &at).await;
+    let outcome = match c.watch(&ListOptions::new("IPPool"), Some(&before)).await {
+        Err(e) => Err(e),
+        Ok(mut w) => match tokio::time::timeout(EVENT_TIMEOUT, w.next()).await {
+            Ok(Some(item)) => item,
+            other => panic!("neither the deletion nor an error: {other:?}"),
+        },
+    };
+    match outcome {
+        Ok(WatchEvent::Deleted { key, .. }) => assert_eq!(key, pool_key("a")),
+        Err(Error::Compacted { .. }) => {}
+        other => panic!("expected the deletion or Compacted, got {other:?}"),
+    }
+}
+
 /// A key with a TTL disappears after it, with a Deleted event.
 pub async fn ttl_expires_keys_with_a_deleted_event(b: &dyn TestBackend) {
     let c = b.client().await.client;
@@ -804,6 +835,7 @@ macro_rules! with_conformance_checks {
             watch_from_list_revision_sees_every_change_in_order,
             watch_from_revision_replays_the_gap_with_deletions,
             watch_after_compaction_reports_compacted,
+            watch_from_just_before_a_compacted_deletion_never_misses_it,
             ttl_expires_keys_with_a_deleted_event,
             racing_writers_with_preconditions_never_lose_an_update,
             large_values_round_trip,

@@ -153,6 +153,8 @@ pub(super) struct WatchState {
     stream: etcd_client::WatchStream,
     buf: VecDeque<Result<WatchEvent>>,
     last: i64,
+    /// The revision the watch follows on from: events at or before it are not reported.
+    from: i64,
     /// How long to idle before requesting progress; `None` where requested progress cannot be
     /// trusted.
     progress_every: Option<Duration>,
@@ -174,6 +176,7 @@ impl WatchState {
             stream,
             buf: VecDeque::new(),
             last: from,
+            from,
             progress_every,
             done: false,
         };
@@ -218,6 +221,10 @@ impl WatchState {
         }
         for ev in events {
             let Some(kv) = ev.kv() else { continue };
+            // The watch starts at the revision it was asked to follow, which was seen already.
+            if kv.mod_revision() <= self.from {
+                continue;
+            }
             self.last = self.last.max(kv.mod_revision());
             let converted = match ev.event_type() {
                 EventType::Put => put_event(

@@ -13,9 +13,12 @@
 //!   one consistent snapshot. Pages are sized by bytes (about 8 MiB each, adapted from the
 //!   bytes per key seen so far), the client's decode limit is raised to fit them, and the next
 //!   page is fetched while the current one is decoded.
-//! - `watch` starts at `from + 1` with `prev_kv`, so deletions carry the last value
+//! - `watch` yields the changes after `from` with `prev_kv`, so deletions carry the last value
 //!   (`Modified` events carry no old value: decoding it would double the cost of every
-//!   event, and the Syncer does not need it); a
+//!   event, and the Syncer does not need it). It starts at `from` itself and skips what is at
+//!   `from`: etcd drops the tombstones at a compaction revision R yet lets a watch start at
+//!   R, so a watch starting at `from + 1 == R` could miss a deletion; starting at `from` makes
+//!   it fail as compacted instead; a
 //!   compacted start surfaces as [`Error::Compacted`] with etcd's compact revision; progress
 //!   notifications become [`WatchEvent::Bookmark`](crate::WatchEvent::Bookmark)s. On etcd
 //!   3.4.25+ and 3.5.8+ progress is requested when a watch opens and when it idles; older
@@ -580,10 +583,14 @@ impl Client for EtcdBackend {
 
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
         let prefix = self.codec.list_prefix(opts)?;
-        let start = match from {
-            Some(r) => rev_i64(r)? + 1,
-            None => self.current_revision().await? + 1,
+        let from = match from {
+            Some(r) => rev_i64(r)?,
+            None => self.current_revision().await?,
         };
+        // Watch from `from` itself, not `from + 1`, and drop what is at `from`: compacting at
+        // revision R drops the tombstones at R, yet etcd lets a watch start at R. Starting one
+        // earlier makes such a watch fail as compacted instead of missing a deletion.
+        let start = from.max(1);
         let mut wc = self
             .client
             .watch_client()
@@ -612,7 +619,7 @@ impl Client for EtcdBackend {
             .ok_or_else(|| Error::unavailable("etcd closed the watch before creating it"))?;
         if first.compact_revision() > 0 {
             return Err(Error::Compacted {
-                requested: Revision::from((start - 1).max(0) as u64),
+                requested: Revision::from(from.max(0) as u64),
                 compacted: Revision::from(first.compact_revision() as u64),
             });
         }
@@ -635,7 +642,7 @@ impl Client for EtcdBackend {
             opts.clone(),
             stream,
             first,
-            start - 1,
+            from,
             synced_progress.then_some(PROGRESS_INTERVAL),
         );
         Ok(futures::stream::unfold(state, convert::WatchState::next).boxed())
