@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use crate::client::Client;
-use crate::encoding::encode_for_write;
+use crate::encoding::{Decoded, encode_for_write, parse_error, push_listed, put_event};
 use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
 
@@ -187,29 +187,37 @@ impl KubernetesBackend {
         Ok(obj)
     }
 
-    fn to_kvp(&self, kind: &str, obj: DynamicObject) -> Result<KVPair> {
+    /// The KVPair of an object, or why it has none (an object without `spec`).
+    fn decode(&self, kind: &str, obj: DynamicObject) -> Decoded {
         let name = obj.metadata.name.clone().unwrap_or_default();
         let key = match obj.metadata.namespace.clone() {
             Some(ns) => ResourceKey::namespaced(kind, ns, name),
             None => ResourceKey::cluster(kind, name),
         };
+        let revision = obj.metadata.resource_version.map(Revision::from);
         let mut data = obj.data;
-        let spec = data
-            .get_mut("spec")
-            .map(Value::take)
-            .ok_or_else(|| Error::Parse {
+        let Some(spec) = data.get_mut("spec").map(Value::take) else {
+            return Err(Box::new(kvsync_model::ParseFailure {
                 raw_key: self.codec.to_path(&key).unwrap_or_else(|_| key.to_string()),
                 raw_value: data.to_string().into_bytes(),
-                source: "the object has no spec".into(),
-            })?;
+                key: Some(key),
+                revision,
+                reason: "the object has no spec".into(),
+            }));
+        };
         Ok(KVPair {
             key,
             value: spec,
-            revision: obj.metadata.resource_version.map(Revision::from),
+            revision,
             create_revision: None,
             uid: obj.metadata.uid,
             ttl: None,
         })
+    }
+
+    /// [`KubernetesBackend::decode`] for the calls that return one pair.
+    fn to_kvp(&self, kind: &str, obj: DynamicObject) -> Result<KVPair> {
+        self.decode(kind, obj).map_err(|f| parse_error(*f))
     }
 
     fn check_writable(&self, kvp: &KVPair) -> Result<()> {
@@ -269,22 +277,9 @@ impl KubernetesBackend {
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
             match item.map_err(|e| map_err(e, None))? {
-                KubeEvent::Added(o) | KubeEvent::Modified(o) => match self.to_kvp(&opts.kind, o) {
-                    Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
-                    Ok(_) => {}
-                    Err(Error::Parse {
-                        raw_key,
-                        raw_value,
-                        source,
-                    }) => list.parse_failures.push(kvsync_model::ParseFailure {
-                        key: self.codec.from_path(&raw_key).ok(),
-                        raw_key,
-                        raw_value,
-                        revision: None,
-                        reason: source.to_string(),
-                    }),
-                    Err(e) => return Err(e),
-                },
+                KubeEvent::Added(o) | KubeEvent::Modified(o) => {
+                    push_listed(list, opts, self.decode(&opts.kind, o));
+                }
                 KubeEvent::Deleted(_) => {}
                 KubeEvent::Bookmark(b) => {
                     let end = b
@@ -483,24 +478,7 @@ impl Client for KubernetesBackend {
                     Revision::from(page.metadata.resource_version.clone().unwrap_or_default());
             }
             for obj in page.items {
-                match self.to_kvp(&opts.kind, obj) {
-                    Ok(kvp) if opts.matches(&kvp.key) => list.items.push(kvp),
-                    Ok(_) => {}
-                    Err(Error::Parse {
-                        raw_key,
-                        raw_value,
-                        source,
-                    }) => {
-                        list.parse_failures.push(kvsync_model::ParseFailure {
-                            key: self.codec.from_path(&raw_key).ok(),
-                            raw_key,
-                            raw_value,
-                            revision: None,
-                            reason: source.to_string(),
-                        });
-                    }
-                    Err(e) => return Err(e),
-                }
+                push_listed(&mut list, opts, self.decode(&opts.kind, obj));
             }
             token = page.metadata.continue_.filter(|t| !t.is_empty());
             if token.is_none() {
@@ -544,17 +522,28 @@ impl Client for KubernetesBackend {
                         compacted: Revision::from("expired"),
                     })),
                     Ok(KubeEvent::Error(s)) => Some(Err(status_err(&s, None))),
-                    Ok(KubeEvent::Added(o)) => convert(&this, &kind, &opts, o, WatchEvent::Added),
-                    Ok(KubeEvent::Modified(o)) => convert(&this, &kind, &opts, o, |k| {
-                        WatchEvent::Modified { new: k, old: None }
-                    }),
-                    Ok(KubeEvent::Deleted(o)) => {
-                        convert(&this, &kind, &opts, o, |k| WatchEvent::Deleted {
+                    Ok(KubeEvent::Added(o)) => convert(&this, &kind, &opts, o, true),
+                    Ok(KubeEvent::Modified(o)) => convert(&this, &kind, &opts, o, false),
+                    Ok(KubeEvent::Deleted(o)) => match this.decode(&kind, o) {
+                        Ok(k) if opts.matches(&k.key) => Some(Ok(WatchEvent::Deleted {
                             key: k.key.clone(),
                             revision: k.revision.clone().unwrap_or_else(|| Revision::from("")),
                             old: Some(k),
-                        })
-                    }
+                        })),
+                        Ok(_) => None,
+                        // Gone without a readable value: still gone.
+                        Err(f) => {
+                            let f = *f;
+                            let revision = f.revision.unwrap_or_else(|| Revision::from(""));
+                            f.key.filter(|key| opts.matches(key)).map(|key| {
+                                Ok(WatchEvent::Deleted {
+                                    key,
+                                    revision,
+                                    old: None,
+                                })
+                            })
+                        }
+                    },
                 };
                 futures::future::ready(out)
             });
@@ -613,27 +602,13 @@ fn sort_items(list: &mut KVList) {
         .sort_by(|a, b| (&a.key.namespace, &a.key.name).cmp(&(&b.key.namespace, &b.key.name)));
 }
 
+/// The watch event of an added or modified object, if `opts` covers it.
 fn convert(
     this: &KubernetesBackend,
     kind: &str,
     opts: &ListOptions,
     obj: DynamicObject,
-    f: impl FnOnce(KVPair) -> WatchEvent,
+    created: bool,
 ) -> Option<Result<WatchEvent>> {
-    match this.to_kvp(kind, obj) {
-        Ok(kvp) if opts.matches(&kvp.key) => Some(Ok(f(kvp))),
-        Ok(_) => None,
-        Err(Error::Parse {
-            raw_key,
-            raw_value,
-            source,
-        }) => Some(Ok(WatchEvent::ParseFailed(kvsync_model::ParseFailure {
-            key: this.codec.from_path(&raw_key).ok(),
-            raw_key,
-            raw_value,
-            revision: None,
-            reason: source.to_string(),
-        }))),
-        Err(e) => Some(Err(e)),
-    }
+    put_event(opts, this.decode(kind, obj), created, None).map(Ok)
 }
