@@ -500,18 +500,24 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response {
     if let Some(ns) = &t.namespace {
         obj["metadata"]["namespace"] = json!(ns);
     }
+    store(shared, inner, t, key, "ADDED", obj.clone());
+    reply(201, &obj)
+}
+
+/// Stores a written object, records its event and wakes the watches.
+fn store(
+    shared: &Shared,
+    mut inner: std::sync::MutexGuard<'_, Inner>,
+    t: &Target,
+    key: ObjKey,
+    kind: &'static str,
+    obj: Value,
+) {
+    let rv = inner.rv;
     inner.objects.insert(key, obj.clone());
-    record(
-        &mut inner,
-        rv,
-        &t.plural,
-        t.namespace.as_deref(),
-        "ADDED",
-        obj.clone(),
-    );
+    record(&mut inner, rv, &t.plural, t.namespace.as_deref(), kind, obj);
     drop(inner);
     shared.changed.send_replace(rv);
-    reply(201, &obj)
 }
 
 fn get(shared: &Shared, t: &Target) -> Response {
@@ -573,17 +579,7 @@ fn replace(shared: &Shared, t: &Target, mut obj: Value) -> Response {
     if let Some(ns) = &t.namespace {
         obj["metadata"]["namespace"] = json!(ns);
     }
-    inner.objects.insert(key, obj.clone());
-    record(
-        &mut inner,
-        rv,
-        &t.plural,
-        t.namespace.as_deref(),
-        "MODIFIED",
-        obj.clone(),
-    );
-    drop(inner);
-    shared.changed.send_replace(rv);
+    store(shared, inner, t, key, "MODIFIED", obj.clone());
     reply(200, &obj)
 }
 

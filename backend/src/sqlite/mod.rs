@@ -299,6 +299,27 @@ struct NewRow<'a> {
 }
 
 impl<'a> NewRow<'a> {
+    /// The row that writes `value` to `name`, over `prev` (its live row, if any).
+    fn write_over(
+        name: &'a str,
+        prev: Option<&Row>,
+        ttl: Option<Duration>,
+        uid: &'a str,
+        value: &'a [u8],
+    ) -> Self {
+        NewRow {
+            name,
+            created: prev.is_none(),
+            deleted: false,
+            create_revision: prev.map_or(0, |p| p.create_revision),
+            prev_revision: prev.map_or(0, |p| p.id),
+            ttl,
+            uid,
+            value: Some(value),
+            old_value: None,
+        }
+    }
+
     /// The row that deletes the key `last` holds (keeping its value as the last one).
     fn deletion_of(last: &'a Row) -> Self {
         NewRow {
@@ -439,19 +460,12 @@ impl SqliteBackend {
             let prev = latest(&tx, &path, None)
                 .map_err(db_err)?
                 .filter(|r| !r.deleted);
+            let uid = prev
+                .as_ref()
+                .map_or_else(|| uuid::Uuid::new_v4().to_string(), |p| p.uid.clone());
             let id = insert(
                 &tx,
-                NewRow {
-                    name: &path,
-                    created: prev.is_none(),
-                    deleted: false,
-                    create_revision: prev.as_ref().map_or(0, |p| p.create_revision),
-                    prev_revision: prev.as_ref().map_or(0, |p| p.id),
-                    ttl: None,
-                    uid: &prev.map_or_else(|| uuid::Uuid::new_v4().to_string(), |p| p.uid),
-                    value: Some(&bytes),
-                    old_value: None,
-                },
+                NewRow::write_over(&path, prev.as_ref(), None, &uid, &bytes),
             )
             .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
@@ -562,17 +576,7 @@ impl SqliteBackend {
                     .map_or_else(|| uuid::Uuid::new_v4().to_string(), |p| p.uid.clone());
                 let id = insert(
                     &tx,
-                    NewRow {
-                        name: &path,
-                        created: prev.is_none(),
-                        deleted: false,
-                        create_revision: prev.as_ref().map_or(0, |p| p.create_revision),
-                        prev_revision: prev.as_ref().map_or(0, |p| p.id),
-                        ttl,
-                        uid: &uid,
-                        value: Some(&bytes),
-                        old_value: None,
-                    },
+                    NewRow::write_over(&path, prev.as_ref(), ttl, &uid, &bytes),
                 )
                 .map_err(db_err)?;
                 tx.commit().map_err(db_err)?;
