@@ -131,6 +131,18 @@ pub trait TestBackend: Send + Sync {
     fn supports_historical_reads(&self) -> bool {
         true
     }
+
+    /// Whether [`RawAccess::put_raw`] can store an entry the client cannot decode (not so on
+    /// a real Kubernetes cluster, whose CRD schemas refuse objects without a valid spec).
+    fn can_store_undecodable(&self) -> bool {
+        true
+    }
+
+    /// Whether [`RawAccess::compact`] really drops history (not so on a real Kubernetes
+    /// cluster, whose watch cache window cannot be moved from outside).
+    fn can_compact(&self) -> bool {
+        true
+    }
 }
 
 /// A prefix no other test in this process uses: `/kvsync-test/p<pid>-<n>`.

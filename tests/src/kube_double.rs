@@ -56,6 +56,10 @@ struct Inner {
     token: Option<String>,
     /// Bumped to end every open watch with a 410.
     expire_epoch: u64,
+    /// Namespaces and CRDs: `(resource, name)` -> object.
+    cluster_objects: BTreeMap<(String, String), Value>,
+    /// Whether objects may only be created in namespaces created first.
+    strict_namespaces: bool,
 }
 
 #[derive(Clone)]
@@ -149,6 +153,8 @@ impl ApiServerDouble {
                 kinds,
                 token: None,
                 expire_epoch: 0,
+                cluster_objects: BTreeMap::new(),
+                strict_namespaces: false,
             })),
             changed: watch::Sender::new(0),
         };
@@ -203,6 +209,38 @@ impl ApiServerDouble {
     /// Requires `Authorization: Bearer <token>` from now on.
     pub fn require_token(&self, token: &str) {
         self.shared.lock().token = Some(token.to_owned());
+    }
+
+    /// From now on, objects may only be created in namespaces created first (`POST
+    /// /api/v1/namespaces`), as on a real server (404 otherwise); deleting a namespace deletes
+    /// its objects.
+    pub fn require_namespaces(&self) {
+        self.shared.lock().strict_namespaces = true;
+    }
+
+    /// The names of the namespaces created through the API and not deleted.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.cluster_objects("namespaces")
+    }
+
+    /// The names of the CRDs created through the API.
+    pub fn crds(&self) -> Vec<String> {
+        self.cluster_objects("customresourcedefinitions")
+    }
+
+    fn cluster_objects(&self, resource: &str) -> Vec<String> {
+        self.shared
+            .lock()
+            .cluster_objects
+            .keys()
+            .filter(|(r, _)| r == resource)
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    /// How many custom resources are stored.
+    pub fn object_count(&self) -> usize {
+        self.shared.lock().objects.len()
     }
 
     /// Ends every open watch with `410 Gone` and forgets the history, as an API server whose
@@ -404,6 +442,9 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return fail(400, "BadRequest", e.to_string()),
     };
+    if let Some(resp) = cluster_object(&shared, &method, &path, &body) {
+        return resp;
+    }
     let target = match parse_target(&shared.lock(), &path) {
         Ok(t) => t,
         Err(resp) => return resp,
@@ -435,6 +476,138 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             delete(&shared, &target, &opts)
         }
         (m, _) => fail(405, "MethodNotAllowed", format!("{m} is not allowed here")),
+    }
+}
+
+/// Namespaces (`/api/v1/namespaces[/name]`) and CRDs
+/// (`/apis/apiextensions.k8s.io/v1/customresourcedefinitions[/name]`): create, get, replace
+/// and delete, enough to prepare a cluster. `None` for any other path.
+fn cluster_object(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Option<Response> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (resource, name) = match segs.as_slice() {
+        ["api", "v1", "namespaces"] => ("namespaces", None),
+        ["api", "v1", "namespaces", name] => ("namespaces", Some(*name)),
+        [
+            "apis",
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+        ] => ("customresourcedefinitions", None),
+        [
+            "apis",
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            name,
+        ] => ("customresourcedefinitions", Some(*name)),
+        _ => return None,
+    };
+    let parse = || -> Result<Value, Response> {
+        serde_json::from_slice(body)
+            .map_err(|e| fail(400, "BadRequest", format!("invalid JSON: {e}")))
+    };
+    let mut inner = shared.lock();
+    let not_found = |name: &str| fail(404, "NotFound", format!("{resource} \"{name}\" not found"));
+    let resp = match (method, name) {
+        (&Method::POST, None) => match parse() {
+            Err(r) => r,
+            Ok(mut obj) => {
+                let name = obj
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                let key = (resource.to_owned(), name.clone());
+                if !dns_subdomain(&name) {
+                    fail(422, "Invalid", format!("{resource} \"{name}\" is invalid"))
+                } else if inner.cluster_objects.contains_key(&key) {
+                    fail(
+                        409,
+                        "AlreadyExists",
+                        format!("{resource} \"{name}\" already exists"),
+                    )
+                } else {
+                    inner.rv += 1;
+                    obj["metadata"]["uid"] = json!(uuid());
+                    obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+                    inner.cluster_objects.insert(key, obj.clone());
+                    reply(201, &obj)
+                }
+            }
+        },
+        (&Method::GET, Some(name)) => {
+            match inner
+                .cluster_objects
+                .get(&(resource.to_owned(), name.to_owned()))
+            {
+                Some(obj) => reply(200, obj),
+                None => not_found(name),
+            }
+        }
+        (&Method::PUT, Some(name)) => match parse() {
+            Err(r) => r,
+            Ok(mut obj) => {
+                let key = (resource.to_owned(), name.to_owned());
+                match inner.cluster_objects.get(&key) {
+                    None => not_found(name),
+                    Some(current)
+                        if obj.pointer("/metadata/resourceVersion")
+                            != current.pointer("/metadata/resourceVersion") =>
+                    {
+                        fail(
+                            409,
+                            "Conflict",
+                            format!("{resource} \"{name}\" has been modified"),
+                        )
+                    }
+                    Some(current) => {
+                        obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                        inner.rv += 1;
+                        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+                        inner.cluster_objects.insert(key, obj.clone());
+                        reply(200, &obj)
+                    }
+                }
+            }
+        },
+        (&Method::DELETE, Some(name)) => {
+            match inner
+                .cluster_objects
+                .remove(&(resource.to_owned(), name.to_owned()))
+            {
+                None => not_found(name),
+                Some(obj) => {
+                    if resource == "namespaces" {
+                        delete_namespace_objects(&mut inner, name);
+                        let rv = inner.rv;
+                        drop(inner);
+                        shared.changed.send_replace(rv);
+                    }
+                    reply(200, &obj)
+                }
+            }
+        }
+        (m, _) => fail(405, "MethodNotAllowed", format!("{m} is not allowed here")),
+    };
+    Some(resp)
+}
+
+/// Deletes every custom resource in a deleted namespace, each with its DELETED event.
+fn delete_namespace_objects(inner: &mut Inner, namespace: &str) {
+    let keys: Vec<ObjKey> = inner
+        .objects
+        .keys()
+        .filter(|(_, ns, _)| ns.as_deref() == Some(namespace))
+        .cloned()
+        .collect();
+    for key in keys {
+        let Some(mut gone) = inner.objects.remove(&key) else {
+            continue;
+        };
+        inner.rv += 1;
+        let rv = inner.rv;
+        gone["metadata"]["resourceVersion"] = json!(rv.to_string());
+        record(inner, rv, &key.0, Some(namespace), "DELETED", gone);
     }
 }
 
@@ -483,6 +656,14 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response {
         return r;
     }
     let mut inner = shared.lock();
+    if let Some(ns) = &t.namespace
+        && inner.strict_namespaces
+        && !inner
+            .cluster_objects
+            .contains_key(&("namespaces".to_owned(), ns.clone()))
+    {
+        return fail(404, "NotFound", format!("namespaces \"{ns}\" not found"));
+    }
     let key = key_of(t, &name);
     if inner.objects.contains_key(&key) {
         return fail(

@@ -137,12 +137,12 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
                 let r = client.delete(&key, None).await;
                 log.push(format!("delete {key}: {}", r.is_ok()));
             }
-            65..=69 => {
+            65..=69 if backend.can_store_undecodable() => {
                 let path = client.codec().to_path(&key).expect("valid key");
                 let rev = raw.put_raw(&path, b"{garbage").await;
                 log.push(format!("garbage {key} @{rev}"));
             }
-            70..=76 if config.compaction => {
+            70..=76 if config.compaction && backend.can_compact() => {
                 let list = client
                     .list(&ListOptions::new("Node"), None)
                     .await
