@@ -10,6 +10,9 @@ use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, Resource, ResourceKey
 use crate::error::{Error, Result};
 use crate::watch::WatchStream;
 
+/// A list delivered page by page: see [`Client::list_pages`].
+pub type ListPages = futures::stream::BoxStream<'static, Result<KVList>>;
+
 /// A datastore: create, update, apply, delete, get, list and watch JSON-valued resources.
 ///
 /// The trait is object safe; share one as `Arc<dyn Client>`. The semantics follow Calico's
@@ -103,6 +106,40 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     /// [`Error::Invalid`] for bad options; [`Error::Compacted`] for a revision no longer kept.
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList>;
 
+    /// Lists like [`list`](Client::list), delivered page by page as the datastore answers, so
+    /// that the caller works on one page while the next is read (the Syncer sends each page's
+    /// updates on before the list is complete). The pages are one snapshot: each carries the
+    /// list's revision, items keep path order across pages, and each page's parse failures
+    /// come with it. An `Err` item ends the stream; the pages before it are still true parts
+    /// of the snapshot. The default delivers [`list`](Client::list) as one page.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> kvsync_backend::Result<()> {
+    /// use futures::TryStreamExt;
+    /// use kvsync_backend::{Client, MemoryBackend};
+    /// use kvsync_model::ListOptions;
+    ///
+    /// let client = MemoryBackend::new();
+    /// let mut pages = client.list_pages(&ListOptions::new("IPPool"), None).await?;
+    /// while let Some(page) = pages.try_next().await? {
+    ///     println!("{} keys at revision {}", page.items.len(), page.revision);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for bad options; a datastore's errors may come as the stream's
+    /// items instead.
+    async fn list_pages(
+        &self,
+        opts: &ListOptions,
+        revision: Option<&Revision>,
+    ) -> Result<ListPages> {
+        let list = self.list(opts, revision).await?;
+        Ok(Box::pin(futures::stream::once(async move { Ok(list) })))
+    }
+
     /// Watches the keys `opts` covers for every change after `from` (after the current
     /// revision when `None`). See [`WatchStream`] for what the stream yields.
     ///
@@ -176,6 +213,13 @@ impl<C: Client + ?Sized> Client for Arc<C> {
     }
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
         (**self).list(opts, revision).await
+    }
+    async fn list_pages(
+        &self,
+        opts: &ListOptions,
+        revision: Option<&Revision>,
+    ) -> Result<ListPages> {
+        (**self).list_pages(opts, revision).await
     }
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
         (**self).watch(opts, from).await

@@ -2,14 +2,14 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision};
 use tokio::sync::watch;
 
-use crate::client::Client;
+use crate::client::{Client, ListPages};
 use crate::error::{Error, Result};
 use crate::watch::WatchStream;
 
@@ -45,6 +45,10 @@ struct FaultState {
     fail_next: AtomicU64,
     down: AtomicBool,
     watch_epoch: watch::Sender<u64>,
+    /// 0: pages as the inner client cuts them.
+    list_page_size: AtomicUsize,
+    /// The next paged list fails after this many pages (`u64::MAX`: never).
+    break_list_after: AtomicU64,
 }
 
 impl fmt::Debug for Faults {
@@ -82,7 +86,20 @@ impl Faults {
         self.state.watch_epoch.send_modify(|e| *e += 1);
     }
 
-    /// How many times `op` (`list`, `watch`, `get`, …) was called, failed calls included.
+    /// Cuts the pages of [`Client::list_pages`] into pages of at most `n` items (0: as the
+    /// wrapped client cuts them), so that paged lists are exercised over any backend.
+    pub fn set_list_page_size(&self, n: usize) {
+        self.state.list_page_size.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next [`Client::list_pages`] stream end with a retryable error after
+    /// `pages` pages. An outage that starts while a paged list is read ends it too.
+    pub fn break_next_list_after(&self, pages: u64) {
+        self.state.break_list_after.store(pages, Ordering::SeqCst);
+    }
+
+    /// How many times `op` (`list`, `watch`, `get`, …) was called, failed calls included
+    /// (`list` counts [`Client::list_pages`] too).
     pub fn calls(&self, op: &str) -> u64 {
         let calls = self
             .state
@@ -125,6 +142,8 @@ impl<C: Client> FaultyClient<C> {
                     fail_next: AtomicU64::new(0),
                     down: AtomicBool::new(false),
                     watch_epoch: watch::Sender::new(0),
+                    list_page_size: AtomicUsize::new(0),
+                    break_list_after: AtomicU64::new(u64::MAX),
                 }),
             },
         }
@@ -188,6 +207,66 @@ impl<C: Client> Client for FaultyClient<C> {
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
         self.faults.check("list")?;
         self.inner.list(opts, revision).await
+    }
+
+    async fn list_pages(
+        &self,
+        opts: &ListOptions,
+        revision: Option<&Revision>,
+    ) -> Result<ListPages> {
+        self.faults.check("list")?;
+        let size = self.faults.state.list_page_size.load(Ordering::SeqCst);
+        let break_after = self
+            .faults
+            .state
+            .break_list_after
+            .swap(u64::MAX, Ordering::SeqCst);
+        let pages = self.inner.list_pages(opts, revision).await?;
+        let pages = pages.flat_map(move |page| {
+            let cut: Vec<Result<KVList>> = match page {
+                Ok(page) if size > 0 && page.items.len() > size => {
+                    let KVList {
+                        items,
+                        revision,
+                        mut parse_failures,
+                    } = page;
+                    let mut items = items.into_iter().peekable();
+                    let mut out = Vec::new();
+                    while items.peek().is_some() {
+                        out.push(Ok(KVList {
+                            items: items.by_ref().take(size).collect(),
+                            revision: revision.clone(),
+                            parse_failures: std::mem::take(&mut parse_failures),
+                        }));
+                    }
+                    out
+                }
+                other => vec![other],
+            };
+            futures::stream::iter(cut)
+        });
+        let state = self.faults.state.clone();
+        let mut given = 0u64;
+        let pages = pages.map(move |page| {
+            if given > 0 && state.down.load(Ordering::SeqCst) {
+                return Err(Error::unavailable("injected outage during a paged list"));
+            }
+            if given >= break_after {
+                return Err(Error::unavailable("paged list broken by fault injection"));
+            }
+            given += 1;
+            page
+        });
+        // An error ends the stream, as from a real client.
+        Ok(pages
+            .scan(false, |ended, page| {
+                let item = (!*ended).then(|| {
+                    *ended = page.is_err();
+                    page
+                });
+                std::future::ready(item)
+            })
+            .boxed())
     }
 
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {

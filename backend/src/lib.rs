@@ -37,7 +37,7 @@ pub mod memory;
 pub mod sqlite;
 mod watch;
 
-pub use client::{Api, Client};
+pub use client::{Api, Client, ListPages};
 pub use error::{BoxError, Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdConfig};

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
-use kvsync_backend::{Client, Error, WatchStream};
+use kvsync_backend::{Client, Error, ListPages, WatchStream};
 use kvsync_model::ListOptions;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
@@ -345,6 +345,8 @@ struct TypeRun {
     state: TypeState,
     action: Action,
     watch: Option<WatchStream>,
+    /// The pages of the list being read.
+    pages: Option<ListPages>,
     outs: VecDeque<Out>,
     /// When a resumed watch must have confirmed catching up.
     catch_up_deadline: Option<tokio::time::Instant>,
@@ -376,6 +378,7 @@ impl TypeTask {
             task: self,
             state,
             watch: None,
+            pages: None,
             outs: VecDeque::new(),
             catch_up_deadline: None,
         };
@@ -412,25 +415,52 @@ impl TypeTask {
 }
 
 impl TypeRun {
+    /// The next page of the open list.
+    async fn next_page(&mut self) -> Input {
+        let Some(pages) = self.pages.as_mut() else {
+            return Input::ListFailed(Error::unavailable("no list is open"));
+        };
+        let next = self
+            .task
+            .with_timeout("list page", async { pages.next().await.transpose() });
+        match next.await {
+            Ok(Some(page)) => {
+                debug!(items = page.items.len(), revision = %page.revision, "list page");
+                Input::ListPage(page)
+            }
+            Ok(None) => {
+                self.pages = None;
+                info!(tracked = self.state.tracked(), "listed");
+                Input::ListDone
+            }
+            Err(e) => {
+                self.pages = None;
+                Input::ListFailed(e)
+            }
+        }
+    }
+
     /// Does the I/O the last step asked for and returns its outcome.
     async fn io(&mut self) -> Input {
         let opts: &ListOptions = &self.task.rt.options;
         match self.action.clone() {
             Action::List => {
                 self.watch = None;
+                self.pages = None;
                 info!(tracked = self.state.tracked(), "listing");
                 match self
                     .task
-                    .with_timeout("list", self.task.client.list(opts, None))
+                    .with_timeout("list", self.task.client.list_pages(opts, None))
                     .await
                 {
-                    Ok(list) => {
-                        info!(items = list.items.len(), revision = %list.revision, "listed");
-                        Input::Listed(list)
+                    Ok(pages) => {
+                        self.pages = Some(pages);
+                        self.next_page().await
                     }
                     Err(e) => Input::ListFailed(e),
                 }
             }
+            Action::NextPage => self.next_page().await,
             Action::Watch(rev) => {
                 self.watch = None;
                 debug!(from = %rev, "watching");

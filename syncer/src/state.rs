@@ -29,7 +29,13 @@ pub(crate) enum TypeStatus {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Input {
+    /// A whole list in one (what a list of one page amounts to).
+    #[cfg(test)]
     Listed(KVList),
+    /// The next page of a list.
+    ListPage(KVList),
+    /// The list's last page has come.
+    ListDone,
     ListFailed(Error),
     WatchStarted,
     WatchFailedToStart(Error),
@@ -47,6 +53,8 @@ pub(crate) enum Input {
 pub(crate) enum Action {
     /// List the type (from the latest revision).
     List,
+    /// Read the next page of the list.
+    NextPage,
     /// Open a watch after this revision.
     Watch(Revision),
     /// Keep reading the open watch.
@@ -106,6 +114,16 @@ pub(crate) struct TypeState {
     catch_up: Option<u64>,
     /// Resume after an outage when the revisions missed are at most tracked keys / this.
     gap_ratio: u64,
+    /// While a list's pages come in: what was sent before it and not listed yet.
+    relist: Option<Relist>,
+}
+
+/// A list in progress.
+struct Relist {
+    /// The entries sent before the list whose keys its pages have not had yet.
+    old: HashMap<Box<str>, Entry>,
+    /// The list's revision.
+    revision: Revision,
 }
 
 fn key_id(key: &ResourceKey) -> Box<str> {
@@ -148,6 +166,7 @@ impl TypeState {
             attempt: 0,
             pending: Pending::List,
             events_in_watch: 0,
+            relist: None,
         }
     }
 
@@ -192,8 +211,17 @@ impl TypeState {
     pub(crate) fn step(&mut self, input: Input) -> Step {
         let mut out = Vec::new();
         let action = match input {
-            Input::Listed(list) => self.on_listed(list, &mut out),
-            Input::ListFailed(err) => self.fail(err, Pending::List, &mut out),
+            #[cfg(test)]
+            Input::Listed(list) => {
+                self.on_list_page(list, &mut out);
+                self.on_list_done(&mut out)
+            }
+            Input::ListPage(page) => self.on_list_page(page, &mut out),
+            Input::ListDone => self.on_list_done(&mut out),
+            Input::ListFailed(err) => {
+                self.abandon_list();
+                self.fail(err, Pending::List, &mut out)
+            }
             Input::WatchStarted => {
                 self.events_in_watch = 0;
                 Action::Continue
@@ -284,14 +312,26 @@ impl TypeState {
         }
     }
 
-    fn on_listed(&mut self, list: KVList, out: &mut Vec<Out>) -> Action {
-        self.catch_up = None;
-        self.set_status(TypeStatus::Resyncing, out);
-        self.attempt = 0;
+    /// A page of a list: sends what changed among its keys since they were last sent. The
+    /// first page starts the resync.
+    fn on_list_page(&mut self, page: KVList, out: &mut Vec<Out>) -> Action {
+        let relist = match &mut self.relist {
+            Some(r) => r,
+            None => {
+                self.catch_up = None;
+                self.set_status(TypeStatus::Resyncing, out);
+                self.attempt = 0;
+                let old = std::mem::take(&mut self.sent);
+                self.sent.reserve(old.len().max(page.items.len()));
+                self.relist.insert(Relist {
+                    old,
+                    revision: page.revision.clone(),
+                })
+            }
+        };
         let mut updates = Vec::new();
-        let mut old = std::mem::take(&mut self.sent);
-        self.sent.reserve(list.items.len());
-        for kvp in list.items {
+        let mut old = std::mem::take(&mut relist.old);
+        for kvp in page.items {
             let id = key_id(&kvp.key);
             let prev = old.remove(&id);
             let unchanged = prev
@@ -305,10 +345,28 @@ impl TypeState {
             }
             self.send_value(id, kvp, prev, &mut updates);
         }
-        for f in list.parse_failures {
+        if let Some(r) = &mut self.relist {
+            r.old = old;
+        }
+        for f in page.parse_failures {
             out.push(Out::ParseFailed(f));
         }
-        // Whatever was sent before and is not listed now is gone.
+        if !updates.is_empty() {
+            out.push(Out::Updates(updates));
+        }
+        Action::NextPage
+    }
+
+    /// The list is complete: whatever was sent before and is not listed now is gone.
+    fn on_list_done(&mut self, out: &mut Vec<Out>) -> Action {
+        let Some(Relist { old, revision }) = self.relist.take() else {
+            return self.fail(
+                Error::unavailable("the list ended without a page"),
+                Pending::List,
+                out,
+            );
+        };
+        let mut updates = Vec::new();
         let mut gone: Vec<(Box<str>, Entry)> = old.into_iter().collect();
         gone.sort_by(|a, b| a.0.cmp(&b.0));
         for (id, entry) in gone {
@@ -317,9 +375,19 @@ impl TypeState {
         if !updates.is_empty() {
             out.push(Out::Updates(updates));
         }
-        self.last = Some(list.revision.clone());
+        self.last = Some(revision.clone());
         self.set_status(TypeStatus::InSync, out);
-        Action::Watch(list.revision)
+        Action::Watch(revision)
+    }
+
+    /// A list failed part way: what its pages sent stands (the consumer has it), what they
+    /// did not reach is as before, and since the consumer now holds a mix of two revisions
+    /// only a full list can bring it back, never a resumed watch.
+    fn abandon_list(&mut self) {
+        if let Some(r) = self.relist.take() {
+            self.sent.extend(r.old);
+            self.last = None;
+        }
     }
 
     fn on_event(&mut self, ev: WatchEvent, out: &mut Vec<Out>) {
@@ -545,6 +613,66 @@ mod tests {
         );
         assert_eq!(statuses(&step), [TypeStatus::Resyncing, TypeStatus::InSync]);
         assert_eq!(s.tracked(), 3);
+    }
+
+    #[test]
+    fn a_paged_relist_sends_each_page_at_once_and_deletions_at_the_end() {
+        let mut s = TypeState::new("IPPool", None, 20);
+        s.step(Input::Listed(list(
+            vec![pool("a", 1), pool("b", 2), pool("c", 3), pool("e", 4)],
+            4,
+        )));
+        s.step(Input::WatchBroken(Error::Compacted {
+            requested: 4u64.into(),
+            compacted: 9u64.into(),
+        }));
+        // a unchanged, b changed, c deleted, d new, e unchanged: in two pages.
+        let st = s.step(Input::ListPage(list(vec![pool("a", 1), pool("b", 7)], 10)));
+        assert_eq!(statuses(&st), [TypeStatus::Resyncing]);
+        assert_eq!(updates(&st), [("b".into(), UpdateType::Updated)]);
+        assert_eq!(st.action, Action::NextPage);
+        let st = s.step(Input::ListPage(list(vec![pool("d", 8), pool("e", 4)], 10)));
+        assert!(statuses(&st).is_empty());
+        assert_eq!(updates(&st), [("d".into(), UpdateType::New)]);
+        let st = s.step(Input::ListDone);
+        assert_eq!(updates(&st), [("c".into(), UpdateType::Deleted)]);
+        assert_eq!(statuses(&st), [TypeStatus::InSync]);
+        assert_eq!(st.action, Action::Watch(10u64.into()));
+        assert_eq!(s.tracked(), 4);
+    }
+
+    #[test]
+    fn a_list_that_fails_part_way_keeps_what_was_sent_and_lists_again() {
+        let mut s = TypeState::new("IPPool", None, 20);
+        s.step(Input::Listed(list(
+            vec![pool("a", 1), pool("b", 2), pool("c", 3)],
+            3,
+        )));
+        s.step(Input::WatchFailedToStart(Error::Compacted {
+            requested: 3u64.into(),
+            compacted: 9u64.into(),
+        }));
+        // The first page (a changed) is sent, then the list breaks.
+        let st = s.step(Input::ListPage(list(vec![pool("a", 5)], 10)));
+        assert_eq!(updates(&st), [("a".into(), UpdateType::Updated)]);
+        let st = s.step(Input::ListFailed(Error::unavailable("broken")));
+        assert_eq!(statuses(&st), [TypeStatus::Waiting]);
+        assert_eq!(s.tracked(), 3, "b and c are still what the consumer holds");
+        // The consumer holds a mix of revisions 3 and 10: only a full list, no resumed watch.
+        assert_eq!(s.step(Input::BackoffElapsed).action, Action::List);
+        let st = s.step(Input::ListPage(list(vec![pool("a", 5), pool("b", 2)], 11)));
+        assert!(updates(&st).is_empty(), "a and b are as sent");
+        let st = s.step(Input::ListDone);
+        assert_eq!(updates(&st), [("c".into(), UpdateType::Deleted)]);
+        assert_eq!(st.action, Action::Watch(11u64.into()));
+    }
+
+    #[test]
+    fn a_list_without_pages_is_a_failure() {
+        let mut s = TypeState::new("IPPool", None, 20);
+        let st = s.step(Input::ListDone);
+        assert_eq!(st.action, Action::Backoff(1));
+        assert_eq!(s.step(Input::BackoffElapsed).action, Action::List);
     }
 
     #[test]

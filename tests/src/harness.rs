@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use kvsync_backend::{Client, MemoryBackend, Result, WatchStream};
+use kvsync_backend::{Client, ListPages, MemoryBackend, Result, WatchStream};
 use kvsync_model::{KVList, KVPair, ListOptions, ResourceKey, Revision};
 
 /// Direct access to a backend's storage, bypassing the client, as a foreign writer has.
@@ -86,6 +86,13 @@ impl Client for Guarded {
     }
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
         self.inner.list(opts, revision).await
+    }
+    async fn list_pages(
+        &self,
+        opts: &ListOptions,
+        revision: Option<&Revision>,
+    ) -> Result<ListPages> {
+        self.inner.list_pages(opts, revision).await
     }
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
         self.inner.watch(opts, from).await

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use kvsync_backend::{Client, Error, Result, WatchEvent, WatchStream};
+use kvsync_backend::{Client, Error, ListPages, Result, WatchEvent, WatchStream};
 use kvsync_model::{KVList, KVPair, ListOptions, ParseFailure, PathCodec, ResourceKey, Revision};
 
 /// Makes sure a namespace exists before the first write into it (creates it on a cluster).
@@ -105,6 +105,22 @@ impl Tags {
             None => {}
         }
         opts
+    }
+
+    fn untag_list(&self, list: KVList) -> KVList {
+        KVList {
+            items: list
+                .items
+                .into_iter()
+                .filter_map(|k| self.untag_kvp(k))
+                .collect(),
+            revision: list.revision,
+            parse_failures: list
+                .parse_failures
+                .into_iter()
+                .filter_map(|f| self.untag_failure(f))
+                .collect(),
+        }
     }
 
     fn untag_kvp(&self, mut kvp: KVPair) -> Option<KVPair> {
@@ -267,19 +283,22 @@ impl Client for Isolated {
 
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
         let list = self.inner.list(&self.tags.tag_opts(opts), revision).await?;
-        Ok(KVList {
-            items: list
-                .items
-                .into_iter()
-                .filter_map(|k| self.tags.untag_kvp(k))
-                .collect(),
-            revision: list.revision,
-            parse_failures: list
-                .parse_failures
-                .into_iter()
-                .filter_map(|f| self.tags.untag_failure(f))
-                .collect(),
-        })
+        Ok(self.tags.untag_list(list))
+    }
+
+    async fn list_pages(
+        &self,
+        opts: &ListOptions,
+        revision: Option<&Revision>,
+    ) -> Result<ListPages> {
+        let tags = self.tags.clone();
+        let pages = self
+            .inner
+            .list_pages(&self.tags.tag_opts(opts), revision)
+            .await?;
+        Ok(pages
+            .map(move |page| page.map(|list| tags.untag_list(list)))
+            .boxed())
     }
 
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {

@@ -91,6 +91,8 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
     let TestClient { client, raw } = backend.client().await;
     let faulty = Arc::new(FaultyClient::new(client.clone()));
     let faults: Faults = faulty.faults();
+    // Lists in the backend's own pages, or cut into pages of 1 to 3 keys.
+    faults.set_list_page_size(rng.random_range(0..4));
 
     // Some state before the Syncer starts.
     for _ in 0..rng.random_range(0..8) {
@@ -159,10 +161,18 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
                 faults.set_unavailable(down);
                 log.push(format!("outage {down}"));
             }
-            88..=91 => {
+            88..=89 => {
                 let n = rng.random_range(1..4);
                 faults.fail_next_calls(n);
                 log.push(format!("fail next {n}"));
+            }
+            90..=91 => {
+                let pages = rng.random_range(0..3);
+                faults.break_next_list_after(pages);
+                faults.break_watches();
+                log.push(format!(
+                    "break watches, then the next list after {pages} pages"
+                ));
             }
             _ => {
                 let ms = rng.random_range(0..5);

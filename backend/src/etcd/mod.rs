@@ -47,7 +47,7 @@ use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision
 pub use config::{EtcdConfig, EtcdTls};
 use convert::{Envelope, decode_kv, map_err, rev_i64};
 
-use crate::client::Client;
+use crate::client::{Client, ListPages};
 use crate::encoding::{WriteMode, encode_for_write, parse_error, push_listed};
 use crate::error::{Error, Result};
 use crate::watch::WatchStream;
@@ -63,6 +63,8 @@ const PAGE_TARGET_BYTES: usize = 8 * 1024 * 1024;
 const MAX_PAGE_KEYS: usize = 100_000;
 /// The first page's key count (about 400 bytes a key fill a page).
 const FIRST_PAGE_KEYS: i64 = 5_000;
+/// Below this many keys left, the rest is read in one page.
+const TAIL_PAGE_KEYS: usize = 4_000;
 /// How long an idle watch waits before asking etcd for a progress notification.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// How often a write retries when other writers keep changing its key.
@@ -203,6 +205,83 @@ impl EtcdBackend {
         decode_kv(&self.codec, kv)
     }
 
+    /// Reads the pages of a list into `tx`; returns early when the receiver is gone.
+    async fn read_pages(
+        &self,
+        prefix: &str,
+        opts: &ListOptions,
+        mut at: Option<i64>,
+        tx: &tokio::sync::mpsc::Sender<Result<KVList>>,
+    ) -> Result<()> {
+        let end = prefix_end(prefix);
+        let mut start = prefix.as_bytes().to_vec();
+        let mut limit = FIRST_PAGE_KEYS;
+        let (mut bytes_seen, mut keys_seen) = (0usize, 0usize);
+        let fetch = |start: Vec<u8>, limit: i64, at: Option<i64>| {
+            let kv = self.kv();
+            let mut page_opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
+            if let Some(r) = at {
+                page_opts = page_opts.with_revision(r);
+            }
+            // A task of its own, so the next page is on its way while this one is decoded.
+            tokio::spawn(async move { kv.get(start, Some(page_opts)).await })
+        };
+        let mut pending = Some(fetch(start.clone(), limit, at));
+        let mut sent_any = false;
+        while let Some(page) = pending.take() {
+            let page = page
+                .await
+                .map_err(|e| Error::unavailable(format!("list page task failed: {e}")))?;
+            let mut resp = match page {
+                Ok(r) => r,
+                // A page over the decode limit (large values): ask for fewer keys.
+                Err(e) if is_too_large(&e) && limit > 1 => {
+                    limit = (limit / 4).max(1);
+                    pending = Some(fetch(start.clone(), limit, at));
+                    continue;
+                }
+                Err(e) => return Err(self.map_read_err(e, at).await),
+            };
+            // Pin every later page to the first page's revision: one consistent snapshot.
+            let header_rev = resp.header().map(|h| h.revision());
+            let pinned = *at.get_or_insert(header_rev.unwrap_or(0));
+            let more = resp.more();
+            // The keys from this page's first to the end of the range.
+            let remaining_with_page = usize::try_from(resp.count()).unwrap_or(0);
+            let kvs = resp.take_kvs();
+            if let Some(last) = kvs.last() {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            for kv in &kvs {
+                bytes_seen += kv.key().len() + kv.value().len();
+                keys_seen += 1;
+            }
+            if more && !kvs.is_empty() {
+                let remaining = remaining_with_page.saturating_sub(kvs.len());
+                limit = next_page_keys(remaining, bytes_seen / keys_seen.max(1));
+                pending = Some(fetch(start.clone(), limit, at));
+            }
+            let mut page = KVList {
+                items: Vec::with_capacity(kvs.len()),
+                revision: Revision::from(pinned as u64),
+                parse_failures: Vec::new(),
+            };
+            for kv in &kvs {
+                push_listed(&mut page, opts, self.decode(kv));
+            }
+            // Empty pages (a range with keys other kinds own) are not worth a message, but
+            // the first page always goes, as it carries the revision.
+            if !sent_any || !page.items.is_empty() || !page.parse_failures.is_empty() {
+                sent_any = true;
+                if tx.send(Ok(page)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the current envelope of a key: its kv and uid.
     async fn read_current(&self, path: &str) -> Result<Option<etcd_client::KeyValue>> {
         let resp = self.kv().get(path, None).await.map_err(map_err)?;
@@ -339,6 +418,24 @@ struct RetryingKv {
 }
 
 /// Whether a response was refused for its size (over the client's decode limit).
+/// The size of the next list page: as many keys as fill [`PAGE_TARGET_BYTES`], but at most
+/// half of the `remaining` keys (down to [`TAIL_PAGE_KEYS`], then all of them). A list is
+/// done only when its last page is decoded and handed on, so a small last page leaves little
+/// work after etcd's last answer; etcd 3.4 counts the rest of the range on every page, which
+/// makes the extra small pages at the end cheap.
+fn next_page_keys(remaining: usize, bytes_per_key: usize) -> i64 {
+    let by_bytes = (PAGE_TARGET_BYTES / bytes_per_key.max(1)).clamp(100, MAX_PAGE_KEYS);
+    let keys = if remaining == 0 {
+        // etcd did not count the rest: pages by bytes alone.
+        by_bytes
+    } else if remaining <= 2 * TAIL_PAGE_KEYS {
+        remaining.max(1)
+    } else {
+        (remaining / 2).max(TAIL_PAGE_KEYS)
+    };
+    i64::try_from(keys.min(by_bytes)).unwrap_or(1)
+}
+
 fn is_too_large(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
@@ -519,66 +616,44 @@ impl Client for EtcdBackend {
     }
 
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        let prefix = self.codec.list_prefix(opts)?;
-        let end = prefix_end(&prefix);
-        let mut at = revision.map(rev_i64).transpose()?;
-        let mut start = prefix.as_bytes().to_vec();
-        let mut limit = FIRST_PAGE_KEYS;
+        let mut pages = self.list_pages(opts, revision).await?;
         let mut list = KVList {
             items: Vec::new(),
             revision: Revision::from(0u64),
             parse_failures: Vec::new(),
         };
-        let (mut bytes_seen, mut keys_seen) = (0usize, 0usize);
-        let fetch = |start: Vec<u8>, limit: i64, at: Option<i64>| {
-            let kv = self.kv();
-            let mut page_opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
-            if let Some(r) = at {
-                page_opts = page_opts.with_revision(r);
-            }
-            // A task of its own, so the next page is on its way while this one is decoded.
-            tokio::spawn(async move { kv.get(start, Some(page_opts)).await })
-        };
-        let mut pending = Some(fetch(start.clone(), limit, at));
-        while let Some(page) = pending.take() {
-            let page = page
-                .await
-                .map_err(|e| Error::unavailable(format!("list page task failed: {e}")))?;
-            let mut resp = match page {
-                Ok(r) => r,
-                // A page over the decode limit (large values): ask for fewer keys.
-                Err(e) if is_too_large(&e) && limit > 1 => {
-                    limit = (limit / 4).max(1);
-                    pending = Some(fetch(start.clone(), limit, at));
-                    continue;
-                }
-                Err(e) => return Err(self.map_read_err(e, at).await),
-            };
-            // Pin every later page to the first page's revision: one consistent snapshot.
-            let header_rev = resp.header().map(|h| h.revision());
-            let pinned = *at.get_or_insert(header_rev.unwrap_or(0));
-            list.revision = Revision::from(pinned as u64);
-            let more = resp.more();
-            let kvs = resp.take_kvs();
-            let Some(last) = kvs.last() else { break };
-            start = last.key().to_vec();
-            start.push(0);
-            for kv in &kvs {
-                bytes_seen += kv.key().len() + kv.value().len();
-                keys_seen += 1;
-            }
-            let per_key = (bytes_seen / keys_seen.max(1)).max(1);
-            limit = i64::try_from((PAGE_TARGET_BYTES / per_key).clamp(100, MAX_PAGE_KEYS))
-                .unwrap_or(FIRST_PAGE_KEYS);
-            if more {
-                pending = Some(fetch(start.clone(), limit, at));
-            }
-            list.items.reserve(kvs.len());
-            for kv in &kvs {
-                push_listed(&mut list, opts, self.decode(kv));
-            }
+        while let Some(page) = pages.next().await {
+            let page = page?;
+            list.revision = page.revision;
+            list.items.extend(page.items);
+            list.parse_failures.extend(page.parse_failures);
         }
         Ok(list)
+    }
+
+    /// Range reads pinned to the first page's revision, sized by bytes (see
+    /// [`PAGE_TARGET_BYTES`]), with the next page on its way while one is decoded, and the
+    /// last pages smaller (see [`next_page_keys`]) so that little work is left once etcd has
+    /// answered the last one.
+    async fn list_pages(
+        &self,
+        opts: &ListOptions,
+        revision: Option<&Revision>,
+    ) -> Result<ListPages> {
+        let prefix = self.codec.list_prefix(opts)?;
+        let at = revision.map(rev_i64).transpose()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let this = self.clone();
+        let opts = opts.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.read_pages(&prefix, &opts, at, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|page| (page, rx))
+        })
+        .boxed())
     }
 
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
