@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, Resource, ResourceKey, Revision};
+use kvsync_model::{Json, KVList, KVPair, ListOptions, PathCodec, Resource, ResourceKey, Revision};
 
 use crate::error::{Error, Result};
 use crate::watch::WatchStream;
@@ -46,7 +46,7 @@ pub type ListPages = futures::stream::BoxStream<'static, Result<KVList>>;
 ///
 /// // An update with a stale revision fails; with the current one it succeeds.
 /// let mut next = created.clone();
-/// next.value = json!({"cidr": "10.1.0.0/16"});
+/// next.value = json!({"cidr": "10.1.0.0/16"}).into();
 /// let updated = client.update(next.clone()).await?;
 /// assert!(client.update(next).await.unwrap_err().to_string().contains("conflict"));
 ///
@@ -280,11 +280,18 @@ impl<R> fmt::Debug for Api<R> {
 }
 
 fn decode<R: Resource>(kvp: KVPair) -> Result<KVPair<R>> {
-    kvp.try_map(|v| serde_json::from_value(v).map_err(|e| Error::invalid("spec", e.to_string())))
+    kvp.try_map(|v| {
+        v.decode()
+            .map_err(|e| Error::invalid("spec", e.to_string()))
+    })
 }
 
 fn encode<R: Resource>(kvp: KVPair<R>) -> Result<KVPair> {
-    kvp.try_map(|v| serde_json::to_value(v).map_err(|e| Error::invalid("spec", e.to_string())))
+    kvp.try_map(|v| {
+        serde_json::to_value(v)
+            .map(Json::from)
+            .map_err(|e| Error::invalid("spec", e.to_string()))
+    })
 }
 
 impl<R: Resource> Api<R> {
@@ -319,7 +326,7 @@ impl<R: Resource> Api<R> {
     /// # Errors
     /// As [`Client::create`].
     pub async fn create(&self, name: &str, value: R) -> Result<KVPair<R>> {
-        let kvp = encode(KVPair::new(self.key(name)?, value))?;
+        let kvp = encode(KVPair::of(self.key(name)?, value))?;
         decode(self.client.create(kvp).await?)
     }
 
@@ -328,7 +335,7 @@ impl<R: Resource> Api<R> {
     /// # Errors
     /// As [`Client::apply`].
     pub async fn apply(&self, name: &str, value: R) -> Result<KVPair<R>> {
-        let kvp = encode(KVPair::new(self.key(name)?, value))?;
+        let kvp = encode(KVPair::of(self.key(name)?, value))?;
         decode(self.client.apply(kvp).await?)
     }
 

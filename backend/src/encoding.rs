@@ -1,7 +1,7 @@
 //! Helpers every backend shares: validating and encoding values, decoding stored entries.
 
 use kvsync_model::{
-    KVList, KVPair, KindInfo, ListOptions, ParseFailure, PathCodec, ResourceKey, Revision,
+    Json, KVList, KVPair, KindInfo, ListOptions, ParseFailure, PathCodec, ResourceKey, Revision,
 };
 
 use crate::watch::WatchEvent;
@@ -38,7 +38,8 @@ pub fn decode_value(raw_key: &str, bytes: &[u8]) -> Result<serde_json::Value> {
     })
 }
 
-/// Decodes a stored entry's path and value into a key and value, or says why it cannot.
+/// Decodes a stored entry's path into a key and checks its value is JSON (decoding it only
+/// when it is looked at, see [`Json`]), or says why it cannot.
 ///
 /// # Errors
 /// A [`ParseFailure`] with the raw path and bytes (and the key, when only the value is bad).
@@ -47,7 +48,7 @@ pub fn decode_entry(
     path: &str,
     bytes: &[u8],
     revision: Option<Revision>,
-) -> Result<(ResourceKey, serde_json::Value), Box<ParseFailure>> {
+) -> Result<(ResourceKey, Json), Box<ParseFailure>> {
     let fail = |key: Option<ResourceKey>, reason: String| {
         Box::new(ParseFailure {
             raw_key: path.to_owned(),
@@ -60,8 +61,8 @@ pub fn decode_entry(
     let key = codec
         .from_path(path)
         .map_err(|e| fail(None, e.to_string()))?;
-    match serde_json::from_slice(bytes) {
-        Ok(v) => Ok((key, v)),
+    match serde_json::from_slice::<Box<serde_json::value::RawValue>>(bytes) {
+        Ok(v) => Ok((key, Json::from_raw(v))),
         Err(e) => Err(fail(Some(key), e.to_string())),
     }
 }

@@ -442,7 +442,7 @@ async fn demo(client: Arc<dyn Client>, datastore: &str) -> Result<()> {
         let mut truth = BTreeMap::new();
         for k in kinds {
             for kvp in client.list(&ListOptions::new(k), None).await?.items {
-                truth.insert(kvp.key, (kvp.value, kvp.revision));
+                truth.insert(kvp.key, (kvp.value.into_value(), kvp.revision));
             }
         }
         if truth == cache {
@@ -482,7 +482,7 @@ fn apply_event(cache: &mut Cache, ev: SyncerEvent) {
                         cache.remove(&u.kvp.key);
                     }
                     _ => {
-                        cache.insert(u.kvp.key, (u.kvp.value, u.kvp.revision));
+                        cache.insert(u.kvp.key, (u.kvp.value.into_value(), u.kvp.revision));
                     }
                 }
             }

@@ -42,7 +42,7 @@ fn cell(v: &Value) -> String {
 pub fn table(info: &KindInfo, items: &[KVPair], wide: bool) -> String {
     let mut fields: Vec<String> = Vec::new();
     for kvp in items {
-        if let Value::Object(m) = &kvp.value {
+        if let Value::Object(m) = &*kvp.value {
             for (k, v) in m {
                 let scalar = !matches!(v, Value::Object(_));
                 if scalar && !fields.contains(k) {

@@ -4,13 +4,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::Json;
 use crate::key::ResourceKey;
 use crate::revision::Revision;
 
 /// A key, its value and the datastore's metadata about them.
 ///
-/// `V` is [`serde_json::Value`] for the raw client and a [`Resource`](crate::Resource) type
-/// for typed access.
+/// `V` is [`Json`] (JSON decoded lazily) for the raw client and a
+/// [`Resource`](crate::Resource) type for typed access.
 ///
 /// The revision contract: `revision` is the revision of the last write to the key (etcd's
 /// `mod_revision`, Kubernetes' `resourceVersion`). Pass a KVPair back to `update` with its
@@ -28,7 +29,7 @@ use crate::revision::Revision;
 /// assert_eq!(kvp.value["cidr"], "10.0.0.0/16");
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct KVPair<V = serde_json::Value> {
+pub struct KVPair<V = Json> {
     /// The key.
     pub key: ResourceKey,
     /// The value.
@@ -52,9 +53,17 @@ pub struct KVPair<V = serde_json::Value> {
     pub ttl: Option<Duration>,
 }
 
+impl KVPair {
+    /// A pair with no metadata; `value` is JSON (a [`serde_json::Value`] or [`Json`]).
+    pub fn new(key: ResourceKey, value: impl Into<Json>) -> Self {
+        KVPair::of(key, value.into())
+    }
+}
+
 impl<V> KVPair<V> {
-    /// A pair with no metadata.
-    pub fn new(key: ResourceKey, value: V) -> Self {
+    /// A pair of any value type (a [`Resource`](crate::Resource) for typed access) with no
+    /// metadata.
+    pub fn of(key: ResourceKey, value: V) -> Self {
         KVPair {
             key,
             value,

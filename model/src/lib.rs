@@ -16,13 +16,14 @@
 //! assert!(err.to_string().starts_with("invalid name"));
 //!
 //! let pool = IPPool { cidr: "10.0.0.0/16".into(), block_size: 26, nat_outgoing: false, disabled: false };
-//! let kvp = KVPair::new(key, pool);
+//! let kvp = KVPair::of(key, pool);
 //! assert!(kvp.value.validate().is_ok());
 //! ```
 
 pub mod crd;
 pub mod demo;
 mod error;
+mod json;
 mod key;
 mod kvpair;
 mod options;
@@ -31,6 +32,7 @@ mod revision;
 pub mod validation;
 
 pub use error::{Error, Result};
+pub use json::Json;
 pub use key::{DEFAULT_PREFIX, Key, PathCodec, Registry, ResourceKey};
 pub use kvpair::KVPair;
 pub use options::{KVList, ListOptions, ParseFailure};

@@ -75,7 +75,7 @@ impl ListOptions {
 ///
 /// Pass `revision` to `watch` to see every change after the list, with no gap.
 #[derive(Clone, Debug, PartialEq)]
-pub struct KVList<V = serde_json::Value> {
+pub struct KVList<V = crate::Json> {
     /// The items, in path order.
     pub items: Vec<KVPair<V>>,
     /// The datastore revision the list was read at.

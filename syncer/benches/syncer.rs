@@ -16,7 +16,7 @@ use kvsync_model::{KVPair, ListOptions, ResourceKey};
 use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent, UpdateType};
 use serde_json::{Value, json};
 
-type Map = HashMap<ResourceKey, Value>;
+type Map = HashMap<ResourceKey, kvsync_model::Json>;
 
 fn value(i: usize, generation: usize) -> Value {
     // About 200 bytes of JSON, like a small Calico resource.

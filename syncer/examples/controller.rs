@@ -58,7 +58,7 @@ async fn main() {
         .with_resource(ResourceType::of::<NetworkPolicy>())
         .stream();
 
-    let mut cache: BTreeMap<ResourceKey, serde_json::Value> = BTreeMap::new();
+    let mut cache: BTreeMap<ResourceKey, kvsync_model::Json> = BTreeMap::new();
     let mut writer = Some(writer);
     loop {
         let ev = tokio::select! {
@@ -111,7 +111,7 @@ async fn main() {
     events.stop().await;
 }
 
-fn print_cache(cache: &BTreeMap<ResourceKey, serde_json::Value>) {
+fn print_cache(cache: &BTreeMap<ResourceKey, kvsync_model::Json>) {
     println!("  cache holds {} resources:", cache.len());
     for (k, v) in cache {
         println!("    {k} = {v}");

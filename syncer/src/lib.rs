@@ -114,7 +114,7 @@ pub const DEFAULT_MAX_BATCH: usize = 1000;
 ///             .enumerate()
 ///             .map(|(i, term)| {
 ///                 let name = format!("{}-{i}", kvp.key.name);
-///                 KVPair::new(ResourceKey::cluster("SelectorTerm", name), term.trim().into())
+///                 KVPair::new(ResourceKey::cluster("SelectorTerm", name), serde_json::json!(term.trim()))
 ///             })
 ///             .collect()
 ///     }

@@ -140,8 +140,8 @@ fn key_from_id(kind: &str, id: &str) -> ResourceKey {
     }
 }
 
-fn deleted(key: ResourceKey, value: Option<serde_json::Value>, revision: Revision) -> Update {
-    let mut kvp = KVPair::new(key, value.unwrap_or(serde_json::Value::Null));
+fn deleted(key: ResourceKey, value: Option<kvsync_model::Json>, revision: Revision) -> Update {
+    let mut kvp = KVPair::new(key, value.unwrap_or_default());
     kvp.revision = Some(revision);
     Update {
         kvp,
@@ -504,7 +504,7 @@ impl TypeState {
         &self,
         id: &str,
         entry: Entry,
-        old_value: Option<serde_json::Value>,
+        old_value: Option<kvsync_model::Json>,
         revision: Option<Revision>,
         updates: &mut Vec<Update>,
     ) {
@@ -883,10 +883,10 @@ mod tests {
     fn processor_output_is_diffed_per_source_key() {
         let mut s = TypeState::new("IPPool", Some(Arc::new(FanOut)), 20);
         let mut a = pool("a", 1);
-        a.value = json!({"n": 3});
+        a.value = json!({"n": 3}).into();
         let st = s.step(Input::Listed(list(vec![a.clone()], 1)));
         assert_eq!(updates(&st).len(), 3);
-        a.value = json!({"n": 1});
+        a.value = json!({"n": 1}).into();
         a.revision = Some(2u64.into());
         let st = s.step(Input::Event(WatchEvent::Modified { new: a, old: None }));
         assert_eq!(

@@ -80,7 +80,7 @@ impl Update {
     /// The serde error when the value is not an `R` (e.g. `null` for a deletion after a
     /// relist).
     pub fn decode<R: Resource>(&self) -> Result<R, serde_json::Error> {
-        R::deserialize(&self.kvp.value)
+        self.kvp.value.decode()
     }
 }
 

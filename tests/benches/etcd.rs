@@ -7,7 +7,8 @@
 //! 3. recovery after a compaction while disconnected (1% changed) vs a raw relist;
 //! 4. live heap of the Syncer plus a typed consumer map vs a `BTreeMap<String, Vec<u8>>`.
 //!
-//! Run with `cargo bench -p kvsync-tests --bench etcd` (`KVSYNC_BENCH_KEYS=N` to change N).
+//! Run with `cargo bench -p kvsync-tests --bench etcd` (`KVSYNC_BENCH_KEYS=N` to change N,
+//! `KVSYNC_BENCH_PARTS=1,3` to run only some of the measures).
 
 use std::alloc::System;
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +23,7 @@ use kvsync_model::demo::IPPool;
 use kvsync_model::{KVPair, ListOptions, ResourceKey, Revision};
 use kvsync_syncer::{Backoff, ResourceType, SyncStatus, Syncer, SyncerEvent, UpdateType};
 use kvsync_tests::etcd::EtcdCluster;
+
 use serde_json::json;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
@@ -128,6 +130,13 @@ async fn raw_paged_range(raw: &etcd_client::Client, page: i64) -> (Duration, usi
     (t.elapsed(), map.len())
 }
 
+/// Whether measure `n` is to run (`KVSYNC_BENCH_PARTS`, all by default).
+fn part(n: u32) -> bool {
+    std::env::var("KVSYNC_BENCH_PARTS")
+        .map(|p| p.split(',').any(|s| s.trim() == n.to_string()))
+        .unwrap_or(true)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -193,152 +202,236 @@ async fn run(cluster: &EtcdCluster, n: usize) {
     );
     println!("fill: {:.1} s", t.elapsed().as_secs_f64());
 
-    // 1. Initial sync vs the best raw paged range.
-    let mut raw_best = Duration::MAX;
-    for page in [500, 2_000, 5_000, 10_000, 50_000] {
-        let mut best = Duration::MAX;
+    if part(1) {
+        // 1. Initial sync vs the best raw paged range.
+        let mut raw_best = Duration::MAX;
+        for page in [500, 2_000, 5_000, 10_000, 50_000] {
+            let mut best = Duration::MAX;
+            for _ in 0..3 {
+                let (d, count) = raw_paged_range(&raw, page).await;
+                assert_eq!(count, n);
+                best = best.min(d);
+            }
+            println!(
+                "  raw paged range, pages of {page:>6}: {:>8.1} ms",
+                ms(best)
+            );
+            raw_best = raw_best.min(best);
+        }
+        let mut list_best = Duration::MAX;
         for _ in 0..3 {
-            let (d, count) = raw_paged_range(&raw, page).await;
-            assert_eq!(count, n);
-            best = best.min(d);
+            let t = Instant::now();
+            let list = client
+                .list(&ListOptions::new("IPPool"), None)
+                .await
+                .expect("list");
+            list_best = list_best.min(t.elapsed());
+            assert_eq!(list.items.len(), n);
         }
         println!(
-            "  raw paged range, pages of {page:>6}: {:>8.1} ms",
-            ms(best)
+            "  the backend's list alone (pages decoded into KVPairs): {:>8.1} ms",
+            ms(list_best)
         );
-        raw_best = raw_best.min(best);
+        if std::env::var_os("KVSYNC_BENCH_DEBUG").is_some() {
+            for _ in 0..2 {
+                let t = Instant::now();
+                let mut pages = client
+                    .list_pages(&ListOptions::new("IPPool"), None)
+                    .await
+                    .expect("pages");
+                while let Some(p) = pages.next().await {
+                    let p = p.expect("page");
+                    println!("    page of {} at {:.1} ms", p.items.len(), ms(t.elapsed()));
+                }
+            }
+            let mut kv = raw.kv_client().max_decoding_message_size(256 << 20);
+            let all = kv
+                .get(POOLS, Some(etcd_client::GetOptions::new().with_prefix()))
+                .await
+                .expect("all");
+            let t = Instant::now();
+            let values: Vec<serde_json::Value> = all
+                .kvs()
+                .iter()
+                .map(|kv| serde_json::from_slice(kv.value()).expect("json"))
+                .collect();
+            println!(
+                "    JSON decode of every value into Value: {:.1} ms",
+                ms(t.elapsed())
+            );
+            let t = Instant::now();
+            let pools: Vec<IPPool> = values
+                .iter()
+                .filter_map(|v| serde_json::from_value::<IPPool>(v["spec"].clone()).ok())
+                .collect();
+            println!(
+                "    Value -> IPPool: {:.1} ms ({})",
+                ms(t.elapsed()),
+                pools.len()
+            );
+            #[derive(serde::Deserialize)]
+            struct Env<'a> {
+                #[allow(dead_code)]
+                metadata: serde_json::Value,
+                #[serde(borrow)]
+                spec: &'a serde_json::value::RawValue,
+            }
+            let t = Instant::now();
+            let raws: Vec<Box<serde_json::value::RawValue>> = all
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    serde_json::from_slice::<Env>(kv.value())
+                        .expect("env")
+                        .spec
+                        .to_owned()
+                })
+                .collect();
+            println!("    envelope with a raw spec: {:.1} ms", ms(t.elapsed()));
+            let t = Instant::now();
+            let pools: Vec<IPPool> = raws
+                .iter()
+                .filter_map(|r| serde_json::from_str(r.get()).ok())
+                .collect();
+            println!(
+                "    raw -> IPPool: {:.1} ms ({})",
+                ms(t.elapsed()),
+                pools.len()
+            );
+            let t = Instant::now();
+            let codec = client.codec();
+            let keys: Vec<_> = all
+                .kvs()
+                .iter()
+                .filter_map(|kv| codec.from_path(std::str::from_utf8(kv.key()).ok()?).ok())
+                .collect();
+            println!(
+                "    key parsing: {:.1} ms ({})",
+                ms(t.elapsed()),
+                keys.len()
+            );
+        }
+        let mut sync_best = Duration::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let mut events = syncer(client.clone()).stream();
+            let mut map = Typed::with_capacity(n);
+            sync_to_in_sync(&mut events, &mut map).await;
+            let d = t.elapsed();
+            assert_eq!(map.len(), n);
+            events.stop().await;
+            sync_best = sync_best.min(d);
+        }
+        println!(
+            "1. initial sync: Syncer {:.1} ms vs best raw paged range {:.1} ms: {:.2}x (target <= 1.25x)",
+            ms(sync_best),
+            ms(raw_best),
+            sync_best.as_secs_f64() / raw_best.as_secs_f64()
+        );
     }
-    let mut list_best = Duration::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let list = client
-            .list(&ListOptions::new("IPPool"), None)
-            .await
-            .expect("list");
-        list_best = list_best.min(t.elapsed());
-        assert_eq!(list.items.len(), n);
+    if part(2) {
+        // 2. Steady state: a writer with 16 puts in flight.
+        let updates = n.min(50_000);
+        let (syncer_rate, mut syncer_lags) = steady(client.clone(), &raw, updates, true).await;
+        let (raw_rate, mut raw_lags) = steady(client.clone(), &raw, updates, false).await;
+        println!(
+            "2. steady state, {updates} updates with 16 in flight: Syncer {syncer_rate:.0}/s vs raw watch {raw_rate:.0}/s: {:.2}x (target >= 0.95x)",
+            syncer_rate / raw_rate
+        );
+        println!(
+            "   lag from put response to delivery: Syncer p50 {:.2} ms p99 {:.2} ms; raw watch p50 {:.2} ms p99 {:.2} ms (target p99 <= 5 ms)",
+            percentile(&mut syncer_lags, 0.5),
+            percentile(&mut syncer_lags, 0.99),
+            percentile(&mut raw_lags, 0.5),
+            percentile(&mut raw_lags, 0.99)
+        );
     }
-    println!(
-        "  the backend's list alone (pages decoded into KVPairs): {:>8.1} ms",
-        ms(list_best)
-    );
-    let mut sync_best = Duration::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let mut events = syncer(client.clone()).stream();
+    if part(3) {
+        // 3. Recovery after compaction while disconnected, 1% changed.
+        let faulty = Arc::new(FaultyClient::new(client.clone()));
+        let faults = faulty.faults();
+        let mut events = syncer(faulty.clone()).stream();
         let mut map = Typed::with_capacity(n);
         sync_to_in_sync(&mut events, &mut map).await;
-        let d = t.elapsed();
-        assert_eq!(map.len(), n);
+        faults.set_unavailable(true);
+        let changed = n / 100;
+        for i in 0..changed {
+            client
+                .apply(KVPair::new(
+                    ResourceKey::cluster("IPPool", name(i * 100)),
+                    spec(i * 100, 7),
+                ))
+                .await
+                .expect("change");
+        }
+        let rev = backend.current_revision().await.expect("revision");
+        backend.compact_at(rev).await.expect("compact");
+        let t = Instant::now();
+        faults.set_unavailable(false);
+        sync_to_in_sync(&mut events, &mut map).await;
+        let recovery = t.elapsed();
         events.stop().await;
-        sync_best = sync_best.min(d);
+        let mut relist_best = Duration::MAX;
+        for _ in 0..3 {
+            relist_best = relist_best.min(raw_paged_range(&raw, 5_000).await.0);
+        }
+        println!(
+            "3. recovery after compaction while disconnected ({changed} changed): Syncer {:.1} ms vs raw relist {:.1} ms: {:.2}x (target <= 1.25x)",
+            ms(recovery),
+            ms(relist_best),
+            recovery.as_secs_f64() / relist_best.as_secs_f64()
+        );
     }
-    println!(
-        "1. initial sync: Syncer {:.1} ms vs best raw paged range {:.1} ms: {:.2}x (target <= 1.25x)",
-        ms(sync_best),
-        ms(raw_best),
-        sync_best.as_secs_f64() / raw_best.as_secs_f64()
-    );
-
-    // 2. Steady state: a writer with 16 puts in flight.
-    let updates = n.min(50_000);
-    let (syncer_rate, mut syncer_lags) = steady(client.clone(), &raw, updates, true).await;
-    let (raw_rate, mut raw_lags) = steady(client.clone(), &raw, updates, false).await;
-    println!(
-        "2. steady state, {updates} updates with 16 in flight: Syncer {syncer_rate:.0}/s vs raw watch {raw_rate:.0}/s: {:.2}x (target >= 0.95x)",
-        syncer_rate / raw_rate
-    );
-    println!(
-        "   lag from put response to delivery: Syncer p50 {:.2} ms p99 {:.2} ms; raw watch p50 {:.2} ms p99 {:.2} ms (target p99 <= 5 ms)",
-        percentile(&mut syncer_lags, 0.5),
-        percentile(&mut syncer_lags, 0.99),
-        percentile(&mut raw_lags, 0.5),
-        percentile(&mut raw_lags, 0.99)
-    );
-
-    // 3. Recovery after compaction while disconnected, 1% changed.
-    let faulty = Arc::new(FaultyClient::new(client.clone()));
-    let faults = faulty.faults();
-    let mut events = syncer(faulty.clone()).stream();
-    let mut map = Typed::with_capacity(n);
-    sync_to_in_sync(&mut events, &mut map).await;
-    faults.set_unavailable(true);
-    let changed = n / 100;
-    for i in 0..changed {
-        client
-            .apply(KVPair::new(
-                ResourceKey::cluster("IPPool", name(i * 100)),
-                spec(i * 100, 7),
-            ))
-            .await
-            .expect("change");
+    if part(4) {
+        // 4. Live heap: Syncer state + typed consumer map vs BTreeMap<String, Vec<u8>>. Each is
+        // measured in a window of its own, after a full list has grown the connection's buffers,
+        // so only the structures themselves are counted.
+        drop(
+            client
+                .list(&ListOptions::new("IPPool"), None)
+                .await
+                .expect("warm up"),
+        );
+        let fetched = {
+            let mut kv = raw.kv_client().max_decoding_message_size(256 << 20);
+            kv.get(POOLS, Some(etcd_client::GetOptions::new().with_prefix()))
+                .await
+                .expect("get all")
+        };
+        let before = live_bytes();
+        let plain: BTreeMap<String, Vec<u8>> = fetched
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect();
+        let plain_bytes = live_bytes().saturating_sub(before);
+        drop(fetched);
+        let before = live_bytes();
+        let mut events = syncer(client.clone()).stream();
+        let mut map = Typed::new();
+        sync_to_in_sync(&mut events, &mut map).await;
+        // Let the buffers of the initial list (freed by other tasks) go first.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let syncer_bytes = live_bytes().saturating_sub(before);
+        let before = live_bytes();
+        let map_copy: Typed = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let map_bytes = live_bytes().saturating_sub(before);
+        drop(map_copy);
+        println!(
+            "4. live heap: Syncer + typed consumer map {:.1} MiB (of which the map {:.1} MiB) vs BTreeMap<String, Vec<u8>> {:.1} MiB: {:.2}x (target <= 1.3x)",
+            syncer_bytes as f64 / 1048576.0,
+            map_bytes as f64 / 1048576.0,
+            plain_bytes as f64 / 1048576.0,
+            syncer_bytes as f64 / plain_bytes as f64
+        );
+        assert_eq!(map.len(), plain.len());
+        events.stop().await;
     }
-    let rev = backend.current_revision().await.expect("revision");
-    backend.compact_at(rev).await.expect("compact");
-    let t = Instant::now();
-    faults.set_unavailable(false);
-    sync_to_in_sync(&mut events, &mut map).await;
-    let recovery = t.elapsed();
-    events.stop().await;
-    let mut relist_best = Duration::MAX;
-    for _ in 0..3 {
-        relist_best = relist_best.min(raw_paged_range(&raw, 5_000).await.0);
-    }
-    println!(
-        "3. recovery after compaction while disconnected ({changed} changed): Syncer {:.1} ms vs raw relist {:.1} ms: {:.2}x (target <= 1.25x)",
-        ms(recovery),
-        ms(relist_best),
-        recovery.as_secs_f64() / relist_best.as_secs_f64()
-    );
-
-    // 4. Live heap: Syncer state + typed consumer map vs BTreeMap<String, Vec<u8>>. Each is
-    // measured in a window of its own, after a full list has grown the connection's buffers,
-    // so only the structures themselves are counted.
-    drop(
-        client
-            .list(&ListOptions::new("IPPool"), None)
-            .await
-            .expect("warm up"),
-    );
-    let fetched = {
-        let mut kv = raw.kv_client().max_decoding_message_size(256 << 20);
-        kv.get(POOLS, Some(etcd_client::GetOptions::new().with_prefix()))
-            .await
-            .expect("get all")
-    };
-    let before = live_bytes();
-    let plain: BTreeMap<String, Vec<u8>> = fetched
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                kv.value().to_vec(),
-            )
-        })
-        .collect();
-    let plain_bytes = live_bytes().saturating_sub(before);
-    drop(fetched);
-    let before = live_bytes();
-    let mut events = syncer(client.clone()).stream();
-    let mut map = Typed::new();
-    sync_to_in_sync(&mut events, &mut map).await;
-    // Let the buffers of the initial list (freed by other tasks) go first.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let syncer_bytes = live_bytes().saturating_sub(before);
-    let before = live_bytes();
-    let map_copy: Typed = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let map_bytes = live_bytes().saturating_sub(before);
-    drop(map_copy);
-    println!(
-        "4. live heap: Syncer + typed consumer map {:.1} MiB (of which the map {:.1} MiB) vs BTreeMap<String, Vec<u8>> {:.1} MiB: {:.2}x (target <= 1.3x)",
-        syncer_bytes as f64 / 1048576.0,
-        map_bytes as f64 / 1048576.0,
-        plain_bytes as f64 / 1048576.0,
-        syncer_bytes as f64 / plain_bytes as f64
-    );
-    assert_eq!(map.len(), plain.len());
-    events.stop().await;
 }
 
 /// Writes `updates` puts with 16 in flight and measures the delivery rate and lag, through

@@ -87,7 +87,7 @@ impl Seen {
                             self.cache.remove(&key);
                         }
                         _ => {
-                            self.cache.insert(key, (u.kvp.value, u.kvp.revision));
+                            self.cache.insert(key, (u.kvp.value.into(), u.kvp.revision));
                         }
                     }
                 }
@@ -126,7 +126,7 @@ pub async fn datastore_state(client: &dyn Client, kinds: &[ListOptions]) -> Cach
     for opts in kinds {
         let list = client.list(opts, None).await.expect("list the datastore");
         for kvp in list.items {
-            cache.insert(kvp.key, (kvp.value, kvp.revision));
+            cache.insert(kvp.key, (kvp.value.into(), kvp.revision));
         }
     }
     cache

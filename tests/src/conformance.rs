@@ -115,7 +115,7 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
     }
 
     // The same precondition again is stale now.
-    next.value = json!({"cidr": "10.2.0.0/16"});
+    next.value = json!({"cidr": "10.2.0.0/16"}).into();
     let err = c.update(next).await.unwrap_err();
     match &err {
         Error::Conflict {

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use etcd_client::{EventType, KeyValue, WatchResponse};
-use kvsync_model::{KVPair, ListOptions, ParseFailure, PathCodec, Revision};
+use kvsync_model::{Json, KVPair, ListOptions, ParseFailure, PathCodec, Revision};
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 
@@ -29,7 +29,8 @@ struct MetadataOut<'a> {
 #[derive(Deserialize)]
 struct EnvelopeIn {
     metadata: MetadataIn,
-    spec: serde_json::Value,
+    /// Kept as text: decoded only when looked at (see [`Json`]).
+    spec: Box<serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -99,7 +100,7 @@ pub(super) fn decode_kv(codec: &PathCodec, kv: &KeyValue) -> Result<KVPair, Box<
         .map_err(|e| fail(Some(key.clone()), format!("not a kvsync value: {e}")))?;
     Ok(KVPair {
         key,
-        value: env.spec,
+        value: Json::from_raw(env.spec),
         revision: Some(revision),
         create_revision: Some(Revision::from(kv.create_revision() as u64)),
         uid: Some(env.metadata.uid),

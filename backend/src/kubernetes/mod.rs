@@ -207,7 +207,7 @@ impl KubernetesBackend {
         };
         Ok(KVPair {
             key,
-            value: spec,
+            value: spec.into(),
             revision,
             create_revision: None,
             uid: obj.metadata.uid,

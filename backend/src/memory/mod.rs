@@ -472,7 +472,7 @@ impl Client for MemoryBackend {
         // A value that no longer decodes is still deleted; it is returned as null.
         Ok(self.to_kvp(&path, &prev).unwrap_or_else(|_| KVPair {
             key: key.clone(),
-            value: serde_json::Value::Null,
+            value: serde_json::Value::Null.into(),
             revision: Some(prev.mod_rev.into()),
             create_revision: Some(prev.create_rev.into()),
             uid: Some(prev.uid.to_string()),
