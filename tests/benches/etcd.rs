@@ -478,6 +478,8 @@ async fn steady(
         sync_to_in_sync(&mut events, &mut map).await;
         syncer_events = Some((events, map));
     } else {
+        // A raw list-then-watch client: the same paged list first, then the watch.
+        raw_paged_range(raw, 50_000).await;
         let mut wc = raw.watch_client();
         let w = wc
             .watch(
@@ -493,6 +495,9 @@ async fn steady(
             .expect("watch");
         raw_watch = Some(w);
     }
+
+    // Steady state: both sides start writing once their initial list is a second behind.
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The writer: raw puts of valid envelopes, 16 in flight, recording when each was acked.
     let writer = {

@@ -61,10 +61,11 @@ const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
 const PAGE_TARGET_BYTES: usize = 8 * 1024 * 1024;
 /// The most keys a page asks for.
 const MAX_PAGE_KEYS: usize = 100_000;
-/// The first page's key count (about 400 bytes a key fill a page).
-const FIRST_PAGE_KEYS: i64 = 5_000;
+/// The first page's key count, before the size of a key is known (a page over the decode
+/// limit is asked again with a quarter of the keys).
+const FIRST_PAGE_KEYS: i64 = 10_000;
 /// Below this many keys left, the rest is read in one page.
-const TAIL_PAGE_KEYS: usize = 4_000;
+const TAIL_PAGE_KEYS: usize = 6_000;
 /// How long an idle watch waits before asking etcd for a progress notification.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// How often a write retries when other writers keep changing its key.
@@ -631,10 +632,9 @@ impl Client for EtcdBackend {
         Ok(list)
     }
 
-    /// Range reads pinned to the first page's revision, sized by bytes (see
-    /// [`PAGE_TARGET_BYTES`]), with the next page on its way while one is decoded, and the
-    /// last pages smaller (see [`next_page_keys`]) so that little work is left once etcd has
-    /// answered the last one.
+    /// Range reads pinned to the first page's revision, sized by bytes (about 8 MiB), with
+    /// the next page on its way while one is decoded, and the last pages smaller (at most
+    /// half of what is left) so that little work is left once etcd has answered the last one.
     async fn list_pages(
         &self,
         opts: &ListOptions,
