@@ -527,11 +527,8 @@ fn cluster_object(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> 
                         format!("{resource} \"{name}\" already exists"),
                     )
                 } else {
-                    inner.rv += 1;
                     obj["metadata"]["uid"] = json!(uuid());
-                    obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-                    inner.cluster_objects.insert(key, obj.clone());
-                    reply(201, &obj)
+                    reply(201, &store_cluster_object(&mut inner, key, obj))
                 }
             }
         },
@@ -562,10 +559,7 @@ fn cluster_object(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> 
                     }
                     Some(current) => {
                         obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
-                        inner.rv += 1;
-                        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-                        inner.cluster_objects.insert(key, obj.clone());
-                        reply(200, &obj)
+                        reply(200, &store_cluster_object(&mut inner, key, obj))
                     }
                 }
             }
@@ -590,6 +584,14 @@ fn cluster_object(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> 
         (m, _) => fail(405, "MethodNotAllowed", format!("{m} is not allowed here")),
     };
     Some(resp)
+}
+
+/// Stores a written namespace or CRD under a new resourceVersion and returns it.
+fn store_cluster_object(inner: &mut Inner, key: (String, String), mut obj: Value) -> Value {
+    inner.rv += 1;
+    obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+    inner.cluster_objects.insert(key, obj.clone());
+    obj
 }
 
 /// Deletes every custom resource in a deleted namespace, each with its DELETED event.
