@@ -32,9 +32,28 @@ use serde_json::value::RawValue;
 /// ```
 pub struct Json {
     /// The JSON text, when the value came from a datastore.
-    raw: Option<Box<RawValue>>,
+    raw: Option<Text>,
     /// The parsed value (set at once when built from a `Value`).
     value: OnceLock<Value>,
+}
+
+/// Checked JSON text: the whole of `buf`, or the part of it from `start` to `end` (a value
+/// kept inside the stored record it came in, so that the record is not copied).
+#[derive(Clone)]
+struct Text {
+    buf: Box<str>,
+    start: u32,
+    end: u32,
+}
+
+impl Text {
+    fn get(&self) -> &str {
+        // Both ends were taken from a `RawValue` inside `buf`, so they are in bounds and on
+        // character boundaries; `get` keeps even a broken invariant from panicking.
+        self.buf
+            .get(self.start as usize..self.end as usize)
+            .unwrap_or("null")
+    }
 }
 
 impl Json {
@@ -48,17 +67,82 @@ impl Json {
 
     /// A value from JSON text already checked by serde_json.
     pub fn from_raw(raw: Box<RawValue>) -> Self {
+        let buf: Box<str> = raw.into();
+        match u32::try_from(buf.len()) {
+            Ok(end) => Json::from_text(Text { buf, start: 0, end }),
+            // Over 4 GiB of JSON: kept as a parsed value instead.
+            Err(_) => Json::from(serde_json::from_str::<Value>(&buf).unwrap_or(Value::Null)),
+        }
+    }
+
+    fn from_text(text: Text) -> Self {
         Json {
-            raw: Some(raw),
+            raw: Some(text),
             value: OnceLock::new(),
         }
+    }
+
+    /// A value that is part of a larger JSON text, such as the `spec` of a stored record,
+    /// kept without copying it out: `parse` reads `text` (checking it) and returns the part
+    /// that is the value, and anything else it read from the text.
+    ///
+    /// ```
+    /// use kvsync_model::Json;
+    /// use serde_json::value::RawValue;
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Record<'a> {
+    ///     uid: String,
+    ///     #[serde(borrow)]
+    ///     spec: &'a RawValue,
+    /// }
+    ///
+    /// let text = r#"{"uid": "u-1", "spec": {"cidr": "10.0.0.0/16"}}"#.to_owned();
+    /// let (spec, uid) = Json::from_part_of(text, |t| {
+    ///     serde_json::from_str::<Record>(t).map(|r| (r.spec, r.uid))
+    /// })
+    /// .unwrap();
+    /// assert_eq!(uid, "u-1");
+    /// assert_eq!(spec["cidr"], "10.0.0.0/16");
+    /// assert_eq!(spec.json_text(), Some(r#"{"cidr": "10.0.0.0/16"}"#));
+    /// ```
+    ///
+    /// # Errors
+    /// Whatever `parse` returns, with `text` given back (e.g. to report what was stored).
+    pub fn from_part_of<T, E>(
+        text: String,
+        parse: impl for<'t> FnOnce(&'t str) -> Result<(&'t RawValue, T), E>,
+    ) -> Result<(Self, T), (E, String)> {
+        let (start, end, other) = {
+            let (part, other) = match parse(&text) {
+                Ok(parsed) => parsed,
+                Err(e) => return Err((e, text)),
+            };
+            let base = text.as_ptr() as usize;
+            let at = part.get().as_ptr() as usize;
+            let inside = at >= base && at + part.get().len() <= base + text.len();
+            match (inside, u32::try_from(text.len())) {
+                (true, Ok(_)) => {
+                    let start = (at - base) as u32;
+                    (start, start + part.get().len() as u32, other)
+                }
+                // A part from elsewhere, or a text over 4 GiB: copied out.
+                _ => return Ok((Json::from_raw(part.to_owned()), other)),
+            }
+        };
+        let text = Text {
+            buf: text.into_boxed_str(),
+            start,
+            end,
+        };
+        Ok((Json::from_text(text), other))
     }
 
     /// The value as a [`serde_json::Value`], parsed on first use (`Null` if the text is
     /// deeper than serde_json's recursion limit).
     pub fn as_value(&self) -> &Value {
         self.value.get_or_init(|| match &self.raw {
-            Some(raw) => serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            Some(text) => serde_json::from_str(text.get()).unwrap_or(Value::Null),
             None => Value::Null,
         })
     }
@@ -83,7 +167,7 @@ impl Json {
 
     /// The stored JSON text, when the value came from one.
     pub fn json_text(&self) -> Option<&str> {
-        self.raw.as_deref().map(RawValue::get)
+        self.raw.as_ref().map(Text::get)
     }
 }
 
@@ -196,6 +280,34 @@ mod tests {
         }
         assert_eq!(text.decode::<T>().unwrap(), T { b: "x".into() });
         assert_eq!(value.decode::<T>().unwrap(), T { b: "x".into() });
+    }
+
+    #[test]
+    fn a_part_is_kept_in_place_or_copied_when_from_elsewhere() {
+        let text = r#"{"m": 1, "spec":  [1, {"x": "y"}] }"#.to_owned();
+        let (part, n) = Json::from_part_of(text, |t| {
+            #[derive(Deserialize)]
+            struct R<'a> {
+                m: u8,
+                #[serde(borrow)]
+                spec: &'a RawValue,
+            }
+            serde_json::from_str::<R>(t).map(|r| (r.spec, r.m))
+        })
+        .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(part.json_text(), Some(r#"[1, {"x": "y"}]"#));
+        assert_eq!(part, serde_json::json!([1, {"x": "y"}]));
+        assert_eq!(part.clone().decode::<(u8, Value)>().unwrap().0, 1);
+
+        let elsewhere: &'static RawValue = Box::leak(RawValue::from_string("true".into()).unwrap());
+        let (part, ()) = Json::from_part_of::<_, ()>("{}".into(), |_| Ok((elsewhere, ()))).unwrap();
+        assert_eq!(part.json_text(), Some("true"));
+
+        let failed = Json::from_part_of("{".into(), |t| {
+            serde_json::from_str::<&RawValue>(t).map(|r| (r, ()))
+        });
+        assert_eq!(failed.err().map(|(_, text)| text).as_deref(), Some("{"));
     }
 
     #[test]

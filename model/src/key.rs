@@ -316,32 +316,41 @@ impl PathCodec {
             .strip_prefix(self.prefix.as_str())
             .and_then(|r| r.strip_prefix('/'))
             .ok_or_else(|| Error::parse(path, format!("not under prefix {:?}", self.prefix)))?;
-        let mut parts = rest.split('/');
-        let plural = parts.next().unwrap_or_default();
+        // One pass, no lookups beyond the plural's: lists parse every key they read.
+        let (plural, segs) = match rest.split_once('/') {
+            Some((plural, segs)) => (plural, Some(segs)),
+            None => (rest, None),
+        };
         let info = self
             .registry
             .by_plural(plural)
             .ok_or_else(|| Error::parse(path, format!("unknown resource type {plural:?}")))?;
-        let segs: Vec<&str> = parts.collect();
-        let key = match (info.namespaced, segs.as_slice()) {
-            (true, [ns, name]) => ResourceKey::namespaced(&info.kind, *ns, *name),
-            (false, [name]) => ResourceKey::cluster(&info.kind, *name),
-            (true, _) => {
-                return Err(Error::parse(
+        let bad = |e: Error| Error::parse(path, e.to_string());
+        match (info.namespaced, segs) {
+            (true, Some(segs)) => match segs.split_once('/') {
+                Some((ns, name)) if !name.contains('/') => {
+                    validate_namespace(ns).map_err(bad)?;
+                    validate_name(name).map_err(bad)?;
+                    Ok(ResourceKey::namespaced(&info.kind, ns, name))
+                }
+                _ => Err(Error::parse(
                     path,
                     format!("{} is namespaced: expected <namespace>/<name>", info.kind),
-                ));
+                )),
+            },
+            (false, Some(name)) if !name.contains('/') => {
+                validate_name(name).map_err(bad)?;
+                Ok(ResourceKey::cluster(&info.kind, name))
             }
-            (false, _) => {
-                return Err(Error::parse(
-                    path,
-                    format!("{} is cluster-scoped: expected <name>", info.kind),
-                ));
-            }
-        };
-        self.validate(&key)
-            .map_err(|e| Error::parse(path, e.to_string()))?;
-        Ok(key)
+            (true, None) => Err(Error::parse(
+                path,
+                format!("{} is namespaced: expected <namespace>/<name>", info.kind),
+            )),
+            (false, _) => Err(Error::parse(
+                path,
+                format!("{} is cluster-scoped: expected <name>", info.kind),
+            )),
+        }
     }
 
     /// A path prefix under which lies every key that `opts` matches. Keys under it may still

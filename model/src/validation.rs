@@ -29,6 +29,28 @@ fn check_common(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `b` is a DNS-1123 subdomain of at most `max` bytes, in one pass: the common case
+/// of every valid name, checked before the rule-by-rule checks that explain a failure.
+fn is_subdomain_fast(b: &[u8], max: usize, dots: bool) -> bool {
+    if b.is_empty() || b.len() > max {
+        return false;
+    }
+    let mut prev = b'.';
+    for &c in b {
+        let ok = match c {
+            b'a'..=b'z' | b'0'..=b'9' => true,
+            b'-' => prev != b'.',
+            b'.' => dots && prev != b'.' && prev != b'-',
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+        prev = c;
+    }
+    prev.is_ascii_alphanumeric()
+}
+
 fn is_label(s: &str) -> bool {
     let b = s.as_bytes();
     // Kubernetes' subdomain regex does not bound its labels' length; namespaces are bounded
@@ -60,6 +82,9 @@ pub fn validate_name(name: &str) -> Result<()> {
 /// # Errors
 /// [`Error::Invalid`] naming `field` and the rule that was broken.
 pub fn validate_subdomain(field: &str, name: &str) -> Result<()> {
+    if is_subdomain_fast(name.as_bytes(), MAX_NAME_LEN, true) {
+        return Ok(());
+    }
     check_common(field, name)?;
     if name.len() > MAX_NAME_LEN {
         return Err(Error::invalid(
@@ -88,6 +113,9 @@ pub fn validate_subdomain(field: &str, name: &str) -> Result<()> {
 /// # Errors
 /// [`Error::Invalid`] with field `namespace` and the rule that was broken.
 pub fn validate_namespace(namespace: &str) -> Result<()> {
+    if is_subdomain_fast(namespace.as_bytes(), MAX_NAMESPACE_LEN, false) {
+        return Ok(());
+    }
     check_common("namespace", namespace)?;
     if namespace.len() > MAX_NAMESPACE_LEN {
         return Err(Error::invalid(
@@ -178,6 +206,37 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_fast_check_agrees_with_the_rules() {
+        // Every string of up to 5 characters over an alphabet that exercises each rule.
+        let alphabet = ['a', '0', '-', '.', 'A', '_'];
+        let mut words = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> = words
+                .iter()
+                .filter(|w| w.len() == words.last().map_or(0, String::len))
+                .flat_map(|w| alphabet.iter().map(move |c| format!("{w}{c}")))
+                .collect();
+            words.extend(longer);
+        }
+        for w in &words {
+            let b = w.as_bytes();
+            let name_rules = check_common("name", w).is_ok() && w.split('.').all(is_label);
+            assert_eq!(
+                is_subdomain_fast(b, MAX_NAME_LEN, true),
+                name_rules,
+                "{w:?}"
+            );
+            let ns_rules = check_common("namespace", w).is_ok() && is_label(w);
+            assert_eq!(
+                is_subdomain_fast(b, MAX_NAMESPACE_LEN, false),
+                ns_rules,
+                "{w:?}"
+            );
+        }
+        assert!(words.len() > 9_000);
     }
 
     #[test]

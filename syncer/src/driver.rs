@@ -219,6 +219,10 @@ impl Aggregator {
 
     async fn handle(&mut self, msg: Msg) -> Result<(), ()> {
         match msg.out {
+            Out::Updates(updates) if self.pending.is_empty() && updates.len() < self.max_batch => {
+                // Taken whole: no copy.
+                self.pending = updates;
+            }
             Out::Updates(updates) => {
                 let mut updates = updates.into_iter();
                 loop {

@@ -102,7 +102,7 @@ pub(crate) struct TypeState {
     kind: String,
     processor: Option<Arc<dyn UpdateProcessor>>,
     /// Key id (`ns/name` or `name`) -> what was sent. Only revisions, never values.
-    sent: HashMap<Box<str>, Entry>,
+    sent: Ids,
     /// The revision to resume a watch from.
     last: Option<Revision>,
     status: TypeStatus,
@@ -121,10 +121,14 @@ pub(crate) struct TypeState {
 /// A list in progress.
 struct Relist {
     /// The entries sent before the list whose keys its pages have not had yet.
-    old: HashMap<Box<str>, Entry>,
+    old: Ids,
     /// The list's revision.
     revision: Revision,
 }
+
+/// Key id -> entry. foldhash (hashbrown's default) rather than SipHash: a list inserts one
+/// entry per key, and keys are short; each map still gets its own random seed.
+type Ids = HashMap<Box<str>, Entry, foldhash::fast::RandomState>;
 
 fn key_id(key: &ResourceKey) -> Box<str> {
     match &key.namespace {
@@ -160,7 +164,7 @@ impl TypeState {
             gap_ratio: gap_ratio.max(1),
             kind: kind.into(),
             processor,
-            sent: HashMap::new(),
+            sent: Ids::default(),
             last: None,
             status: TypeStatus::Waiting,
             attempt: 0,
@@ -329,11 +333,16 @@ impl TypeState {
                 })
             }
         };
-        let mut updates = Vec::new();
+        let mut updates = Vec::with_capacity(page.items.len());
         let mut old = std::mem::take(&mut relist.old);
         for kvp in page.items {
             let id = key_id(&kvp.key);
-            let prev = old.remove(&id);
+            // An initial list has nothing to compare with: no lookup at all.
+            let prev = if old.is_empty() {
+                None
+            } else {
+                old.remove(&id)
+            };
             let unchanged = prev
                 .as_ref()
                 .is_some_and(|e| Some(&e.revision) == kvp.revision.as_ref());

@@ -27,10 +27,11 @@ struct MetadataOut<'a> {
 }
 
 #[derive(Deserialize)]
-struct EnvelopeIn {
+struct EnvelopeIn<'a> {
     metadata: MetadataIn,
-    /// Kept as text: decoded only when looked at (see [`Json`]).
-    spec: Box<serde_json::value::RawValue>,
+    /// Kept as text, in place: decoded only when looked at (see [`Json::from_part_of`]).
+    #[serde(borrow)]
+    spec: &'a serde_json::value::RawValue,
 }
 
 #[derive(Deserialize)]
@@ -82,30 +83,74 @@ pub(super) fn rev_i64(r: &Revision) -> Result<i64> {
 
 /// Decodes a stored key/value into a KVPair.
 pub(super) fn decode_kv(codec: &PathCodec, kv: &KeyValue) -> Result<KVPair, Box<ParseFailure>> {
-    let revision = Revision::from(kv.mod_revision() as u64);
-    let path = String::from_utf8_lossy(kv.key());
-    let fail = |key, reason: String| {
+    decode_parts(
+        codec,
+        kv.key(),
+        kv.value().to_vec(),
+        kv.mod_revision(),
+        kv.create_revision(),
+    )
+}
+
+/// Like [`decode_kv`], keeping the stored bytes rather than copying them (for lists).
+pub(super) fn decode_owned_kv(
+    codec: &PathCodec,
+    kv: KeyValue,
+) -> Result<KVPair, Box<ParseFailure>> {
+    let (mod_revision, create_revision) = (kv.mod_revision(), kv.create_revision());
+    let (key, value) = kv.into_key_value();
+    decode_parts(codec, &key, value, mod_revision, create_revision)
+}
+
+fn decode_parts(
+    codec: &PathCodec,
+    raw_key: &[u8],
+    value: Vec<u8>,
+    mod_revision: i64,
+    create_revision: i64,
+) -> Result<KVPair, Box<ParseFailure>> {
+    let revision = Revision::from(mod_revision as u64);
+    let path = String::from_utf8_lossy(raw_key);
+    let fail = |key, raw_value, reason: String| {
         Box::new(ParseFailure {
             raw_key: path.to_string(),
-            raw_value: kv.value().to_vec(),
+            raw_value,
             key,
             revision: Some(revision.clone()),
             reason,
         })
     };
-    let key = codec
-        .from_path(&path)
-        .map_err(|e| fail(None, e.to_string()))?;
-    let env: EnvelopeIn = serde_json::from_slice(kv.value())
-        .map_err(|e| fail(Some(key.clone()), format!("not a kvsync value: {e}")))?;
+    let key = match codec.from_path(&path) {
+        Ok(key) => key,
+        Err(e) => return Err(fail(None, value, e.to_string())),
+    };
+    let text = match String::from_utf8(value) {
+        Ok(text) => text,
+        Err(e) => {
+            let reason = format!("not a kvsync value: {e}");
+            return Err(fail(Some(key), e.into_bytes(), reason));
+        }
+    };
+    let parsed = Json::from_part_of(text, |t| {
+        serde_json::from_str::<EnvelopeIn>(t).map(|env| (env.spec, env.metadata))
+    });
+    let (value, metadata) = match parsed {
+        Ok(parsed) => parsed,
+        Err((e, text)) => {
+            return Err(fail(
+                Some(key),
+                text.into_bytes(),
+                format!("not a kvsync value: {e}"),
+            ));
+        }
+    };
     Ok(KVPair {
         key,
-        value: Json::from_raw(env.spec),
+        value,
         revision: Some(revision),
-        create_revision: Some(Revision::from(kv.create_revision() as u64)),
-        uid: Some(env.metadata.uid),
-        ttl: env
-            .metadata
+        create_revision: Some(Revision::from(create_revision as u64)),
+        uid: Some(metadata.uid),
+        ttl: metadata
             .ttl
             .and_then(|s| Duration::try_from_secs_f64(s).ok()),
     })

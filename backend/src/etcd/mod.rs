@@ -45,7 +45,7 @@ use futures::StreamExt;
 use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision};
 
 pub use config::{EtcdConfig, EtcdTls};
-use convert::{Envelope, decode_kv, map_err, rev_i64};
+use convert::{Envelope, decode_kv, decode_owned_kv, map_err, rev_i64};
 
 use crate::client::{Client, ListPages};
 use crate::encoding::{WriteMode, encode_for_write, parse_error, push_listed};
@@ -268,8 +268,8 @@ impl EtcdBackend {
                 revision: Revision::from(pinned as u64),
                 parse_failures: Vec::new(),
             };
-            for kv in &kvs {
-                push_listed(&mut page, opts, self.decode(kv));
+            for kv in kvs {
+                push_listed(&mut page, opts, decode_owned_kv(&self.codec, kv));
             }
             // Empty pages (a range with keys other kinds own) are not worth a message, but
             // the first page always goes, as it carries the revision.
