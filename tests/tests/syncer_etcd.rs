@@ -386,3 +386,146 @@ async fn a_list_larger_than_the_decode_limit_is_read_in_smaller_pages() {
     assert_eq!(list.items.len(), 72);
     assert!(list.items.iter().all(|k| k.value == value));
 }
+
+/// Lists read as parts side by side (the rest of the list split at keys estimated from its
+/// first page) give exactly what one range read page after page gives, in key order, as one
+/// snapshot, whatever the names look like and while writers change the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_read_in_parts_match_one_range_exactly() {
+    use kvsync_backend::etcd::EtcdListReads;
+    let cluster = start_cluster(1).await;
+    let prefix = unique_prefix();
+    let split_reads = EtcdListReads {
+        first_page_keys: 40,
+        part_keys: 100,
+        max_parts: 4,
+    };
+    let split = EtcdBackend::connect(cluster.config(&prefix).with_list_reads(split_reads))
+        .await
+        .expect("connect");
+    let plain_reads = EtcdListReads {
+        max_parts: 1,
+        ..split_reads
+    };
+    let plain = EtcdBackend::connect(cluster.config(&prefix).with_list_reads(plain_reads))
+        .await
+        .expect("connect");
+    // Names of several shapes: zero-padded numbers, plain numbers (which sort as text),
+    // hash-like suffixes; and a namespaced kind across namespaces.
+    let mut keys: Vec<ResourceKey> = Vec::new();
+    for i in 0..500u64 {
+        keys.push(ResourceKey::cluster("IPPool", format!("pool-{i:05}")));
+        keys.push(ResourceKey::cluster("IPPool", format!("p-{i}")));
+        let hash = format!("{:016x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        keys.push(ResourceKey::cluster(
+            "IPPool",
+            format!("web-{}", &hash[..8]),
+        ));
+        keys.push(ResourceKey::namespaced(
+            "NetworkPolicy",
+            format!("ns-{}", i % 7),
+            format!("allow-{i}"),
+        ));
+    }
+    let value = |key: &ResourceKey, n: u64| {
+        if key.kind == "IPPool" {
+            json!({"cidr": format!("10.{}.0.0/16", n % 256)})
+        } else {
+            json!({"order": n as f64, "selector": "all()"})
+        }
+    };
+    futures::stream::iter(keys.clone())
+        .map(|key| {
+            let client = split.clone();
+            async move {
+                client
+                    .apply(KVPair::new(key.clone(), value(&key, 1)))
+                    .await
+                    .expect("write")
+            }
+        })
+        .buffer_unordered(32)
+        .for_each(|_| async {})
+        .await;
+    let all_pools = ListOptions::new("IPPool");
+    let all_policies = ListOptions::new("NetworkPolicy");
+    let one_namespace = ListOptions::new("NetworkPolicy").with_namespace("ns-3");
+    let before = split.list(&all_pools, None).await.expect("list");
+    assert_eq!(before.items.len(), 1500);
+
+    // Writers change, delete and add keys while the lists run.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, keys, stop) = (split.clone(), keys.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 2;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = keys[(n as usize * 37) % keys.len()].clone();
+                if n % 5 == 0 {
+                    let _ = client.delete(&key, None).await;
+                } else {
+                    let v = value(&key, n);
+                    client.apply(KVPair::new(key, v)).await.expect("write");
+                }
+                n += 1;
+            }
+        })
+    };
+    for opts in [&all_pools, &all_policies, &one_namespace] {
+        for _ in 0..3 {
+            let mut pages = split.list_pages(opts, None).await.expect("pages");
+            let mut listed: Vec<KVPair> = Vec::new();
+            let mut page_count = 0;
+            let mut revision = None;
+            while let Some(page) = pages.next().await {
+                let page = page.expect("page");
+                assert!(revision.is_none_or(|r| r == page.revision));
+                revision = Some(page.revision);
+                assert!(page.parse_failures.is_empty());
+                listed.extend(page.items);
+                page_count += 1;
+            }
+            let revision = revision.expect("a first page");
+            // The same snapshot, read as one range.
+            let expected = plain.list(opts, Some(&revision)).await.expect("plain list");
+            let paths = |items: &[KVPair]| -> Vec<String> {
+                items.iter().map(|k| k.key.to_string()).collect()
+            };
+            assert_eq!(paths(&listed), paths(&expected.items), "{opts:?}");
+            assert_eq!(listed, expected.items, "{opts:?}");
+            let sorted = listed.windows(2).all(|w| {
+                split.codec().to_path(&w[0].key).unwrap()
+                    < split.codec().to_path(&w[1].key).unwrap()
+            });
+            assert!(sorted, "pages in key order");
+            if listed.len() > 400 {
+                assert!(
+                    page_count > 2,
+                    "{opts:?}: {page_count} pages: the list was not split"
+                );
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.expect("writer");
+    // And at a revision from before the writers.
+    for opts in [&all_pools, &all_policies, &one_namespace] {
+        let a = split
+            .list(opts, Some(&before.revision))
+            .await
+            .expect("list");
+        let b = plain
+            .list(opts, Some(&before.revision))
+            .await
+            .expect("list");
+        assert_eq!(a.items, b.items);
+    }
+    assert_eq!(
+        split
+            .list(&all_pools, Some(&before.revision))
+            .await
+            .expect("list")
+            .items,
+        before.items
+    );
+}

@@ -31,6 +31,7 @@
 
 mod config;
 mod convert;
+mod split;
 
 use std::fmt;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ use etcd_client::{
 use futures::StreamExt;
 use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision};
 
-pub use config::{EtcdConfig, EtcdTls};
+pub use config::{EtcdConfig, EtcdListReads, EtcdTls};
 use convert::{Envelope, decode_kv, decode_owned_kv, map_err, rev_i64};
 
 use crate::client::{Client, ListPages};
@@ -61,9 +62,6 @@ const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
 const PAGE_TARGET_BYTES: usize = 8 * 1024 * 1024;
 /// The most keys a page asks for.
 const MAX_PAGE_KEYS: usize = 100_000;
-/// The first page's key count, before the size of a key is known (a page over the decode
-/// limit is asked again with a quarter of the keys).
-const FIRST_PAGE_KEYS: i64 = 10_000;
 /// Below this many keys left, the rest is read in one page.
 const TAIL_PAGE_KEYS: usize = 6_000;
 /// How long an idle watch waits before asking etcd for a progress notification.
@@ -78,6 +76,7 @@ pub struct EtcdBackend {
     kv: KvClient,
     codec: PathCodec,
     endpoints: Vec<String>,
+    list_reads: EtcdListReads,
     /// Whether the server answers progress requests only once a watch has caught up.
     synced_progress: Arc<tokio::sync::OnceCell<bool>>,
 }
@@ -133,6 +132,7 @@ impl EtcdBackend {
             kv,
             codec,
             endpoints,
+            list_reads: config.list_reads,
             synced_progress: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
@@ -206,76 +206,87 @@ impl EtcdBackend {
         decode_kv(&self.codec, kv)
     }
 
-    /// Reads the pages of a list into `tx`; returns early when the receiver is gone.
+    /// Reads the pages of a list into `tx`, in key order; returns early when the receiver is
+    /// gone. The first page gives the list's revision, the number of keys and the keys to
+    /// split the rest by (see [`split`]); the parts are then read side by side, each paged on
+    /// its own, and handed on in order.
     async fn read_pages(
         &self,
         prefix: &str,
         opts: &ListOptions,
-        mut at: Option<i64>,
+        at: Option<i64>,
         tx: &tokio::sync::mpsc::Sender<Result<KVList>>,
     ) -> Result<()> {
         let end = prefix_end(prefix);
-        let mut start = prefix.as_bytes().to_vec();
-        let mut limit = FIRST_PAGE_KEYS;
-        let (mut bytes_seen, mut keys_seen) = (0usize, 0usize);
-        let fetch = |start: Vec<u8>, limit: i64, at: Option<i64>| {
-            let kv = self.kv();
-            let mut page_opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
-            if let Some(r) = at {
-                page_opts = page_opts.with_revision(r);
-            }
-            // A task of its own, so the next page is on its way while this one is decoded.
-            tokio::spawn(async move { kv.get(start, Some(page_opts)).await })
-        };
-        let mut pending = Some(fetch(start.clone(), limit, at));
-        let mut sent_any = false;
-        while let Some(page) = pending.take() {
-            let page = page
+        let start = prefix.as_bytes().to_vec();
+        let tuning = self.list_reads;
+        let mut limit = i64::try_from(tuning.first_page_keys.max(1)).unwrap_or(i64::MAX);
+        let mut resp = loop {
+            match self
+                .kv()
+                .get(start.clone(), Some(range_opts(&end, limit, at)))
                 .await
-                .map_err(|e| Error::unavailable(format!("list page task failed: {e}")))?;
-            let mut resp = match page {
-                Ok(r) => r,
+            {
+                Ok(r) => break r,
                 // A page over the decode limit (large values): ask for fewer keys.
-                Err(e) if is_too_large(&e) && limit > 1 => {
-                    limit = (limit / 4).max(1);
-                    pending = Some(fetch(start.clone(), limit, at));
-                    continue;
-                }
+                Err(e) if is_too_large(&e) && limit > 1 => limit = (limit / 4).max(1),
                 Err(e) => return Err(self.map_read_err(e, at).await),
-            };
-            // Pin every later page to the first page's revision: one consistent snapshot.
-            let header_rev = resp.header().map(|h| h.revision());
-            let pinned = *at.get_or_insert(header_rev.unwrap_or(0));
-            let more = resp.more();
-            // The keys from this page's first to the end of the range.
-            let remaining_with_page = usize::try_from(resp.count()).unwrap_or(0);
-            let kvs = resp.take_kvs();
-            if let Some(last) = kvs.last() {
-                start = last.key().to_vec();
-                start.push(0);
             }
-            for kv in &kvs {
-                bytes_seen += kv.key().len() + kv.value().len();
-                keys_seen += 1;
+        };
+        // Every later page is pinned to the first page's revision: one consistent snapshot.
+        let pinned = at.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision()));
+        let kvs = resp.take_kvs();
+        let mut parts = Vec::new();
+        if resp.more()
+            && let Some(last) = kvs.last()
+        {
+            let remaining = usize::try_from(resp.count())
+                .unwrap_or(0)
+                .saturating_sub(kvs.len());
+            let bytes: usize = kvs.iter().map(|kv| kv.key().len() + kv.value().len()).sum();
+            let stats = (bytes, kvs.len());
+            let mut after = last.key().to_vec();
+            after.push(0);
+            let n_parts = (remaining / tuning.part_keys.max(1)).clamp(1, tuning.max_parts.max(1));
+            let seen: Vec<&[u8]> = kvs.iter().map(|kv| kv.key()).collect();
+            let splits = split::split_keys(&seen, prefix.len(), &after, &end, remaining, n_parts);
+            let bounds: Vec<Vec<u8>> = std::iter::once(after)
+                .chain(splits)
+                .chain(std::iter::once(end.clone()))
+                .collect();
+            for range in bounds.windows(2) {
+                let (rtx, rrx) = tokio::sync::mpsc::channel(1);
+                let part = Part {
+                    backend: self.clone(),
+                    opts: opts.clone(),
+                    start: range[0].clone(),
+                    end: range[1].clone(),
+                    at: pinned,
+                    // By bytes alone: the parts' last pages come in while earlier parts are
+                    // handed on, so they need not be small.
+                    limit: next_page_keys(0, stats.0 / stats.1.max(1)),
+                    stats,
+                };
+                tokio::spawn(part.read(rtx));
+                parts.push(rrx);
             }
-            if more && !kvs.is_empty() {
-                let remaining = remaining_with_page.saturating_sub(kvs.len());
-                limit = next_page_keys(remaining, bytes_seen / keys_seen.max(1));
-                pending = Some(fetch(start.clone(), limit, at));
-            }
-            let mut page = KVList {
-                items: Vec::with_capacity(kvs.len()),
-                revision: Revision::from(pinned as u64),
-                parse_failures: Vec::new(),
-            };
-            for kv in kvs {
-                push_listed(&mut page, opts, decode_owned_kv(&self.codec, kv));
-            }
-            // Empty pages (a range with keys other kinds own) are not worth a message, but
-            // the first page always goes, as it carries the revision.
-            if !sent_any || !page.items.is_empty() || !page.parse_failures.is_empty() {
-                sent_any = true;
-                if tx.send(Ok(page)).await.is_err() {
+        }
+        let mut page = KVList {
+            items: Vec::with_capacity(kvs.len()),
+            revision: Revision::from(pinned as u64),
+            parse_failures: Vec::new(),
+        };
+        for kv in kvs {
+            push_listed(&mut page, opts, decode_owned_kv(&self.codec, kv));
+        }
+        // The first page always goes, even empty, as it carries the revision.
+        if tx.send(Ok(page)).await.is_err() {
+            return Ok(());
+        }
+        for mut part in parts {
+            while let Some(page) = part.recv().await {
+                let failed = page.is_err();
+                if tx.send(page).await.is_err() || failed {
                     return Ok(());
                 }
             }
@@ -416,6 +427,106 @@ impl EtcdBackend {
 struct RetryingKv {
     kv: KvClient,
     attempts: usize,
+}
+
+/// The options of one range read of a list: up to `end`, at `at`, `limit` keys.
+fn range_opts(end: &[u8], limit: i64, at: Option<i64>) -> GetOptions {
+    let opts = GetOptions::new().with_range(end.to_vec()).with_limit(limit);
+    match at {
+        Some(r) => opts.with_revision(r),
+        None => opts,
+    }
+}
+
+/// One part of a list (the keys from `start` to `end`), read page by page at the list's
+/// revision.
+struct Part {
+    backend: EtcdBackend,
+    opts: ListOptions,
+    start: Vec<u8>,
+    end: Vec<u8>,
+    at: i64,
+    /// The first page's key count.
+    limit: i64,
+    /// Bytes and keys read so far, to size pages by bytes.
+    stats: (usize, usize),
+}
+
+impl Part {
+    /// Reads the part into `tx` (an error ends it); stops when the receiver is gone.
+    async fn read(self, tx: tokio::sync::mpsc::Sender<Result<KVList>>) {
+        if let Err(e) = self.pages(&tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    }
+
+    async fn pages(self, tx: &tokio::sync::mpsc::Sender<Result<KVList>>) -> Result<()> {
+        let Part {
+            backend,
+            opts,
+            mut start,
+            end,
+            at,
+            mut limit,
+            stats: (mut bytes_seen, mut keys_seen),
+        } = self;
+        let fetch = |start: Vec<u8>, limit: i64| {
+            let kv = backend.kv();
+            let page_opts = range_opts(&end, limit, Some(at));
+            // A task of its own, so the next page is on its way while this one is decoded.
+            tokio::spawn(async move { kv.get(start, Some(page_opts)).await })
+        };
+        let mut pending = Some(fetch(start.clone(), limit));
+        while let Some(page) = pending.take() {
+            let page = page
+                .await
+                .map_err(|e| Error::unavailable(format!("list page task failed: {e}")))?;
+            let mut resp = match page {
+                Ok(r) => r,
+                Err(e) if is_too_large(&e) && limit > 1 => {
+                    limit = (limit / 4).max(1);
+                    pending = Some(fetch(start.clone(), limit));
+                    continue;
+                }
+                Err(e) => return Err(backend.map_read_err(e, Some(at)).await),
+            };
+            let more = resp.more();
+            // The keys from this page's first to the end of the part.
+            let remaining_with_page = usize::try_from(resp.count()).unwrap_or(0);
+            let kvs = resp.take_kvs();
+            if let Some(last) = kvs.last() {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            for kv in &kvs {
+                bytes_seen += kv.key().len() + kv.value().len();
+                keys_seen += 1;
+            }
+            if more && !kvs.is_empty() {
+                let remaining = remaining_with_page.saturating_sub(kvs.len());
+                limit = next_page_keys(remaining, bytes_seen / keys_seen.max(1));
+                pending = Some(fetch(start.clone(), limit));
+            }
+            // Empty pages (a range with keys other kinds own) are not worth a message.
+            if kvs.is_empty() {
+                continue;
+            }
+            let mut page = KVList {
+                items: Vec::with_capacity(kvs.len()),
+                revision: Revision::from(at as u64),
+                parse_failures: Vec::new(),
+            };
+            for kv in kvs {
+                push_listed(&mut page, &opts, decode_owned_kv(&backend.codec, kv));
+            }
+            if (!page.items.is_empty() || !page.parse_failures.is_empty())
+                && tx.send(Ok(page)).await.is_err()
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether a response was refused for its size (over the client's decode limit).
@@ -632,9 +743,10 @@ impl Client for EtcdBackend {
         Ok(list)
     }
 
-    /// Range reads pinned to the first page's revision, sized by bytes (about 8 MiB), with
-    /// the next page on its way while one is decoded, and the last pages smaller (at most
-    /// half of what is left) so that little work is left once etcd has answered the last one.
+    /// Range reads pinned to the first page's revision: a first page, then the rest split
+    /// into parts read side by side (see [`EtcdListReads`]), each in pages sized by bytes
+    /// (about 8 MiB, the last ones smaller) with its next page on its way while one is
+    /// decoded. Pages come in key order.
     async fn list_pages(
         &self,
         opts: &ListOptions,
