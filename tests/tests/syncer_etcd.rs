@@ -398,7 +398,8 @@ async fn lists_read_in_parts_match_one_range_exactly() {
     let split_reads = EtcdListReads {
         first_page_keys: 40,
         part_keys: 100,
-        max_parts: 4,
+        max_parts: 8,
+        parallel_reads: 3,
     };
     let split = EtcdBackend::connect(cluster.config(&prefix).with_list_reads(split_reads))
         .await

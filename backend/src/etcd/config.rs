@@ -117,18 +117,23 @@ pub struct EtcdListReads {
     /// Keys asked for in the first page (default 10,000): enough to estimate where to split
     /// the rest, small enough to come back soon.
     pub first_page_keys: usize,
-    /// Keys left after the first page for each part (default 20,000): fewer left, fewer parts.
+    /// Keys left after the first page for each part (default 10,000): fewer left, fewer parts.
     pub part_keys: usize,
-    /// The most parts read side by side (default 4; 1 reads the rest as one range).
+    /// The most parts a list is split into (default 8; 1 reads the rest as one range).
     pub max_parts: usize,
+    /// The most range requests of one list at etcd at once (default 2): parts start in key
+    /// order as earlier ones come back, so the first keys are handed on while etcd reads the
+    /// rest.
+    pub parallel_reads: usize,
 }
 
 impl Default for EtcdListReads {
     fn default() -> Self {
         EtcdListReads {
             first_page_keys: 10_000,
-            part_keys: 20_000,
-            max_parts: 4,
+            part_keys: 10_000,
+            max_parts: 8,
+            parallel_reads: 2,
         }
     }
 }

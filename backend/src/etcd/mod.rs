@@ -254,6 +254,11 @@ impl EtcdBackend {
                 .chain(splits)
                 .chain(std::iter::once(end.clone()))
                 .collect();
+            // At most `parallel_reads` requests at etcd at once, and the parts start in key
+            // order, so the first parts come back first and their keys are handed on while
+            // etcd reads the later ones.
+            let permits = Arc::new(tokio::sync::Semaphore::new(tuning.parallel_reads.max(1)));
+            let mut to_start = Vec::new();
             for range in bounds.windows(2) {
                 let (rtx, rrx) = tokio::sync::mpsc::channel(1);
                 let part = Part {
@@ -262,14 +267,27 @@ impl EtcdBackend {
                     start: range[0].clone(),
                     end: range[1].clone(),
                     at: pinned,
-                    // By bytes alone: the parts' last pages come in while earlier parts are
-                    // handed on, so they need not be small.
+                    // By bytes alone: a part's last page comes in while earlier parts are
+                    // handed on, so it need not be small.
                     limit: next_page_keys(0, stats.0 / stats.1.max(1)),
                     stats,
+                    permits: permits.clone(),
                 };
-                tokio::spawn(part.read(rtx));
+                to_start.push((part, rtx));
                 parts.push(rrx);
             }
+            tokio::spawn(async move {
+                for (part, tx) in to_start {
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    // Not started when the list was dropped.
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::spawn(part.read(permit, tx));
+                }
+            });
         }
         let mut page = KVList {
             items: Vec::with_capacity(kvs.len()),
@@ -450,17 +468,27 @@ struct Part {
     limit: i64,
     /// Bytes and keys read so far, to size pages by bytes.
     stats: (usize, usize),
+    /// Leave to have a request at etcd, shared by the list's parts.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Part {
     /// Reads the part into `tx` (an error ends it); stops when the receiver is gone.
-    async fn read(self, tx: tokio::sync::mpsc::Sender<Result<KVList>>) {
-        if let Err(e) = self.pages(&tx).await {
+    async fn read(
+        self,
+        first: tokio::sync::OwnedSemaphorePermit,
+        tx: tokio::sync::mpsc::Sender<Result<KVList>>,
+    ) {
+        if let Err(e) = self.pages(first, &tx).await {
             let _ = tx.send(Err(e)).await;
         }
     }
 
-    async fn pages(self, tx: &tokio::sync::mpsc::Sender<Result<KVList>>) -> Result<()> {
+    async fn pages(
+        self,
+        first: tokio::sync::OwnedSemaphorePermit,
+        tx: &tokio::sync::mpsc::Sender<Result<KVList>>,
+    ) -> Result<()> {
         let Part {
             backend,
             opts,
@@ -469,14 +497,23 @@ impl Part {
             at,
             mut limit,
             stats: (mut bytes_seen, mut keys_seen),
+            permits,
         } = self;
-        let fetch = |start: Vec<u8>, limit: i64| {
-            let kv = backend.kv();
-            let page_opts = range_opts(&end, limit, Some(at));
-            // A task of its own, so the next page is on its way while this one is decoded.
-            tokio::spawn(async move { kv.get(start, Some(page_opts)).await })
-        };
-        let mut pending = Some(fetch(start.clone(), limit));
+        let fetch =
+            |start: Vec<u8>, limit: i64, permit: Option<tokio::sync::OwnedSemaphorePermit>| {
+                let kv = backend.kv();
+                let page_opts = range_opts(&end, limit, Some(at));
+                let permits = permits.clone();
+                // A task of its own, so the next page is on its way while this one is decoded.
+                tokio::spawn(async move {
+                    let _permit = match permit {
+                        Some(p) => Some(p),
+                        None => permits.acquire_owned().await.ok(),
+                    };
+                    kv.get(start, Some(page_opts)).await
+                })
+            };
+        let mut pending = Some(fetch(start.clone(), limit, Some(first)));
         while let Some(page) = pending.take() {
             let page = page
                 .await
@@ -485,7 +522,7 @@ impl Part {
                 Ok(r) => r,
                 Err(e) if is_too_large(&e) && limit > 1 => {
                     limit = (limit / 4).max(1);
-                    pending = Some(fetch(start.clone(), limit));
+                    pending = Some(fetch(start.clone(), limit, None));
                     continue;
                 }
                 Err(e) => return Err(backend.map_read_err(e, Some(at)).await),
@@ -505,7 +542,7 @@ impl Part {
             if more && !kvs.is_empty() {
                 let remaining = remaining_with_page.saturating_sub(kvs.len());
                 limit = next_page_keys(remaining, bytes_seen / keys_seen.max(1));
-                pending = Some(fetch(start.clone(), limit));
+                pending = Some(fetch(start.clone(), limit, None));
             }
             // Empty pages (a range with keys other kinds own) are not worth a message.
             if kvs.is_empty() {
