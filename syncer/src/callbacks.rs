@@ -29,9 +29,21 @@ pub trait SyncerCallbacks: Send + 'static {
     }
 }
 
-/// Feeds a stream's events to callbacks until the stream ends.
-pub(crate) async fn run(mut stream: SyncerStream, mut callbacks: impl SyncerCallbacks) {
-    while let Some(ev) = stream.next().await {
+/// Feeds a stream's events to callbacks until the stream ends or `stopped` fires.
+pub(crate) async fn run(
+    mut stream: SyncerStream,
+    mut callbacks: impl SyncerCallbacks,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        let ev = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            ev = stream.next() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+        };
         match ev {
             SyncerEvent::Status(s) => callbacks.on_status_updated(s),
             SyncerEvent::Updates(u) => callbacks.on_updates(u),
@@ -39,4 +51,5 @@ pub(crate) async fn run(mut stream: SyncerStream, mut callbacks: impl SyncerCall
             SyncerEvent::Error(e) => callbacks.on_error(&e),
         }
     }
+    stream.stop().await;
 }

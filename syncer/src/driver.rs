@@ -1,5 +1,5 @@
-//! The async driver: one task per resource type doing the I/O its state machine asks for, and
-//! one aggregator that merges statuses and batches updates for the consumer.
+//! The async driver: per resource type a stream doing the I/O its state machine asks for, and
+//! an aggregator, polled by the consumer, that merges statuses and batches updates.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -66,6 +66,12 @@ struct Msg {
 
 /// The stream of a running Syncer. Dropping it stops the Syncer.
 ///
+/// By default the Syncer runs inside this stream: polling it polls every resource type's
+/// list or watch and hands on what they bring, so no task hop lies between the datastore's
+/// stream and the consumer, and a consumer that does not poll stops the reading (see
+/// [`Syncer::with_channel_capacity`](crate::Syncer::with_channel_capacity) for a Syncer that
+/// runs ahead in a task of its own).
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -88,8 +94,17 @@ struct Msg {
 /// # }
 /// ```
 pub struct SyncerStream {
-    rx: mpsc::Receiver<SyncerEvent>,
-    handle: SyncerHandle,
+    inner: Inner,
+}
+
+enum Inner {
+    /// The Syncer runs when the stream is polled.
+    Inline(BoxStream<'static, SyncerEvent>),
+    /// The Syncer runs in a task, up to a channel's capacity ahead of the consumer.
+    Channel {
+        rx: mpsc::Receiver<SyncerEvent>,
+        handle: SyncerHandle,
+    },
 }
 
 impl std::fmt::Debug for SyncerStream {
@@ -99,11 +114,59 @@ impl std::fmt::Debug for SyncerStream {
 }
 
 impl SyncerStream {
+    pub(crate) fn new(syncer: Syncer) -> Self {
+        let capacity = syncer.channel_capacity;
+        let events = events(syncer);
+        if capacity == 0 {
+            return SyncerStream {
+                inner: Inner::Inline(events),
+            };
+        }
+        let (tx, rx) = mpsc::channel(capacity);
+        let (shutdown, mut stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut events = events;
+            loop {
+                let ev = tokio::select! {
+                    biased;
+                    _ = &mut stopped => break,
+                    ev = events.next() => match ev {
+                        Some(ev) => ev,
+                        None => break,
+                    },
+                };
+                // A send that waits for the consumer ends at shutdown too.
+                let sent = tokio::select! {
+                    biased;
+                    _ = &mut stopped => break,
+                    sent = tx.send(ev) => sent,
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+            debug!("syncer stopped");
+        });
+        SyncerStream {
+            inner: Inner::Channel {
+                rx,
+                handle: SyncerHandle {
+                    shutdown: Some(shutdown),
+                    tasks: vec![task],
+                },
+            },
+        }
+    }
+
     /// Stops every watcher and returns once they are gone.
     pub async fn stop(self) {
-        let SyncerStream { rx, handle } = self;
-        drop(rx);
-        handle.stop().await;
+        match self.inner {
+            Inner::Inline(events) => drop(events),
+            Inner::Channel { rx, handle } => {
+                drop(rx);
+                handle.stop().await;
+            }
+        }
     }
 }
 
@@ -111,7 +174,10 @@ impl Stream for SyncerStream {
     type Item = SyncerEvent;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SyncerEvent>> {
-        self.rx.poll_recv(cx)
+        match &mut self.inner {
+            Inner::Inline(events) => events.poll_next_unpin(cx),
+            Inner::Channel { rx, .. } => rx.poll_recv(cx),
+        }
     }
 }
 
@@ -123,16 +189,16 @@ pub struct SyncerHandle {
 }
 
 impl SyncerHandle {
-    /// A handle that owns no task (for the stream a callback task reads).
-    pub(crate) fn detached() -> Self {
+    /// Runs `task` until it ends or the handle stops it (the task gets the stop signal).
+    pub(crate) fn spawn<F>(task: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (shutdown, stopped) = oneshot::channel();
         SyncerHandle {
-            shutdown: None,
-            tasks: Vec::new(),
+            shutdown: Some(shutdown),
+            tasks: vec![tokio::spawn(task(stopped))],
         }
-    }
-
-    pub(crate) fn push(&mut self, task: JoinHandle<()>) {
-        self.tasks.push(task);
     }
 
     /// Stops every watcher and the delivery of events, and returns once all the Syncer's
@@ -160,31 +226,6 @@ impl Drop for SyncerHandle {
     }
 }
 
-/// Starts the Syncer's tasks; events arrive on the returned receiver.
-pub(crate) fn spawn(syncer: Syncer) -> (mpsc::Receiver<SyncerEvent>, SyncerHandle) {
-    let (out_tx, out_rx) = mpsc::channel(syncer.channel_capacity.max(1));
-    let (shutdown_tx, shutdown_rx) = oneshot::channel();
-    let agg = tokio::spawn(aggregate(syncer, out_tx, shutdown_rx));
-    (
-        out_rx,
-        SyncerHandle {
-            shutdown: Some(shutdown_tx),
-            tasks: vec![agg],
-        },
-    )
-}
-
-impl SyncerStream {
-    pub(crate) fn new(syncer: Syncer) -> Self {
-        let (rx, handle) = spawn(syncer);
-        SyncerStream { rx, handle }
-    }
-
-    pub(crate) fn from_parts(rx: mpsc::Receiver<SyncerEvent>, handle: SyncerHandle) -> Self {
-        SyncerStream { rx, handle }
-    }
-}
-
 fn aggregate_status(statuses: &[TypeStatus]) -> SyncStatus {
     if statuses.iter().all(|s| *s == TypeStatus::InSync) {
         SyncStatus::InSync
@@ -195,8 +236,9 @@ fn aggregate_status(statuses: &[TypeStatus]) -> SyncStatus {
     }
 }
 
+/// Merges the types' statuses and batches their updates into the events to hand on.
 struct Aggregator {
-    out: mpsc::Sender<SyncerEvent>,
+    out: VecDeque<SyncerEvent>,
     statuses: Vec<TypeStatus>,
     status: SyncStatus,
     pending: Vec<Update>,
@@ -204,20 +246,14 @@ struct Aggregator {
 }
 
 impl Aggregator {
-    /// Sends an event; `Err` when the consumer is gone.
-    async fn send(&self, ev: SyncerEvent) -> Result<(), ()> {
-        self.out.send(ev).await.map_err(|_| ())
-    }
-
-    async fn flush(&mut self) -> Result<(), ()> {
+    fn flush(&mut self) {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
-            self.send(SyncerEvent::Updates(batch)).await?;
+            self.out.push_back(SyncerEvent::Updates(batch));
         }
-        Ok(())
     }
 
-    async fn handle(&mut self, msg: Msg) -> Result<(), ()> {
+    fn handle(&mut self, msg: Msg) {
         match msg.out {
             Out::Updates(updates) if self.pending.is_empty() && updates.len() < self.max_batch => {
                 // Taken whole: no copy.
@@ -231,43 +267,39 @@ impl Aggregator {
                     if self.pending.len() < self.max_batch {
                         break;
                     }
-                    self.flush().await?;
+                    self.flush();
                 }
             }
             Out::Status(s) => {
                 // Every update sent before a status change is delivered before it.
-                self.flush().await?;
+                self.flush();
                 self.statuses[msg.idx] = s;
                 let agg = aggregate_status(&self.statuses);
                 if agg != self.status {
                     info!(status = %agg, "sync status changed");
                     self.status = agg;
-                    self.send(SyncerEvent::Status(agg)).await?;
+                    self.out.push_back(SyncerEvent::Status(agg));
                 }
             }
             Out::ParseFailed(f) => {
-                self.flush().await?;
+                self.flush();
                 warn!(raw_key = %f.raw_key, reason = %f.reason, "stored entry does not decode");
-                self.send(SyncerEvent::ParseFailed(f)).await?;
+                self.out.push_back(SyncerEvent::ParseFailed(f));
             }
             Out::Error(e) => {
-                self.flush().await?;
-                self.send(SyncerEvent::Error(Arc::new(e))).await?;
+                self.flush();
+                self.out.push_back(SyncerEvent::Error(Arc::new(e)));
             }
         }
-        Ok(())
     }
 }
 
-async fn aggregate(
-    syncer: Syncer,
-    out: mpsc::Sender<SyncerEvent>,
-    mut shutdown: oneshot::Receiver<()>,
-) {
+/// The Syncer's events, produced as the stream is polled. Every type's list/watch loop is a
+/// stream polled by this one: no hop between tasks per event, and a consumer that does not
+/// keep up stops the reading of every watch.
+fn events(syncer: Syncer) -> BoxStream<'static, SyncerEvent> {
     let n = syncer.types.len();
-    // Every type's list/watch loop is a stream polled by this one task: no hop between tasks
-    // per event, and a consumer that does not keep up stops the reading of every watch.
-    let mut merged = futures::stream::select_all(syncer.types.iter().cloned().enumerate().map(
+    let merged = futures::stream::select_all(syncer.types.iter().cloned().enumerate().map(
         |(idx, rt)| {
             let span = info_span!("kvsync_watcher", kind = %rt.options.kind, namespace = ?rt.options.namespace);
             TypeTask {
@@ -283,43 +315,40 @@ async fn aggregate(
         },
     ));
     let mut agg = Aggregator {
-        out,
+        out: VecDeque::new(),
         statuses: vec![TypeStatus::Waiting; n],
         status: SyncStatus::WaitForDatastore,
         pending: Vec::new(),
         max_batch: syncer.max_batch.max(1),
     };
-    if agg.send(SyncerEvent::Status(agg.status)).await.is_err() {
-        return;
-    }
+    agg.out.push_back(SyncerEvent::Status(agg.status));
     if n == 0 {
         agg.status = SyncStatus::InSync;
-        let _ = agg.send(SyncerEvent::Status(SyncStatus::InSync)).await;
-        let _ = shutdown.await;
-        return;
+        agg.out.push_back(SyncerEvent::Status(SyncStatus::InSync));
     }
-    loop {
-        let msg = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            msg = merged.next() => match msg {
-                Some(m) => m,
-                None => break,
-            },
-        };
-        // Take whatever else is ready too, so changes that arrive together go out in one batch.
-        let mut result = agg.handle(msg).await;
-        while result.is_ok() && agg.pending.len() < agg.max_batch {
-            match merged.next().now_or_never() {
-                Some(Some(m)) => result = agg.handle(m).await,
-                _ => break,
+    futures::stream::unfold((agg, merged), |(mut agg, mut merged)| async move {
+        loop {
+            if let Some(ev) = agg.out.pop_front() {
+                return Some((ev, (agg, merged)));
             }
+            if merged.is_empty() {
+                // With no type, nothing more ever comes: the stream stays open until dropped.
+                futures::future::pending::<()>().await;
+            }
+            let msg = merged.next().await?;
+            agg.handle(msg);
+            // Take whatever else is ready too, so changes that arrive together go out in one
+            // batch.
+            while agg.pending.len() < agg.max_batch {
+                match merged.next().now_or_never() {
+                    Some(Some(m)) => agg.handle(m),
+                    _ => break,
+                }
+            }
+            agg.flush();
         }
-        if result.is_err() || agg.flush().await.is_err() {
-            break;
-        }
-    }
-    debug!("syncer stopped");
+    })
+    .boxed()
 }
 
 struct TypeTask {

@@ -30,8 +30,11 @@
 //!   within [`Syncer::with_catch_up_timeout`], else it relists); otherwise it relists and
 //!   sends the difference.
 //!   Backends without comparable revisions always relist. See [`Syncer::with_gap_ratio`].
-//! - Batches hold at most [`Syncer::with_max_batch`] updates; a slow consumer slows the
-//!   watchers down through bounded channels instead of growing a queue.
+//! - Batches hold at most [`Syncer::with_max_batch`] updates. The Syncer runs inside the
+//!   stream it returns (or the callbacks' task): the datastore is read as the consumer takes
+//!   events, so a slow consumer slows the reading instead of growing a queue, and no task hop
+//!   lies between a watch and the consumer ([`Syncer::with_channel_capacity`] lets it read
+//!   ahead from a task of its own).
 //! - Per tracked key the Syncer keeps only its revision (and, with an [`UpdateProcessor`],
 //!   the derived keys), never a copy of the value.
 //!
@@ -202,7 +205,7 @@ impl Syncer {
             client,
             types: Vec::new(),
             max_batch: DEFAULT_MAX_BATCH,
-            channel_capacity: 4,
+            channel_capacity: 0,
             backoff: Backoff::default(),
             request_timeout: Duration::from_secs(30),
             gap_ratio: DEFAULT_GAP_RATIO,
@@ -242,11 +245,13 @@ impl Syncer {
         self
     }
 
-    /// How many batches may wait for the consumer before the Syncer stops reading the
-    /// datastore (default 4).
+    /// How many events the Syncer may prepare ahead of its consumer, in a task of its own,
+    /// before it stops reading the datastore. The default, 0, runs the Syncer inside the
+    /// consumer's stream (or the callbacks' task): no task hop per batch, which measured
+    /// faster in steady state; a capacity lets the Syncer read on while the consumer is busy.
     #[must_use]
     pub fn with_channel_capacity(mut self, capacity: usize) -> Self {
-        self.channel_capacity = capacity.max(1);
+        self.channel_capacity = capacity;
         self
     }
 
@@ -265,17 +270,15 @@ impl Syncer {
         self
     }
 
-    /// Starts the Syncer; its events arrive on the returned stream. Needs a tokio runtime.
+    /// The Syncer as a stream of events: it runs as the stream is polled (in a task of its
+    /// own, which needs a tokio runtime, with [`Syncer::with_channel_capacity`]).
     pub fn stream(self) -> SyncerStream {
         SyncerStream::new(self)
     }
 
     /// Starts the Syncer and calls `callbacks` from a task of its own. Needs a tokio runtime.
     pub fn start(self, callbacks: impl SyncerCallbacks) -> SyncerHandle {
-        let (rx, mut handle) = driver::spawn(self);
-        let stream_handle = SyncerHandle::detached();
-        let stream = SyncerStream::from_parts(rx, stream_handle);
-        handle.push(tokio::spawn(callbacks::run(stream, callbacks)));
-        handle
+        let stream = self.stream();
+        SyncerHandle::spawn(move |stopped| callbacks::run(stream, callbacks, stopped))
     }
 }

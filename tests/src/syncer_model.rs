@@ -109,7 +109,7 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
 
     let mut syncer = Syncer::new(faulty.clone())
         .with_max_batch(rng.random_range(1..20))
-        .with_channel_capacity(rng.random_range(1..4))
+        .with_channel_capacity(rng.random_range(0..3))
         .with_backoff(Backoff {
             initial: Duration::from_millis(1),
             max: Duration::from_millis(20),
