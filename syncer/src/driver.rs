@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use std::collections::VecDeque;
 
+use futures::future::RemoteHandle;
 use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use kvsync_backend::{Client, Error, ListPages, WatchStream};
-use kvsync_model::ListOptions;
+use kvsync_model::{ListOptions, Revision};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -78,7 +79,7 @@ struct Msg {
 /// use std::sync::Arc;
 /// use futures::StreamExt;
 /// use kvsync_backend::{Client, MemoryBackend};
-/// use kvsync_model::ListOptions;
+/// use kvsync_model::{ListOptions, Revision};
 /// use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent};
 ///
 /// let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
@@ -380,6 +381,11 @@ struct TypeRun {
     watch: Option<WatchStream>,
     /// The pages of the list being read.
     pages: Option<ListPages>,
+    /// A watch from the list's revision, opened as soon as the first page gave the revision
+    /// (dropping the handle cancels the opening). etcd puts a watch whose start is already in
+    /// the past into a group it catches up only every 100 ms; opened while the revision is
+    /// still the newest, the watch starts in step and its events wait in the stream.
+    early_watch: Option<(Revision, RemoteHandle<kvsync_backend::Result<WatchStream>>)>,
     outs: VecDeque<Out>,
     /// When a resumed watch must have confirmed catching up.
     catch_up_deadline: Option<tokio::time::Instant>,
@@ -412,6 +418,7 @@ impl TypeTask {
             state,
             watch: None,
             pages: None,
+            early_watch: None,
             outs: VecDeque::new(),
             catch_up_deadline: None,
         };
@@ -459,6 +466,9 @@ impl TypeRun {
         match next.await {
             Ok(Some(page)) => {
                 debug!(items = page.items.len(), revision = %page.revision, "list page");
+                if self.early_watch.is_none() {
+                    self.open_early_watch(page.revision.clone());
+                }
                 Input::ListPage(page)
             }
             Ok(None) => {
@@ -468,9 +478,29 @@ impl TypeRun {
             }
             Err(e) => {
                 self.pages = None;
+                self.early_watch = None;
                 Input::ListFailed(e)
             }
         }
+    }
+
+    /// Starts opening the watch that is to follow the list at `revision`.
+    fn open_early_watch(&mut self, revision: Revision) {
+        let client = self.task.client.clone();
+        let opts = self.task.rt.options.clone();
+        let timeout = self.task.request_timeout;
+        let rev = revision.clone();
+        let (opening, handle) = async move {
+            match tokio::time::timeout(timeout, client.watch(&opts, Some(&rev))).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::unavailable(format!(
+                    "watch did not answer within {timeout:?}"
+                ))),
+            }
+        }
+        .remote_handle();
+        tokio::spawn(opening);
+        self.early_watch = Some((revision, handle));
     }
 
     /// Does the I/O the last step asked for and returns its outcome.
@@ -480,6 +510,7 @@ impl TypeRun {
             Action::List => {
                 self.watch = None;
                 self.pages = None;
+                self.early_watch = None;
                 info!(tracked = self.state.tracked(), "listing");
                 match self
                     .task
@@ -497,10 +528,14 @@ impl TypeRun {
             Action::Watch(rev) => {
                 self.watch = None;
                 debug!(from = %rev, "watching");
-                let opened = self
-                    .task
-                    .with_timeout("watch", self.task.client.watch(opts, Some(&rev)))
-                    .await;
+                let opened = match self.early_watch.take() {
+                    Some((from, opening)) if from == rev => opening.await,
+                    _ => {
+                        self.task
+                            .with_timeout("watch", self.task.client.watch(opts, Some(&rev)))
+                            .await
+                    }
+                };
                 match opened {
                     Ok(w) => {
                         self.watch = Some(w);

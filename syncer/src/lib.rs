@@ -17,6 +17,10 @@
 //! - Per key: `New` the first time, `Updated` afterwards, `Deleted` when it goes; never
 //!   `Deleted` for a key not reported before; in revision order; a repeat of the same revision
 //!   is dropped.
+//! - Lists arrive page by page and each page's updates are handed on as it comes. The watch
+//!   that follows a list is opened as soon as the first page gives the list's revision, so it
+//!   starts while that revision is still the newest (etcd catches up a watch that starts in
+//!   the past only every 100 ms) and changes made during the list wait in its stream.
 //! - A broken watch resumes from the last revision seen. A compacted resume point
 //!   ([`Error::Compacted`](kvsync_backend::Error::Compacted)) makes the type relist and send
 //!   exactly the difference against what it sent: `Updated`, `New`, `Deleted` for keys that

@@ -575,7 +575,13 @@ async fn steady(
     }
 
     // Steady state: both sides start writing once their initial list is a second behind.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // KVSYNC_BENCH_SETTLE_MS changes the pause (1,000 ms), e.g. 0 to see the first writes
+    // right after the list.
+    let settle = std::env::var("KVSYNC_BENCH_SETTLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    tokio::time::sleep(Duration::from_millis(settle)).await;
 
     // The writer: raw puts of valid envelopes, 16 in flight, recording when each was acked.
     let writer = {
