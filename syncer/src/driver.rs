@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use std::collections::VecDeque;
 
-use futures::future::RemoteHandle;
+use futures::future::{BoxFuture, MaybeDone};
 use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use kvsync_backend::{Client, Error, ListPages, WatchStream};
@@ -382,10 +382,13 @@ struct TypeRun {
     /// The pages of the list being read.
     pages: Option<ListPages>,
     /// A watch from the list's revision, opened as soon as the first page gave the revision
-    /// (dropping the handle cancels the opening). etcd puts a watch whose start is already in
-    /// the past into a group it catches up only every 100 ms; opened while the revision is
+    /// and driven while the next pages are awaited. etcd puts a watch whose start is already
+    /// in the past into a group it catches up only every 100 ms; opened while the revision is
     /// still the newest, the watch starts in step and its events wait in the stream.
-    early_watch: Option<(Revision, RemoteHandle<kvsync_backend::Result<WatchStream>>)>,
+    early_watch: Option<(
+        Revision,
+        MaybeDone<BoxFuture<'static, kvsync_backend::Result<WatchStream>>>,
+    )>,
     outs: VecDeque<Out>,
     /// When a resumed watch must have confirmed catching up.
     catch_up_deadline: Option<tokio::time::Instant>,
@@ -463,7 +466,21 @@ impl TypeRun {
         let next = self
             .task
             .with_timeout("list page", async { pages.next().await.transpose() });
-        match next.await {
+        let next = match self.early_watch.as_mut() {
+            Some((_, opening)) => {
+                let mut next = std::pin::pin!(next);
+                loop {
+                    let opened = matches!(opening, MaybeDone::Done(_) | MaybeDone::Gone);
+                    tokio::select! {
+                        biased;
+                        page = &mut next => break page,
+                        () = &mut *opening, if !opened => {}
+                    }
+                }
+            }
+            None => next.await,
+        };
+        match next {
             Ok(Some(page)) => {
                 debug!(items = page.items.len(), revision = %page.revision, "list page");
                 if self.early_watch.is_none() {
@@ -490,7 +507,7 @@ impl TypeRun {
         let opts = self.task.rt.options.clone();
         let timeout = self.task.request_timeout;
         let rev = revision.clone();
-        let (opening, handle) = async move {
+        let opening = async move {
             match tokio::time::timeout(timeout, client.watch(&opts, Some(&rev))).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::unavailable(format!(
@@ -498,9 +515,8 @@ impl TypeRun {
                 ))),
             }
         }
-        .remote_handle();
-        tokio::spawn(opening);
-        self.early_watch = Some((revision, handle));
+        .boxed();
+        self.early_watch = Some((revision, futures::future::maybe_done(opening)));
     }
 
     /// Does the I/O the last step asked for and returns its outcome.
@@ -529,7 +545,14 @@ impl TypeRun {
                 self.watch = None;
                 debug!(from = %rev, "watching");
                 let opened = match self.early_watch.take() {
-                    Some((from, opening)) if from == rev => opening.await,
+                    Some((from, mut opening)) if from == rev => {
+                        (&mut opening).await;
+                        std::pin::Pin::new(&mut opening)
+                            .take_output()
+                            .unwrap_or_else(|| {
+                                Err(Error::unavailable("the watch was opened twice"))
+                            })
+                    }
                     _ => {
                         self.task
                             .with_timeout("watch", self.task.client.watch(opts, Some(&rev)))
