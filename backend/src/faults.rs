@@ -49,6 +49,8 @@ struct FaultState {
     list_page_size: AtomicUsize,
     /// The next paged list fails after this many pages (`u64::MAX`: never).
     break_list_after: AtomicU64,
+    /// Microseconds every page of a list but the first waits, as pages from a server do.
+    list_page_delay: AtomicU64,
 }
 
 impl fmt::Debug for Faults {
@@ -61,6 +63,13 @@ impl fmt::Debug for Faults {
 }
 
 impl Faults {
+    /// Makes every page of a list after the first take `delay` to come (zero: at once), as
+    /// the pages of a server's list do.
+    pub fn set_list_page_delay(&self, delay: std::time::Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.state.list_page_delay.store(micros, Ordering::SeqCst);
+    }
+
     /// Fails the next `n` calls (watch streams excluded) with a retryable
     /// [`Error::Unavailable`].
     pub fn fail_next_calls(&self, n: u64) {
@@ -144,6 +153,7 @@ impl<C: Client> FaultyClient<C> {
                     watch_epoch: watch::Sender::new(0),
                     list_page_size: AtomicUsize::new(0),
                     break_list_after: AtomicU64::new(u64::MAX),
+                    list_page_delay: AtomicU64::new(0),
                 }),
             },
         }
@@ -255,6 +265,13 @@ impl<C: Client> Client for FaultyClient<C> {
                 return Err(Error::unavailable("paged list broken by fault injection"));
             }
             given += 1;
+            page
+        });
+        let delay = self.faults.state.list_page_delay.load(Ordering::SeqCst);
+        let pages = pages.enumerate().then(move |(i, page)| async move {
+            if i > 0 && delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_micros(delay)).await;
+            }
             page
         });
         // An error ends the stream, as from a real client.

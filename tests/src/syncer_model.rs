@@ -93,6 +93,11 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
     let faults: Faults = faulty.faults();
     // Lists in the backend's own pages, or cut into pages of 1 to 3 keys.
     faults.set_list_page_size(rng.random_range(0..4));
+    // Pages that keep the Syncer waiting now and then (so the watch that follows a list
+    // opens while the list is read).
+    if rng.random_bool(0.3) {
+        faults.set_list_page_delay(Duration::from_micros(rng.random_range(100..2_000)));
+    }
 
     // Some state before the Syncer starts.
     for _ in 0..rng.random_range(0..8) {

@@ -384,3 +384,88 @@ async fn randomized_model_holds_the_consumer_invariant() {
         .unwrap_or(500);
     syncer_model::run(&MemoryTestBackend, ModelConfig::new(cases)).await;
 }
+
+/// The watch that follows a list is opened while the list is still being read (from the
+/// list's revision), is the one used once the list is done, and delivers what was written
+/// during the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
+    use futures::StreamExt;
+    use kvsync_syncer::SyncerEvent;
+    let store = MemoryBackend::new();
+    for i in 0..100 {
+        store
+            .create(pool(&format!("p{i:03}"), "10.0.0.0/16"))
+            .await
+            .unwrap();
+    }
+    let faulty = Arc::new(FaultyClient::new(store.clone()));
+    let faults = faulty.faults();
+    faults.set_list_page_size(10);
+    // Pages that take a moment to come, as from a server: the Syncer hands on each page's
+    // updates while it waits for the next.
+    faults.set_list_page_delay(Duration::from_millis(5));
+    let mut events = Syncer::new(faulty.clone())
+        .with_resource(ResourceType::new(ListOptions::new("IPPool")))
+        .stream();
+    let mut cache = std::collections::BTreeMap::new();
+    let mut pages = 0;
+    let mut watch_calls_during_list = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("an event")
+            .expect("the stream goes on");
+        match ev {
+            SyncerEvent::Updates(batch) => {
+                pages += 1;
+                watch_calls_during_list.push(faults.calls("watch"));
+                if pages == 1 {
+                    // Written during the list, after its revision: must come by the watch.
+                    store.create(pool("late", "10.9.0.0/16")).await.unwrap();
+                    store
+                        .delete(&ResourceKey::cluster("IPPool", "p099"), None)
+                        .await
+                        .unwrap();
+                }
+                for u in batch {
+                    match u.update_type {
+                        UpdateType::Deleted => cache.remove(&u.kvp.key),
+                        _ => cache.insert(u.kvp.key.clone(), u.kvp.value),
+                    };
+                }
+            }
+            SyncerEvent::Status(SyncStatus::InSync) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(pages, 10, "one batch per page of 10");
+    // The opening starts while the Syncer waits for the second page, before the first
+    // page's batch is handed on.
+    assert!(
+        watch_calls_during_list.iter().all(|&n| n == 1),
+        "the watch is opened while the pages come in: {watch_calls_during_list:?}"
+    );
+    assert!(!cache.contains_key(&ResourceKey::cluster("IPPool", "late")));
+    // Now the watch brings what was written during the list.
+    while cache.len() != 100 || !cache.contains_key(&ResourceKey::cluster("IPPool", "late")) {
+        match tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("the writes come")
+        {
+            Some(SyncerEvent::Updates(batch)) => {
+                for u in batch {
+                    match u.update_type {
+                        UpdateType::Deleted => cache.remove(&u.kvp.key),
+                        _ => cache.insert(u.kvp.key.clone(), u.kvp.value),
+                    };
+                }
+            }
+            Some(_) => {}
+            None => panic!("the stream ended"),
+        }
+    }
+    assert!(!cache.contains_key(&ResourceKey::cluster("IPPool", "p099")));
+    assert_eq!(faults.calls("watch"), 1, "the early watch is the one used");
+    events.stop().await;
+}
