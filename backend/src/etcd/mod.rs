@@ -302,7 +302,14 @@ impl EtcdBackend {
             return Ok(());
         }
         for mut part in parts {
-            while let Some(page) = part.recv().await {
+            loop {
+                let page = match part.recv().await {
+                    Some(Some(page)) => page,
+                    Some(None) => break,
+                    None => Err(Error::unavailable(
+                        "a part of the list ended before its end",
+                    )),
+                };
                 let failed = page.is_err();
                 if tx.send(page).await.is_err() || failed {
                     return Ok(());
@@ -456,6 +463,10 @@ fn range_opts(end: &[u8], limit: i64, at: Option<i64>) -> GetOptions {
     }
 }
 
+/// What a part hands on: its pages, then `None` once it is complete (a channel that closes
+/// without it means the part's task died, which must not pass for the end of the list).
+type PartTx = tokio::sync::mpsc::Sender<Option<Result<KVList>>>;
+
 /// One part of a list (the keys from `start` to `end`), read page by page at the list's
 /// revision.
 struct Part {
@@ -474,21 +485,15 @@ struct Part {
 
 impl Part {
     /// Reads the part into `tx` (an error ends it); stops when the receiver is gone.
-    async fn read(
-        self,
-        first: tokio::sync::OwnedSemaphorePermit,
-        tx: tokio::sync::mpsc::Sender<Result<KVList>>,
-    ) {
-        if let Err(e) = self.pages(first, &tx).await {
-            let _ = tx.send(Err(e)).await;
-        }
+    async fn read(self, first: tokio::sync::OwnedSemaphorePermit, tx: PartTx) {
+        let end = match self.pages(first, &tx).await {
+            Ok(()) => None,
+            Err(e) => Some(Err(e)),
+        };
+        let _ = tx.send(end).await;
     }
 
-    async fn pages(
-        self,
-        first: tokio::sync::OwnedSemaphorePermit,
-        tx: &tokio::sync::mpsc::Sender<Result<KVList>>,
-    ) -> Result<()> {
+    async fn pages(self, first: tokio::sync::OwnedSemaphorePermit, tx: &PartTx) -> Result<()> {
         let Part {
             backend,
             opts,
@@ -557,7 +562,7 @@ impl Part {
                 push_listed(&mut page, &opts, decode_owned_kv(&backend.codec, kv));
             }
             if (!page.items.is_empty() || !page.parse_failures.is_empty())
-                && tx.send(Ok(page)).await.is_err()
+                && tx.send(Some(Ok(page))).await.is_err()
             {
                 return Ok(());
             }
