@@ -293,4 +293,35 @@ mod tests {
             }
         }
     }
+
+    proptest::proptest! {
+        /// Whatever the keys read so far (sorted, under the prefix), the splits are strictly
+        /// increasing and strictly inside the rest of the range.
+        #[test]
+        fn splits_are_ordered_and_inside_the_range(
+            mut tails in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..30), 1..40),
+            remaining in 0usize..10_000_000,
+            parts in 1usize..10,
+        ) {
+            let prefix = b"/kvsync/v1/ippools/".to_vec();
+            tails.sort();
+            tails.dedup();
+            let keys: Vec<Vec<u8>> = tails
+                .iter()
+                .map(|t| [prefix.as_slice(), t.as_slice()].concat())
+                .collect();
+            let seen: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            let mut after = keys.last().cloned().unwrap_or_default();
+            after.push(0);
+            let end = b"/kvsync/v1/ippools0";
+            let splits = split_keys(&seen, prefix.len(), &after, end, remaining, parts);
+            proptest::prop_assert!(splits.len() < parts.max(2));
+            let mut low = after.clone();
+            for s in &splits {
+                proptest::prop_assert!(*s > low);
+                proptest::prop_assert!(s.as_slice() < end.as_slice());
+                low = s.clone();
+            }
+        }
+    }
 }
