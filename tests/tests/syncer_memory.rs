@@ -409,6 +409,15 @@ async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
         .with_resource(ResourceType::new(ListOptions::new("IPPool")))
         .stream();
     let mut cache = std::collections::BTreeMap::new();
+    let apply = |cache: &mut std::collections::BTreeMap<_, _>,
+                 batch: Vec<kvsync_syncer::Update>| {
+        for u in batch {
+            match u.update_type {
+                UpdateType::Deleted => cache.remove(&u.kvp.key),
+                _ => cache.insert(u.kvp.key.clone(), u.kvp.value),
+            };
+        }
+    };
     let mut pages = 0;
     let mut watch_calls_during_list = Vec::new();
     loop {
@@ -428,12 +437,7 @@ async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
                         .await
                         .unwrap();
                 }
-                for u in batch {
-                    match u.update_type {
-                        UpdateType::Deleted => cache.remove(&u.kvp.key),
-                        _ => cache.insert(u.kvp.key.clone(), u.kvp.value),
-                    };
-                }
+                apply(&mut cache, batch);
             }
             SyncerEvent::Status(SyncStatus::InSync) => break,
             _ => {}
@@ -453,14 +457,7 @@ async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
             .await
             .expect("the writes come")
         {
-            Some(SyncerEvent::Updates(batch)) => {
-                for u in batch {
-                    match u.update_type {
-                        UpdateType::Deleted => cache.remove(&u.kvp.key),
-                        _ => cache.insert(u.kvp.key.clone(), u.kvp.value),
-                    };
-                }
-            }
+            Some(SyncerEvent::Updates(batch)) => apply(&mut cache, batch),
             Some(_) => {}
             None => panic!("the stream ended"),
         }
