@@ -7,8 +7,11 @@
 //! 3. recovery after a compaction while disconnected (1% changed) vs a raw relist;
 //! 4. live heap of the Syncer plus a typed consumer map vs a `BTreeMap<String, Vec<u8>>`.
 //!
-//! Run with `cargo bench -p kvsync-tests --bench etcd` (`KVSYNC_BENCH_KEYS=N` to change N,
-//! `KVSYNC_BENCH_PARTS=1,3` to run only some of the measures).
+//! Run with `cargo bench -p kvsync-tests --bench etcd`. Settings: `KVSYNC_BENCH_KEYS=N` changes
+//! N; `KVSYNC_BENCH_PARTS=1,3` runs only some of the measures; `KVSYNC_BENCH_REPEAT=N` sets
+//! measure 1's rounds (5); `KVSYNC_BENCH_DEBUG=1` prints page timings and decode costs;
+//! `KVSYNC_BENCH_SETTLE_MS=N` sets the pause between a side's list and the writer in measure 2
+//! (1,000 ms).
 
 use std::alloc::System;
 use std::collections::{BTreeMap, HashMap};
