@@ -178,3 +178,70 @@ async fn ttl_is_unsupported_and_nothing_is_written() {
             .is_empty()
     );
 }
+
+/// A list of more objects than one API page holds comes page by page (`limit`/`continue`),
+/// every page of one snapshot; the whole list is the pages put together, and the Syncer
+/// following it holds every object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_come_page_by_page_from_one_snapshot() {
+    use futures::StreamExt;
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 10_000).await;
+    let client: Arc<dyn Client> = Arc::new(connect(&double).await);
+    futures::stream::iter(0..1_200)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                client
+                    .create(KVPair::new(
+                        ResourceKey::cluster("IPPool", format!("p{i:04}")),
+                        json!({"cidr": format!("10.{}.{}.0/24", i / 256, i % 256)}),
+                    ))
+                    .await
+                    .expect("create")
+            }
+        })
+        .buffer_unordered(16)
+        .for_each(|_| async {})
+        .await;
+    let opts = ListOptions::new("IPPool");
+    let mut pages = client.list_pages(&opts, None).await.expect("pages");
+    let first = pages.next().await.expect("a first page").expect("page");
+    assert_eq!(first.items.len(), 500, "one API page");
+    // A write between pages belongs to a later snapshot.
+    client
+        .create(KVPair::new(
+            ResourceKey::cluster("IPPool", "p9999"),
+            json!({"cidr": "10.99.0.0/24"}),
+        ))
+        .await
+        .expect("create");
+    let mut names: Vec<String> = first.items.iter().map(|k| k.key.name.clone()).collect();
+    let mut sizes = vec![first.items.len()];
+    while let Some(page) = pages.next().await {
+        let page = page.expect("page");
+        assert_eq!(page.revision, first.revision, "one snapshot");
+        sizes.push(page.items.len());
+        names.extend(page.items.into_iter().map(|k| k.key.name));
+    }
+    assert_eq!(sizes, vec![500, 500, 200]);
+    let expected: Vec<String> = (0..1_200).map(|i| format!("p{i:04}")).collect();
+    assert_eq!(
+        names, expected,
+        "every object once, in order, without the later write"
+    );
+    let whole = client.list(&opts, None).await.expect("list");
+    assert_eq!(whole.items.len(), 1_201);
+
+    let consumer = CheckingConsumer::start(
+        Syncer::new(client.clone())
+            .with_resource(ResourceType::new(opts.clone()))
+            .stream(),
+    );
+    let expected = datastore_state(client.as_ref(), &[opts]).await;
+    let ok = consumer
+        .wait_for(Duration::from_secs(30), |s| {
+            s.status() == Some(SyncStatus::InSync) && s.cache == expected
+        })
+        .await;
+    assert!(ok, "{}", consumer.with(|s| diff(&expected, &s.cache)));
+}

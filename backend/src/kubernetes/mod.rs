@@ -37,7 +37,7 @@ use kvsync_model::{
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-use crate::client::Client;
+use crate::client::{Client, ListPages};
 use crate::encoding::{Decoded, encode_for_write, parse_error, push_listed, put_event};
 use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
@@ -463,31 +463,70 @@ impl Client for KubernetesBackend {
             sort_items(&mut list);
             return Ok(list);
         }
-        let mut token: Option<String> = None;
-        loop {
-            let mut lp = ListParams::default().limit(PAGE_LIMIT);
-            if let Some(t) = &token {
-                lp = lp.continue_token(t);
-            }
-            if let Some(name) = &opts.name {
-                lp = lp.fields(&format!("metadata.name={name}"));
-            }
-            let page = api.list(&lp).await.map_err(|e| map_err(e, None))?;
-            if token.is_none() {
-                list.revision =
-                    Revision::from(page.metadata.resource_version.clone().unwrap_or_default());
-            }
-            for obj in page.items {
-                push_listed(&mut list, opts, self.decode(&opts.kind, obj));
-            }
-            token = page.metadata.continue_.filter(|t| !t.is_empty());
-            if token.is_none() {
-                break;
-            }
+        let mut pages = self.list_pages(opts, None).await?;
+        while let Some(page) = pages.next().await {
+            let page = page?;
+            list.revision = page.revision;
+            list.items.extend(page.items);
+            list.parse_failures.extend(page.parse_failures);
         }
-        list.items
-            .sort_by(|a, b| (&a.key.namespace, &a.key.name).cmp(&(&b.key.namespace, &b.key.name)));
+        sort_items(&mut list);
         Ok(list)
+    }
+
+    /// The API server's pages (`limit` and `continue`), each handed on as it comes (a
+    /// watch-list stream comes as one page).
+    async fn list_pages(
+        &self,
+        opts: &ListOptions,
+        revision: Option<&Revision>,
+    ) -> Result<ListPages> {
+        if self.watch_list || revision.is_some() {
+            let list = self.list(opts, revision).await?;
+            return Ok(futures::stream::iter([Ok(list)]).boxed());
+        }
+        self.codec.list_prefix(opts)?;
+        let api = self.api(&opts.kind, opts.namespace.as_deref())?;
+        let this = self.clone();
+        let opts = opts.clone();
+        // (continue token, revision of the first page); `None` once the last page is read.
+        let start: Option<(Option<String>, Option<Revision>)> = Some((None, None));
+        Ok(futures::stream::try_unfold(start, move |state| {
+            let (api, this, opts) = (api.clone(), this.clone(), opts.clone());
+            async move {
+                let Some((token, revision)) = state else {
+                    return Ok(None);
+                };
+                let mut lp = ListParams::default().limit(PAGE_LIMIT);
+                if let Some(t) = &token {
+                    lp = lp.continue_token(t);
+                }
+                if let Some(name) = &opts.name {
+                    lp = lp.fields(&format!("metadata.name={name}"));
+                }
+                let page = api.list(&lp).await.map_err(|e| map_err(e, None))?;
+                // Every page belongs to the first page's snapshot.
+                let revision = revision.unwrap_or_else(|| {
+                    Revision::from(page.metadata.resource_version.clone().unwrap_or_default())
+                });
+                let mut list = KVList {
+                    items: Vec::with_capacity(page.items.len()),
+                    revision: revision.clone(),
+                    parse_failures: Vec::new(),
+                };
+                for obj in page.items {
+                    push_listed(&mut list, &opts, this.decode(&opts.kind, obj));
+                }
+                sort_items(&mut list);
+                let next = page
+                    .metadata
+                    .continue_
+                    .filter(|t| !t.is_empty())
+                    .map(|t| (Some(t), Some(revision)));
+                Ok(Some((list, next)))
+            }
+        })
+        .boxed())
     }
 
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
