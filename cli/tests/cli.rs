@@ -45,6 +45,25 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Through `run` (kvsync with a datastore's flags): applies the two pools of `pools`, gets
+/// them back as JSON and follows them to InSync.
+fn apply_get_and_watch_pools(
+    run: &dyn Fn(&[&str]) -> std::process::Output,
+    pools: &std::path::Path,
+) {
+    let out = run(&["apply", "-f", pools.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["get", "ippools", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
+    let out = run(&["watch", "ippools", "--once"]);
+    assert!(
+        stdout(&out).ends_with("status InSync\n"),
+        "{}",
+        stdout(&out)
+    );
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -354,17 +373,7 @@ fn the_cli_works_against_the_kubernetes_api_server_double() {
             .output()
             .unwrap()
     };
-    let out = run(&["apply", "-f", pools.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = run(&["get", "ippools", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
-    let out = run(&["watch", "ippools", "--once"]);
-    assert!(
-        stdout(&out).ends_with("status InSync\n"),
-        "{}",
-        stdout(&out)
-    );
+    apply_get_and_watch_pools(&run, &pools);
     let out = run(&["--kube-watch-list", "get", "ippools", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
@@ -509,17 +518,7 @@ fn the_cli_works_against_a_real_etcd() {
             .output()
             .unwrap()
     };
-    let out = run(&["apply", "-f", pools.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = run(&["get", "ippools", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
-    let out = run(&["watch", "ippools", "--once"]);
-    assert!(
-        stdout(&out).ends_with("status InSync\n"),
-        "{}",
-        stdout(&out)
-    );
+    apply_get_and_watch_pools(&run, &pools);
     let out = run(&["delete", "ippool", "pool-b"]);
     assert!(out.status.success());
 }

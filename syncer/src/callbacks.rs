@@ -1,10 +1,9 @@
 //! The callback flavour of the Syncer (Calico's `SyncerCallbacks`), an adapter over the stream.
 
-use futures::StreamExt;
 use kvsync_backend::Error;
 use kvsync_model::ParseFailure;
 
-use crate::driver::SyncerStream;
+use crate::driver::{SyncerStream, next_unless_stopped};
 use crate::status::{SyncStatus, SyncerEvent, Update};
 
 /// Receives what a Syncer started with [`Syncer::start`](crate::Syncer::start) reports.
@@ -35,15 +34,7 @@ pub(crate) async fn run(
     mut callbacks: impl SyncerCallbacks,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
-    loop {
-        let ev = tokio::select! {
-            biased;
-            _ = &mut stopped => break,
-            ev = stream.next() => match ev {
-                Some(ev) => ev,
-                None => break,
-            },
-        };
+    while let Some(ev) = next_unless_stopped(&mut stream, &mut stopped).await {
         match ev {
             SyncerEvent::Status(s) => callbacks.on_status_updated(s),
             SyncerEvent::Updates(u) => callbacks.on_updates(u),

@@ -124,18 +124,9 @@ impl SyncerStream {
             };
         }
         let (tx, rx) = mpsc::channel(capacity);
-        let (shutdown, mut stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
+        let handle = SyncerHandle::spawn(move |mut stopped| async move {
             let mut events = events;
-            loop {
-                let ev = tokio::select! {
-                    biased;
-                    _ = &mut stopped => break,
-                    ev = events.next() => match ev {
-                        Some(ev) => ev,
-                        None => break,
-                    },
-                };
+            while let Some(ev) = next_unless_stopped(&mut events, &mut stopped).await {
                 // A send that waits for the consumer ends at shutdown too.
                 let sent = tokio::select! {
                     biased;
@@ -149,13 +140,7 @@ impl SyncerStream {
             debug!("syncer stopped");
         });
         SyncerStream {
-            inner: Inner::Channel {
-                rx,
-                handle: SyncerHandle {
-                    shutdown: Some(shutdown),
-                    tasks: vec![task],
-                },
-            },
+            inner: Inner::Channel { rx, handle },
         }
     }
 
@@ -179,6 +164,18 @@ impl Stream for SyncerStream {
             Inner::Inline(events) => events.poll_next_unpin(cx),
             Inner::Channel { rx, .. } => rx.poll_recv(cx),
         }
+    }
+}
+
+/// The next event, or `None` once `stopped` fires or the events end.
+pub(crate) async fn next_unless_stopped(
+    events: &mut (impl Stream<Item = SyncerEvent> + Unpin),
+    stopped: &mut oneshot::Receiver<()>,
+) -> Option<SyncerEvent> {
+    tokio::select! {
+        biased;
+        _ = stopped => None,
+        ev = events.next() => ev,
     }
 }
 

@@ -814,6 +814,19 @@ fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
     reply(200, &gone)
 }
 
+impl Inner {
+    /// The objects of `t` (and of the object named `field_name`, if given), in key order.
+    fn matching(&self, t: &Target, field_name: Option<&str>) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|((p, ns, _), o)| {
+                *p == t.plural && matches_target(t, ns.as_deref(), o, field_name)
+            })
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+}
+
 fn matches_target(
     t: &Target,
     namespace: Option<&str>,
@@ -844,14 +857,7 @@ fn list(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response {
             None => return fail(410, "Expired", "the provided continue parameter is too old"),
         },
         None => {
-            let items: Vec<Value> = inner
-                .objects
-                .iter()
-                .filter(|((p, ns, _), o)| {
-                    *p == t.plural && matches_target(t, ns.as_deref(), o, fname.as_deref())
-                })
-                .map(|(_, o)| o.clone())
-                .collect();
+            let items = inner.matching(t, fname.as_deref());
             (items, inner.rv.to_string())
         }
     };
@@ -911,14 +917,7 @@ fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Respo
         match from {
             // A watch-list: the current state (as of at least `r`), then what follows.
             _ if initial_events => {
-                let added: Vec<Value> = inner
-                    .objects
-                    .iter()
-                    .filter(|((p, ns, _), o)| {
-                        *p == t.plural && matches_target(&t, ns.as_deref(), o, fname.as_deref())
-                    })
-                    .map(|(_, o)| o.clone())
-                    .collect();
+                let added = inner.matching(&t, fname.as_deref());
                 (inner.rv, inner.expire_epoch, added)
             }
             Some(r) if r < inner.oldest => {
@@ -933,14 +932,7 @@ fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Respo
             Some(r) => (r, inner.expire_epoch, Vec::new()),
             None => {
                 // No resourceVersion: the current state as ADDED events, then what follows.
-                let added: Vec<Value> = inner
-                    .objects
-                    .iter()
-                    .filter(|((p, ns, _), o)| {
-                        *p == t.plural && matches_target(&t, ns.as_deref(), o, fname.as_deref())
-                    })
-                    .map(|(_, o)| o.clone())
-                    .collect();
+                let added = inner.matching(&t, fname.as_deref());
                 (inner.rv, inner.expire_epoch, added)
             }
         }

@@ -336,6 +336,20 @@ impl<'a> NewRow<'a> {
     }
 }
 
+/// Writes `value` to `name` over `prev` (its live row, if any), keeping its uid or making a
+/// new one; returns the new row's id and the uid.
+fn insert_over(
+    conn: &Connection,
+    name: &str,
+    prev: Option<&Row>,
+    ttl: Option<Duration>,
+    value: &[u8],
+) -> rusqlite::Result<(i64, String)> {
+    let uid = prev.map_or_else(|| uuid::Uuid::new_v4().to_string(), |p| p.uid.clone());
+    let id = insert(conn, NewRow::write_over(name, prev, ttl, &uid, value))?;
+    Ok((id, uid))
+}
+
 fn insert(conn: &Connection, row: NewRow<'_>) -> rusqlite::Result<i64> {
     let ttl_ms = row
         .ttl
@@ -460,14 +474,7 @@ impl SqliteBackend {
             let prev = latest(&tx, &path, None)
                 .map_err(db_err)?
                 .filter(|r| !r.deleted);
-            let uid = prev
-                .as_ref()
-                .map_or_else(|| uuid::Uuid::new_v4().to_string(), |p| p.uid.clone());
-            let id = insert(
-                &tx,
-                NewRow::write_over(&path, prev.as_ref(), None, &uid, &bytes),
-            )
-            .map_err(db_err)?;
+            let (id, _) = insert_over(&tx, &path, prev.as_ref(), None, &bytes).map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             Ok(id)
         })
@@ -571,14 +578,8 @@ impl SqliteBackend {
                     }
                     _ => {}
                 }
-                let uid = prev
-                    .as_ref()
-                    .map_or_else(|| uuid::Uuid::new_v4().to_string(), |p| p.uid.clone());
-                let id = insert(
-                    &tx,
-                    NewRow::write_over(&path, prev.as_ref(), ttl, &uid, &bytes),
-                )
-                .map_err(db_err)?;
+                let (id, uid) =
+                    insert_over(&tx, &path, prev.as_ref(), ttl, &bytes).map_err(db_err)?;
                 tx.commit().map_err(db_err)?;
                 Ok((id, prev.map_or(id, |p| p.create_revision), uid))
             })
