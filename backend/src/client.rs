@@ -5,13 +5,102 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kvsync_model::{Json, KVList, KVPair, ListOptions, PathCodec, Resource, ResourceKey, Revision};
+use futures::StreamExt;
+use kvsync_model::{
+    DeleteOptions, GetOptions, Json, KVList, KVPair, ListOptions, ParseFailure, PathCodec,
+    Resource, ResourceKey, Revision,
+};
 
 use crate::error::{Error, Result};
 use crate::watch::WatchStream;
 
 /// A list delivered page by page: see [`Client::list_pages`].
 pub type ListPages = futures::stream::BoxStream<'static, Result<KVList>>;
+
+/// What a backend can do, so that callers choose before they call instead of matching on
+/// [`Error::Unsupported`] afterwards (`kvsync version --datastore ...` shows it).
+///
+/// ```
+/// use kvsync_backend::{Capabilities, Client, MemoryBackend};
+///
+/// let caps = MemoryBackend::new(kvsync_model::Registry::new()).capabilities();
+/// assert!(caps.ttl && caps.historical_reads && caps.compaction && caps.global_revision);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Keys can be written with a time to live ([`KVPair::ttl`]).
+    pub ttl: bool,
+    /// `get` and `list` can read as of an old revision.
+    pub historical_reads: bool,
+    /// [`Client::compact`] drops history.
+    pub compaction: bool,
+    /// Revisions are one global, comparable counter: [`Client::current_revision`] works, and
+    /// a Syncer can tell a short gap (resume the watch) from a long one (relist).
+    pub global_revision: bool,
+    /// Stored bytes come back exactly as they were written (not so where the datastore stores
+    /// JSON objects and writes them out again, as the Kubernetes API does).
+    pub raw_bytes: bool,
+    /// The largest value the datastore accepts by default, in bytes, where it has a limit.
+    pub max_value_bytes: Option<usize>,
+}
+
+impl Capabilities {
+    /// A backend that can do none of the optional things; add what yours can with the
+    /// `with_*` methods.
+    pub fn none() -> Self {
+        Capabilities {
+            ttl: false,
+            historical_reads: false,
+            compaction: false,
+            global_revision: false,
+            raw_bytes: false,
+            max_value_bytes: None,
+        }
+    }
+
+    /// Sets [`Capabilities::ttl`].
+    #[must_use]
+    pub fn with_ttl(mut self, yes: bool) -> Self {
+        self.ttl = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::historical_reads`].
+    #[must_use]
+    pub fn with_historical_reads(mut self, yes: bool) -> Self {
+        self.historical_reads = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::compaction`].
+    #[must_use]
+    pub fn with_compaction(mut self, yes: bool) -> Self {
+        self.compaction = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::global_revision`].
+    #[must_use]
+    pub fn with_global_revision(mut self, yes: bool) -> Self {
+        self.global_revision = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::raw_bytes`].
+    #[must_use]
+    pub fn with_raw_bytes(mut self, yes: bool) -> Self {
+        self.raw_bytes = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::max_value_bytes`].
+    #[must_use]
+    pub fn with_max_value_bytes(mut self, max: Option<usize>) -> Self {
+        self.max_value_bytes = max;
+        self
+    }
+}
 
 /// A datastore: create, update, apply, delete, get, list and watch JSON-valued resources.
 ///
@@ -20,12 +109,16 @@ pub type ListPages = futures::stream::BoxStream<'static, Result<KVList>>;
 ///
 /// - Every write bumps the datastore revision and returns the stored [`KVPair`] with its new
 ///   `revision`, its `uid` (assigned on create, kept by updates) and `create_revision`.
-/// - A `revision` given to `update` or `delete` is a precondition: if the key was written since,
-///   the call fails with [`Error::Conflict`] and writes nothing.
+/// - A `revision` given to `update` (in the pair) or `delete` (in [`DeleteOptions`]) is a
+///   precondition: if the key was written since, the call fails with [`Error::Conflict`] and
+///   writes nothing. A delete can also require the key's uid.
 /// - Keys and values are validated against the client's registry first; a bad one gives
 ///   [`Error::Invalid`] naming the field, and nothing is written.
-/// - `watch(opts, Some(r))` yields every change after revision `r` in revision order with no
-///   gaps; pass the revision of a `list` to follow it exactly.
+/// - `watch` with the options of a `list` and the list's revision yields every change after
+///   the list in revision order with no gaps.
+///
+/// A backend implements the required methods; `list` (built from `list_pages`), `get_opt`
+/// and the rest have defaults.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -33,20 +126,21 @@ pub type ListPages = futures::stream::BoxStream<'static, Result<KVList>>;
 /// use std::sync::Arc;
 /// use futures::StreamExt;
 /// use kvsync_backend::{Client, MemoryBackend, WatchEvent};
-/// use kvsync_model::{KVPair, ListOptions, ResourceKey};
+/// use kvsync_model::{DeleteOptions, GetOptions, KVPair, KindInfo, ListOptions, Registry, ResourceKey};
 /// use serde_json::json;
 ///
-/// let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
-/// let key = ResourceKey::cluster("IPPool", "pool-a");
-/// let created = client.create(KVPair::new(key.clone(), json!({"cidr": "10.0.0.0/16"}))).await?;
+/// let registry = Registry::new().with_kind(KindInfo::untyped("example.com", "Tenant", "tenants", false));
+/// let client: Arc<dyn Client> = Arc::new(MemoryBackend::new(registry));
+/// let key = ResourceKey::cluster("Tenant", "acme");
+/// let created = client.create(KVPair::new(key.clone(), json!({"owner": "ann"}))).await?;
 ///
-/// let list = client.list(&ListOptions::new("IPPool"), None).await?;
+/// let list = client.list(&ListOptions::new("Tenant")).await?;
 /// assert_eq!(list.items.len(), 1);
-/// let mut watch = client.watch(&ListOptions::new("IPPool"), Some(&list.revision)).await?;
+/// let mut watch = client.watch(&ListOptions::new("Tenant").with_revision(list.revision)).await?;
 ///
 /// // An update with a stale revision fails; with the current one it succeeds.
 /// let mut next = created.clone();
-/// next.value = json!({"cidr": "10.1.0.0/16"}).into();
+/// next.value = json!({"owner": "bob"}).into();
 /// let updated = client.update(next.clone()).await?;
 /// assert!(client.update(next).await.unwrap_err().to_string().contains("conflict"));
 ///
@@ -54,7 +148,8 @@ pub type ListPages = futures::stream::BoxStream<'static, Result<KVList>>;
 ///     WatchEvent::Modified { new, .. } => assert_eq!(new.revision, updated.revision),
 ///     other => panic!("unexpected {other:?}"),
 /// }
-/// client.delete(&key, None).await?;
+/// client.delete(&key, &DeleteOptions::matching(&updated)).await?;
+/// assert!(client.get_opt(&key, &GetOptions::new()).await?.is_none());
 /// # Ok(()) }
 /// ```
 #[async_trait]
@@ -64,6 +159,9 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
 
     /// The backend's short name, e.g. `memory` or `etcd`.
     fn backend_name(&self) -> &'static str;
+
+    /// What the backend can do.
+    fn capabilities(&self) -> Capabilities;
 
     /// Creates a key that must not exist yet. `kvp.revision` is ignored.
     ///
@@ -84,44 +182,74 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     /// [`Error::Invalid`] for a bad key or value; transport errors.
     async fn apply(&self, kvp: KVPair) -> Result<KVPair>;
 
-    /// Deletes a key, only at `revision` when given, and returns its last value (whose
-    /// `revision` is the revision of the last write before the delete).
+    /// Deletes a key, only if it meets the preconditions of `opts` (its revision, its uid),
+    /// and returns its last value, whose `revision` is the revision of the last write before
+    /// the delete.
     ///
     /// # Errors
-    /// [`Error::NotFound`] if absent; [`Error::Conflict`] if the revision is stale.
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair>;
+    /// [`Error::NotFound`] if absent; [`Error::Conflict`] if a precondition fails.
+    async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair>;
 
-    /// Reads a key, as of `revision` when given (else the latest).
+    /// Reads a key, as of `opts.revision` when given (else the latest).
     ///
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Compacted`] for a revision no longer kept;
+    /// [`Error::Unsupported`] for a revision where the backend cannot read the past;
     /// [`Error::Parse`] if the stored bytes do not decode.
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair>;
+    async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair>;
 
-    /// Lists the keys `opts` covers, as of `revision` when given, in path order, with the
-    /// revision the list was read at. Entries that do not decode are returned apart in
-    /// [`KVList::parse_failures`].
+    /// Reads a key like [`get`](Client::get), with `Ok(None)` when it is absent (as kube's
+    /// `Api::get_opt`).
+    ///
+    /// # Errors
+    /// As [`get`](Client::get), but for `NotFound`.
+    async fn get_opt(&self, key: &ResourceKey, opts: &GetOptions) -> Result<Option<KVPair>> {
+        match self.get(key, opts).await {
+            Ok(kvp) => Ok(Some(kvp)),
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Lists the keys `opts` covers, as of `opts.revision` when given, in path order, with
+    /// the revision the list was read at. Entries that do not decode are returned apart in
+    /// [`KVList::parse_failures`]. The default gathers [`list_pages`](Client::list_pages).
     ///
     /// # Errors
     /// [`Error::Invalid`] for bad options; [`Error::Compacted`] for a revision no longer kept.
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList>;
+    async fn list(&self, opts: &ListOptions) -> Result<KVList> {
+        let mut pages = self.list_pages(opts).await?;
+        let mut list: Option<KVList> = None;
+        while let Some(page) = pages.next().await {
+            let page = page?;
+            match &mut list {
+                None => list = Some(page),
+                Some(l) => {
+                    l.items.extend(page.items);
+                    l.parse_failures.extend(page.parse_failures);
+                }
+            }
+        }
+        list.ok_or_else(|| Error::unavailable("the list ended before its first page"))
+    }
 
     /// Lists like [`list`](Client::list), delivered page by page as the datastore answers, so
     /// that the caller works on one page while the next is read (the Syncer sends each page's
-    /// updates on before the list is complete). The pages are one snapshot: each carries the
-    /// list's revision, items keep path order across pages, and each page's parse failures
-    /// come with it. An `Err` item ends the stream; the pages before it are still true parts
-    /// of the snapshot. The default delivers [`list`](Client::list) as one page.
+    /// updates on before the list is complete). The pages are one snapshot: there is at least
+    /// one, each carries the list's revision, items keep path order across pages, and each
+    /// page's parse failures come with it. An `Err` item ends the stream; the pages before it
+    /// are still true parts of the snapshot.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> kvsync_backend::Result<()> {
     /// use futures::TryStreamExt;
     /// use kvsync_backend::{Client, MemoryBackend};
-    /// use kvsync_model::ListOptions;
+    /// use kvsync_model::{KindInfo, ListOptions, Registry};
     ///
-    /// let client = MemoryBackend::new();
-    /// let mut pages = client.list_pages(&ListOptions::new("IPPool"), None).await?;
+    /// let registry = Registry::new().with_kind(KindInfo::untyped("example.com", "Tenant", "tenants", false));
+    /// let client = MemoryBackend::new(registry);
+    /// let mut pages = client.list_pages(&ListOptions::new("Tenant")).await?;
     /// while let Some(page) = pages.try_next().await? {
     ///     println!("{} keys at revision {}", page.items.len(), page.revision);
     /// }
@@ -131,21 +259,14 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// [`Error::Invalid`] for bad options; a datastore's errors may come as the stream's
     /// items instead.
-    async fn list_pages(
-        &self,
-        opts: &ListOptions,
-        revision: Option<&Revision>,
-    ) -> Result<ListPages> {
-        let list = self.list(opts, revision).await?;
-        Ok(Box::pin(futures::stream::once(async move { Ok(list) })))
-    }
+    async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages>;
 
-    /// Watches the keys `opts` covers for every change after `from` (after the current
-    /// revision when `None`). See [`WatchStream`] for what the stream yields.
+    /// Watches the keys `opts` covers for every change after `opts.revision` (after the
+    /// current revision when `None`). See [`WatchStream`] for what the stream yields.
     ///
     /// # Errors
-    /// [`Error::Compacted`] if `from` is older than the kept history.
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream>;
+    /// [`Error::Compacted`] if the revision is older than the kept history.
+    async fn watch(&self, opts: &ListOptions) -> Result<WatchStream>;
 
     /// Prepares the datastore for use (creates tables, checks CRDs). Idempotent.
     ///
@@ -161,9 +282,9 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     /// Transport errors.
     async fn clean(&self) -> Result<()>;
 
-    /// The datastore's current revision, where revisions are one global counter (memory,
-    /// SQLite, etcd). The Syncer compares it with its resume point to choose between resuming
-    /// a watch and relisting.
+    /// The datastore's current revision, where revisions are one global counter
+    /// ([`Capabilities::global_revision`]). The Syncer compares it with its resume point to
+    /// choose between resuming a watch and relisting.
     ///
     /// # Errors
     /// [`Error::Unsupported`] where revisions are not comparable (Kubernetes).
@@ -174,8 +295,8 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
         })
     }
 
-    /// Drops the history before `revision`: reads and watches from older revisions then fail
-    /// with [`Error::Compacted`].
+    /// Drops the history before `revision` ([`Capabilities::compaction`]): reads and watches
+    /// from older revisions then fail with [`Error::Compacted`].
     ///
     /// # Errors
     /// [`Error::Unsupported`] where the backend has no history to compact.
@@ -188,55 +309,114 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     }
 }
 
-#[async_trait]
-impl<C: Client + ?Sized> Client for Arc<C> {
-    fn codec(&self) -> &PathCodec {
-        (**self).codec()
-    }
-    fn backend_name(&self) -> &'static str {
-        (**self).backend_name()
-    }
-    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
-        (**self).create(kvp).await
-    }
-    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
-        (**self).update(kvp).await
-    }
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
-        (**self).apply(kvp).await
-    }
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
-        (**self).delete(key, revision).await
-    }
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
-        (**self).get(key, revision).await
-    }
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        (**self).list(opts, revision).await
-    }
-    async fn list_pages(
-        &self,
-        opts: &ListOptions,
-        revision: Option<&Revision>,
-    ) -> Result<ListPages> {
-        (**self).list_pages(opts, revision).await
-    }
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
-        (**self).watch(opts, from).await
-    }
-    async fn ensure_initialized(&self) -> Result<()> {
-        (**self).ensure_initialized().await
-    }
-    async fn clean(&self) -> Result<()> {
-        (**self).clean().await
-    }
-    async fn compact(&self, revision: &Revision) -> Result<()> {
-        (**self).compact(revision).await
-    }
-    async fn current_revision(&self) -> Result<Revision> {
-        (**self).current_revision().await
-    }
+/// Implements [`Client`] for a type by handing every call to a client it holds: for
+/// wrappers that add nothing to the calls (a guard kept alive, a handle type).
+///
+/// `delegate_client!(impl [generics] for Type, |this| expression giving &impl Client)`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use kvsync_backend::{Client, MemoryBackend};
+///
+/// /// A client that keeps a temporary directory alive as long as itself.
+/// #[derive(Debug)]
+/// struct WithDir {
+///     inner: Arc<dyn Client>,
+///     _dir: std::path::PathBuf,
+/// }
+///
+/// kvsync_backend::delegate_client!(impl [] for WithDir, |this| &*this.inner);
+///
+/// let c = WithDir { inner: Arc::new(MemoryBackend::new(kvsync_model::Registry::new())), _dir: "/tmp".into() };
+/// assert_eq!(c.backend_name(), "memory");
+/// ```
+#[macro_export]
+macro_rules! delegate_client {
+    (impl [$($gen:tt)*] for $ty:ty, |$this:ident| $inner:expr) => {
+        #[$crate::__private::async_trait]
+        impl<$($gen)*> $crate::Client for $ty {
+            fn codec(&self) -> &$crate::model::PathCodec {
+                let $this = self;
+                $crate::Client::codec($inner)
+            }
+            fn backend_name(&self) -> &'static str {
+                let $this = self;
+                $crate::Client::backend_name($inner)
+            }
+            fn capabilities(&self) -> $crate::Capabilities {
+                let $this = self;
+                $crate::Client::capabilities($inner)
+            }
+            async fn create(&self, kvp: $crate::model::KVPair) -> $crate::Result<$crate::model::KVPair> {
+                let $this = self;
+                $crate::Client::create($inner, kvp).await
+            }
+            async fn update(&self, kvp: $crate::model::KVPair) -> $crate::Result<$crate::model::KVPair> {
+                let $this = self;
+                $crate::Client::update($inner, kvp).await
+            }
+            async fn apply(&self, kvp: $crate::model::KVPair) -> $crate::Result<$crate::model::KVPair> {
+                let $this = self;
+                $crate::Client::apply($inner, kvp).await
+            }
+            async fn delete(
+                &self,
+                key: &$crate::model::ResourceKey,
+                opts: &$crate::model::DeleteOptions,
+            ) -> $crate::Result<$crate::model::KVPair> {
+                let $this = self;
+                $crate::Client::delete($inner, key, opts).await
+            }
+            async fn get(
+                &self,
+                key: &$crate::model::ResourceKey,
+                opts: &$crate::model::GetOptions,
+            ) -> $crate::Result<$crate::model::KVPair> {
+                let $this = self;
+                $crate::Client::get($inner, key, opts).await
+            }
+            async fn get_opt(
+                &self,
+                key: &$crate::model::ResourceKey,
+                opts: &$crate::model::GetOptions,
+            ) -> $crate::Result<::core::option::Option<$crate::model::KVPair>> {
+                let $this = self;
+                $crate::Client::get_opt($inner, key, opts).await
+            }
+            async fn list(&self, opts: &$crate::model::ListOptions) -> $crate::Result<$crate::model::KVList> {
+                let $this = self;
+                $crate::Client::list($inner, opts).await
+            }
+            async fn list_pages(&self, opts: &$crate::model::ListOptions) -> $crate::Result<$crate::ListPages> {
+                let $this = self;
+                $crate::Client::list_pages($inner, opts).await
+            }
+            async fn watch(&self, opts: &$crate::model::ListOptions) -> $crate::Result<$crate::WatchStream> {
+                let $this = self;
+                $crate::Client::watch($inner, opts).await
+            }
+            async fn ensure_initialized(&self) -> $crate::Result<()> {
+                let $this = self;
+                $crate::Client::ensure_initialized($inner).await
+            }
+            async fn clean(&self) -> $crate::Result<()> {
+                let $this = self;
+                $crate::Client::clean($inner).await
+            }
+            async fn current_revision(&self) -> $crate::Result<$crate::model::Revision> {
+                let $this = self;
+                $crate::Client::current_revision($inner).await
+            }
+            async fn compact(&self, revision: &$crate::model::Revision) -> $crate::Result<()> {
+                let $this = self;
+                $crate::Client::compact($inner, revision).await
+            }
+        }
+    };
 }
+
+delegate_client!(impl [C: Client + ?Sized] for Arc<C>, |this| &**this);
+delegate_client!(impl [C: Client + ?Sized] for Box<C>, |this| &**this);
 
 /// Typed access to the resources of kind `R` through any [`Client`].
 ///
@@ -245,13 +425,20 @@ impl<C: Client + ?Sized> Client for Arc<C> {
 /// # async fn main() -> kvsync_backend::Result<()> {
 /// use std::sync::Arc;
 /// use kvsync_backend::{Api, MemoryBackend};
-/// use kvsync_model::demo::NetworkPolicy;
+/// use kvsync_model::{Registry, Resource};
+/// use serde::{Deserialize, Serialize};
 ///
-/// let policies = Api::<NetworkPolicy>::namespaced(Arc::new(MemoryBackend::new()), "prod");
-/// let spec = NetworkPolicy { order: Some(10.0), selector: "all()".into(), ingress: vec![], egress: vec![] };
-/// let created = policies.create("allow-all", spec).await?;
-/// assert_eq!(policies.get("allow-all").await?.value, created.value);
-/// assert_eq!(policies.list().await?.items.len(), 1);
+/// #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Resource)]
+/// #[resource(group = "example.com", namespaced)]
+/// struct Project { owner: String }
+///
+/// let client = Arc::new(MemoryBackend::new(Registry::new().with::<Project>()));
+/// let projects = Api::<Project>::namespaced(client, "team-a");
+/// let created = projects.create("web", Project { owner: "ann".into() }).await?;
+/// assert_eq!(projects.get("web").await?.value, created.value);
+/// assert!(projects.get_opt("nope").await?.is_none());
+/// assert_eq!(projects.list().await?.items.len(), 1);
+/// projects.delete("web").await?;
 /// # Ok(()) }
 /// ```
 pub struct Api<R> {
@@ -313,6 +500,11 @@ impl<R: Resource> Api<R> {
         }
     }
 
+    /// The client this Api uses.
+    pub fn client(&self) -> &Arc<dyn Client> {
+        &self.client
+    }
+
     /// The key of `name` in this Api's namespace.
     ///
     /// # Errors
@@ -339,7 +531,7 @@ impl<R: Resource> Api<R> {
         decode(self.client.apply(kvp).await?)
     }
 
-    /// Updates a pair read before, with its revision as the precondition.
+    /// Updates a pair read before, with its revision (when set) as the precondition.
     ///
     /// # Errors
     /// As [`Client::update`].
@@ -350,36 +542,79 @@ impl<R: Resource> Api<R> {
     /// Reads `name`.
     ///
     /// # Errors
-    /// As [`Client::get`].
+    /// As [`Client::get`]; [`Error::Invalid`] (field `spec`) when the stored value is not an
+    /// `R`.
     pub async fn get(&self, name: &str) -> Result<KVPair<R>> {
-        decode(self.client.get(&self.key(name)?, None).await?)
+        decode(self.client.get(&self.key(name)?, &GetOptions::new()).await?)
     }
 
-    /// Deletes `name`.
+    /// Reads `name`, `None` when it is absent.
+    ///
+    /// # Errors
+    /// As [`Api::get`], but for `NotFound`.
+    pub async fn get_opt(&self, name: &str) -> Result<Option<KVPair<R>>> {
+        match self.client.get_opt(&self.key(name)?, &GetOptions::new()).await? {
+            Some(kvp) => decode(kvp).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes `name` whatever its revision.
     ///
     /// # Errors
     /// As [`Client::delete`].
     pub async fn delete(&self, name: &str) -> Result<KVPair<R>> {
-        decode(self.client.delete(&self.key(name)?, None).await?)
+        self.delete_with(name, &DeleteOptions::new()).await
+    }
+
+    /// Deletes `name` if it meets the preconditions of `opts`.
+    ///
+    /// # Errors
+    /// As [`Client::delete`].
+    pub async fn delete_with(&self, name: &str, opts: &DeleteOptions) -> Result<KVPair<R>> {
+        decode(self.client.delete(&self.key(name)?, opts).await?)
     }
 
     /// Lists every resource of `R` in this Api's namespace (all namespaces for
-    /// [`Api::all`]).
+    /// [`Api::all`]). A stored value that is not an `R` does not fail the list: it comes in
+    /// [`KVList::parse_failures`] with its key and the decode error, beside the items that
+    /// decode.
     ///
     /// # Errors
     /// As [`Client::list`].
     pub async fn list(&self) -> Result<KVList<R>> {
         let mut opts = ListOptions::new(R::KIND);
         opts.namespace = self.namespace.clone();
-        let list = self.client.list(&opts, None).await?;
+        let list = self.client.list(&opts).await?;
+        let mut items = Vec::with_capacity(list.items.len());
+        let mut parse_failures = list.parse_failures;
+        for kvp in list.items {
+            match kvp.value.decode::<R>() {
+                Ok(value) => items.push(KVPair {
+                    value,
+                    key: kvp.key,
+                    revision: kvp.revision,
+                    create_revision: kvp.create_revision,
+                    uid: kvp.uid,
+                    ttl: kvp.ttl,
+                }),
+                Err(e) => parse_failures.push(ParseFailure {
+                    raw_key: self
+                        .client
+                        .codec()
+                        .to_path(&kvp.key)
+                        .unwrap_or_else(|_| kvp.key.to_string()),
+                    raw_value: kvp.value.to_string().into_bytes(),
+                    key: Some(kvp.key),
+                    revision: kvp.revision,
+                    reason: format!("not a {}: {e}", R::KIND),
+                }),
+            }
+        }
         Ok(KVList {
-            items: list
-                .items
-                .into_iter()
-                .map(decode::<R>)
-                .collect::<Result<_>>()?,
+            items,
             revision: list.revision,
-            parse_failures: list.parse_failures,
+            parse_failures,
         })
     }
 }

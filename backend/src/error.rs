@@ -21,23 +21,25 @@ pub enum Error {
         /// The key.
         key: ResourceKey,
     },
-    /// A revision precondition failed; nothing was written.
-    #[error("conflict on {key}: expected revision {expected}, found {}", actual.as_ref().map_or_else(|| "none (deleted)".to_owned(), ToString::to_string))]
+    /// A precondition (revision or uid) failed; nothing was written.
+    #[error("conflict on {key}: {}", conflict_detail(expected.as_ref(), actual.as_ref()))]
     Conflict {
+        /// The revision the caller gave; `None` when another precondition failed (the uid of
+        /// a delete: the key is another object now).
+        expected: Option<Revision>,
+        /// The key's current revision; `None` if it is gone or the backend could not tell.
+        actual: Option<Revision>,
         /// The key.
         key: ResourceKey,
-        /// The revision the caller gave.
-        expected: Revision,
-        /// The key's current revision (`None` if it is gone).
-        actual: Option<Revision>,
     },
     /// The requested revision is no longer in the datastore's history: list again.
-    #[error("revision {requested} has been compacted (oldest available after {compacted})")]
+    #[error("revision {requested} has been compacted{}", compacted.as_ref().map_or_else(String::new, |c| format!(" (history starts at {c})")))]
     Compacted {
         /// The revision asked for.
         requested: Revision,
-        /// The revision the history was compacted at.
-        compacted: Revision,
+        /// Where the kept history starts, when the datastore says (the Kubernetes API
+        /// answers only "410 Gone").
+        compacted: Option<Revision>,
     },
     /// The datastore could not be reached or did not answer in time. Retry.
     #[error("datastore unavailable: {message}")]
@@ -81,6 +83,14 @@ pub enum Error {
         /// The backend's name.
         backend: &'static str,
     },
+}
+
+fn conflict_detail(expected: Option<&Revision>, actual: Option<&Revision>) -> String {
+    let actual = actual.map_or_else(|| "none (deleted)".to_owned(), ToString::to_string);
+    match expected {
+        Some(e) => format!("expected revision {e}, found {actual}"),
+        None => format!("the key is another object now (uid precondition), at revision {actual}"),
+    }
 }
 
 impl Error {

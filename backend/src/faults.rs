@@ -6,10 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision};
+use kvsync_model::{
+    DeleteOptions, GetOptions, KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision,
+};
 use tokio::sync::watch;
 
-use crate::client::{Client, ListPages};
+use crate::client::{Capabilities, Client, ListPages};
+use crate::kernel::fuse_after_error;
 use crate::error::{Error, Result};
 use crate::watch::WatchStream;
 
@@ -20,13 +23,13 @@ use crate::watch::WatchStream;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// use kvsync_backend::{Client, FaultyClient, MemoryBackend};
-/// use kvsync_model::ListOptions;
+/// use kvsync_model::{ListOptions, demo};
 ///
-/// let client = FaultyClient::new(MemoryBackend::new());
+/// let client = FaultyClient::new(MemoryBackend::new(demo::registry()));
 /// let faults = client.faults();
 /// faults.fail_next_calls(1);
-/// assert!(client.list(&ListOptions::new("IPPool"), None).await.unwrap_err().is_retryable());
-/// assert!(client.list(&ListOptions::new("IPPool"), None).await.is_ok());
+/// assert!(client.list(&ListOptions::new("IPPool")).await.unwrap_err().is_retryable());
+/// assert!(client.list(&ListOptions::new("IPPool")).await.is_ok());
 /// # }
 /// ```
 pub struct FaultyClient<C> {
@@ -189,6 +192,10 @@ impl<C: Client> Client for FaultyClient<C> {
         self.inner.backend_name()
     }
 
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
     async fn create(&self, kvp: KVPair) -> Result<KVPair> {
         self.faults.check("create")?;
         self.inner.create(kvp).await
@@ -204,26 +211,17 @@ impl<C: Client> Client for FaultyClient<C> {
         self.inner.apply(kvp).await
     }
 
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {
         self.faults.check("delete")?;
-        self.inner.delete(key, revision).await
+        self.inner.delete(key, opts).await
     }
 
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair> {
         self.faults.check("get")?;
-        self.inner.get(key, revision).await
+        self.inner.get(key, opts).await
     }
 
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        self.faults.check("list")?;
-        self.inner.list(opts, revision).await
-    }
-
-    async fn list_pages(
-        &self,
-        opts: &ListOptions,
-        revision: Option<&Revision>,
-    ) -> Result<ListPages> {
+    async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages> {
         self.faults.check("list")?;
         let size = self.faults.state.list_page_size.load(Ordering::SeqCst);
         let break_after = self
@@ -231,7 +229,7 @@ impl<C: Client> Client for FaultyClient<C> {
             .state
             .break_list_after
             .swap(u64::MAX, Ordering::SeqCst);
-        let pages = self.inner.list_pages(opts, revision).await?;
+        let pages = self.inner.list_pages(opts).await?;
         let pages = pages.flat_map(move |page| {
             let cut: Vec<Result<KVList>> = match page {
                 Ok(page) if size > 0 && page.items.len() > size => {
@@ -275,22 +273,14 @@ impl<C: Client> Client for FaultyClient<C> {
             page
         });
         // An error ends the stream, as from a real client.
-        Ok(pages
-            .scan(false, |ended, page| {
-                let item = (!*ended).then(|| {
-                    *ended = page.is_err();
-                    page
-                });
-                std::future::ready(item)
-            })
-            .boxed())
+        Ok(fuse_after_error(pages))
     }
 
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+    async fn watch(&self, opts: &ListOptions) -> Result<WatchStream> {
         self.faults.check("watch")?;
         let mut epoch = self.faults.state.watch_epoch.subscribe();
         epoch.borrow_and_update();
-        let inner = self.inner.watch(opts, from).await?;
+        let inner = self.inner.watch(opts).await?;
         let stream = futures::stream::unfold(Some((inner, epoch)), |state| async move {
             let (mut inner, mut epoch) = state?;
             tokio::select! {

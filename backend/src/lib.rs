@@ -7,29 +7,38 @@
 //! | `SqliteBackend` | `sqlite` (default) | persistent, multi-process revision log in one SQLite file, in the style of kine |
 //! | `EtcdBackend` | `etcd` | etcd v3 through `etcd-client`: paged consistent lists, watches with progress notifications, leases for TTLs, TLS and auth |
 //! | `KubernetesBackend` | `kubernetes` | each kind a CustomResource on a Kubernetes API server (`kube`); no TTLs. As with kube, the binary picks the API version: enable a `k8s-openapi` version feature (e.g. `latest`) in it |
-//! | [`FaultyClient`] | always | wraps any client and injects failures, for tests |
+//! | `FaultyClient` | `testing` | wraps any client and injects failures, for tests; with raw writes that bypass validation (`put_raw`) |
+//!
+//! Every backend is built from the [`Registry`](kvsync_model::Registry) of the kinds it
+//! serves, and knows only those. With one of your own kinds:
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> kvsync_backend::Result<()> {
 //! use std::sync::Arc;
-//! use kvsync_backend::{Client, MemoryBackend};
-//! use kvsync_model::{KVPair, ResourceKey};
+//! use kvsync_backend::{Api, Client, MemoryBackend};
+//! use kvsync_model::{Registry, Resource};
+//! use serde::{Deserialize, Serialize};
 //!
-//! let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
-//! let kvp = client
-//!     .create(KVPair::new(ResourceKey::cluster("Node", "n1"), serde_json::json!({"asn": 64512})))
-//!     .await?;
+//! #[derive(Clone, Debug, Serialize, Deserialize, Resource)]
+//! #[resource(group = "example.com", kind = "Tenant", plural = "tenants")]
+//! struct Tenant { owner: String }
+//!
+//! let client: Arc<dyn Client> = Arc::new(MemoryBackend::new(Registry::new().with::<Tenant>()));
+//! let tenants = Api::<Tenant>::all(client.clone());
+//! let kvp = tenants.create("acme", Tenant { owner: "ann".into() }).await?;
 //! assert!(kvp.revision.is_some() && kvp.uid.is_some());
+//! assert!(client.capabilities().ttl);
 //! # Ok(()) }
 //! ```
 
 mod client;
-pub mod encoding;
 mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "testing")]
 mod faults;
+mod kernel;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod memory;
@@ -37,10 +46,11 @@ pub mod memory;
 pub mod sqlite;
 mod watch;
 
-pub use client::{Api, Client, ListPages};
+pub use client::{Api, Capabilities, Client, ListPages};
 pub use error::{BoxError, Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdConfig};
+#[cfg(feature = "testing")]
 pub use faults::{Faults, FaultyClient};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::{KubernetesBackend, KubernetesConfig};
@@ -50,3 +60,9 @@ pub use sqlite::{SqliteBackend, SqliteConfig};
 pub use watch::{WatchEvent, WatchStream};
 
 pub use kvsync_model as model;
+
+/// What `delegate_client!` expands to refers to. Not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use async_trait::async_trait;
+}

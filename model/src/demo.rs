@@ -1,7 +1,9 @@
-//! The demo model: `IPPool`, `NetworkPolicy` and `Node`, in API group `kvsync.dev/v1`.
+//! The demo model (feature `demo`): `IPPool`, `NetworkPolicy` and `Node`, in API group
+//! `kvsync.dev/v1`.
 //!
-//! They follow Calico's resources of the same names, trimmed to what tests, the CLI and the
-//! deploy files need.
+//! They follow Calico's resources of the same names, trimmed to what the examples, tests, the
+//! CLI and the deploy files need. Nothing in kvsync falls back to them: a program that wants
+//! them registers them, e.g. with [`registry`].
 
 use std::collections::BTreeMap;
 
@@ -12,6 +14,19 @@ use crate::error::{Error, Result};
 use crate::key::Registry;
 use crate::resource::Resource;
 use crate::validation::parse_cidr;
+
+/// The API group of the demo kinds.
+pub const GROUP: &str = "kvsync.dev";
+
+/// A registry holding the demo kinds, ready to hand to a backend.
+///
+/// ```
+/// let registry = kvsync_model::demo::registry();
+/// assert!(registry.kind("IPPool").is_ok());
+/// ```
+pub fn registry() -> std::sync::Arc<Registry> {
+    std::sync::Arc::new(Registry::with_demo_kinds())
+}
 
 /// Adds the demo kinds to `registry`.
 pub fn register(registry: &mut Registry) {
@@ -60,6 +75,7 @@ impl Resource for IPPool {
     }
 
     const KIND: &'static str = "IPPool";
+    const GROUP: &'static str = GROUP;
     const PLURAL: &'static str = "ippools";
     const NAMESPACED: bool = false;
     const SHORT_NAMES: &'static [&'static str] = &["pool", "pools"];
@@ -153,6 +169,7 @@ impl Resource for NetworkPolicy {
     }
 
     const KIND: &'static str = "NetworkPolicy";
+    const GROUP: &'static str = GROUP;
     const PLURAL: &'static str = "networkpolicies";
     const NAMESPACED: bool = true;
     const SHORT_NAMES: &'static [&'static str] = &["netpol", "policy", "policies"];
@@ -221,6 +238,7 @@ impl Resource for Node {
     }
 
     const KIND: &'static str = "Node";
+    const GROUP: &'static str = GROUP;
     const PLURAL: &'static str = "nodes";
     const NAMESPACED: bool = false;
     const SHORT_NAMES: &'static [&'static str] = &["no"];
@@ -250,21 +268,22 @@ mod tests {
     fn demo_values_validate_with_field_names() {
         let reg = Registry::with_demo_kinds();
         let pool = reg.kind("IPPool").unwrap();
-        assert!(pool.validate(&json!({"cidr": "10.0.0.0/16"})).is_ok());
-        let err = pool.validate(&json!({"cidr": "10.0.0.1/16"})).unwrap_err();
+        let v = |j: serde_json::Value| crate::Json::from(j);
+        assert!(pool.validate(&v(json!({"cidr": "10.0.0.0/16"}))).is_ok());
+        let err = pool.validate(&v(json!({"cidr": "10.0.0.1/16"}))).unwrap_err();
         assert!(err.to_string().contains("spec.cidr"), "{err}");
         let err = pool
-            .validate(&json!({"cidr": "10.0.0.0/16", "blockSize": 8}))
+            .validate(&v(json!({"cidr": "10.0.0.0/16", "blockSize": 8})))
             .unwrap_err();
         assert!(err.to_string().contains("spec.blockSize"), "{err}");
-        let err = pool.validate(&json!({"cidr": 5})).unwrap_err();
+        let err = pool.validate(&v(json!({"cidr": 5}))).unwrap_err();
         assert!(err.to_string().contains("spec"), "{err}");
 
         let np = reg.kind("NetworkPolicy").unwrap();
         let bad = json!({"selector": "all()", "ingress": [{"action": "Allow", "protocol": "TCP", "ports": [0]}]});
-        let err = np.validate(&bad).unwrap_err();
+        let err = np.validate(&v(bad)).unwrap_err();
         assert!(err.to_string().contains("spec.ingress[0].ports"), "{err}");
         let good = json!({"order": 10.0, "selector": "all()", "egress": [{"action": "Deny", "nets": ["10.0.0.0/8"]}]});
-        np.validate(&good).unwrap();
+        np.validate(&v(good)).unwrap();
     }
 }

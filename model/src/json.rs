@@ -1,7 +1,6 @@
 //! [`Json`]: a resource's value, decoded lazily.
 
 use std::fmt;
-use std::ops::Deref;
 use std::sync::OnceLock;
 
 use serde::de::DeserializeOwned;
@@ -13,9 +12,13 @@ use serde_json::value::RawValue;
 ///
 /// Backends hand over the stored text as it is (checked to be JSON, not decoded); a typed
 /// consumer decodes that text straight into its own type with [`Json::decode`], and the first
-/// look at it as a [`serde_json::Value`] (through `Deref`, e.g. `value["cidr"]`) parses it
-/// once. Building a `serde_json::Value` costs several times what decoding into a struct does,
-/// so a list of 100,000 keys that the consumer decodes into its types never builds one.
+/// look at it as a [`serde_json::Value`] ([`Json::as_value`]) parses it once. Building a
+/// `serde_json::Value` costs several times what decoding into a struct does, so a list of
+/// 100,000 keys that the consumer decodes into its types never builds one.
+///
+/// Reading is where a value can fail: text deeper than serde_json's recursion limit passes
+/// the check on the way in but cannot be built as a `Value`, and [`Json::as_value`] says so
+/// with an error rather than a `Null`.
 ///
 /// ```
 /// use kvsync_model::Json;
@@ -27,7 +30,7 @@ use serde_json::value::RawValue;
 /// let stored = Json::from_json_text(r#"{"cidr": "10.0.0.0/16"}"#.to_owned()).unwrap();
 /// let pool: Pool = stored.decode().unwrap();
 /// assert_eq!(pool.cidr, "10.0.0.0/16");
-/// assert_eq!(stored["cidr"], "10.0.0.0/16");
+/// assert_eq!(stored.as_value().unwrap()["cidr"], "10.0.0.0/16");
 /// assert_eq!(stored, json!({"cidr": "10.0.0.0/16"}));
 /// ```
 pub struct Json {
@@ -42,17 +45,16 @@ pub struct Json {
 #[derive(Clone)]
 struct Text {
     buf: Box<str>,
-    start: u32,
-    end: u32,
+    start: usize,
+    end: usize,
 }
 
 impl Text {
     fn get(&self) -> &str {
         // Both ends were taken from a `RawValue` inside `buf`, so they are in bounds and on
-        // character boundaries; `get` keeps even a broken invariant from panicking.
-        self.buf
-            .get(self.start as usize..self.end as usize)
-            .unwrap_or("null")
+        // character boundaries; `get` keeps even a broken invariant from panicking (the
+        // empty text then fails to parse where it is read).
+        self.buf.get(self.start..self.end).unwrap_or("")
     }
 }
 
@@ -68,11 +70,8 @@ impl Json {
     /// A value from JSON text already checked by serde_json.
     pub fn from_raw(raw: Box<RawValue>) -> Self {
         let buf: Box<str> = raw.into();
-        match u32::try_from(buf.len()) {
-            Ok(end) => Json::from_text(Text { buf, start: 0, end }),
-            // Over 4 GiB of JSON: kept as a parsed value instead.
-            Err(_) => Json::from(serde_json::from_str::<Value>(&buf).unwrap_or(Value::Null)),
-        }
+        let end = buf.len();
+        Json::from_text(Text { buf, start: 0, end })
     }
 
     fn from_text(text: Text) -> Self {
@@ -103,7 +102,7 @@ impl Json {
     /// })
     /// .unwrap();
     /// assert_eq!(uid, "u-1");
-    /// assert_eq!(spec["cidr"], "10.0.0.0/16");
+    /// assert_eq!(spec.as_value().unwrap()["cidr"], "10.0.0.0/16");
     /// assert_eq!(spec.json_text(), Some(r#"{"cidr": "10.0.0.0/16"}"#));
     /// ```
     ///
@@ -121,14 +120,12 @@ impl Json {
             let base = text.as_ptr() as usize;
             let at = part.get().as_ptr() as usize;
             let inside = at >= base && at + part.get().len() <= base + text.len();
-            match (inside, u32::try_from(text.len())) {
-                (true, Ok(_)) => {
-                    let start = (at - base) as u32;
-                    (start, start + part.get().len() as u32, other)
-                }
-                // A part from elsewhere, or a text over 4 GiB: copied out.
-                _ => return Ok((Json::from_raw(part.to_owned()), other)),
+            if !inside {
+                // A part from elsewhere: copied out.
+                return Ok((Json::from_raw(part.to_owned()), other));
             }
+            let start = at - base;
+            (start, start + part.get().len(), other)
         };
         let text = Text {
             buf: text.into_boxed_str(),
@@ -138,19 +135,27 @@ impl Json {
         Ok((Json::from_text(text), other))
     }
 
-    /// The value as a [`serde_json::Value`], parsed on first use (`Null` if the text is
-    /// deeper than serde_json's recursion limit).
-    pub fn as_value(&self) -> &Value {
-        self.value.get_or_init(|| match &self.raw {
-            Some(text) => serde_json::from_str(text.get()).unwrap_or(Value::Null),
-            None => Value::Null,
-        })
+    /// The value as a [`serde_json::Value`], parsed on first use.
+    ///
+    /// # Errors
+    /// When the stored text cannot be built as a `Value` (deeper than serde_json's recursion
+    /// limit); the text is kept and the next call tries again.
+    pub fn as_value(&self) -> Result<&Value, serde_json::Error> {
+        if let Some(v) = self.value.get() {
+            return Ok(v);
+        }
+        let text = self.raw.as_ref().map_or("null", Text::get);
+        let parsed: Value = serde_json::from_str(text)?;
+        Ok(self.value.get_or_init(|| parsed))
     }
 
     /// The value as a [`serde_json::Value`].
-    pub fn into_value(self) -> Value {
-        self.as_value();
-        self.value.into_inner().unwrap_or(Value::Null)
+    ///
+    /// # Errors
+    /// As [`Json::as_value`].
+    pub fn into_value(self) -> Result<Value, serde_json::Error> {
+        self.as_value()?;
+        Ok(self.value.into_inner().unwrap_or(Value::Null))
     }
 
     /// Decodes the value into `T`: from the stored text when it was never parsed (the fast
@@ -161,7 +166,8 @@ impl Json {
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         match (self.value.get(), &self.raw) {
             (None, Some(raw)) => serde_json::from_str(raw.get()),
-            _ => T::deserialize(self.as_value()),
+            (Some(v), _) => T::deserialize(v),
+            (None, None) => T::deserialize(Value::Null),
         }
     }
 
@@ -177,14 +183,6 @@ impl Default for Json {
     }
 }
 
-impl Deref for Json {
-    type Target = Value;
-
-    fn deref(&self) -> &Value {
-        self.as_value()
-    }
-}
-
 impl From<Value> for Json {
     fn from(value: Value) -> Self {
         Json {
@@ -194,8 +192,10 @@ impl From<Value> for Json {
     }
 }
 
-impl From<Json> for Value {
-    fn from(json: Json) -> Self {
+impl TryFrom<Json> for Value {
+    type Error = serde_json::Error;
+
+    fn try_from(json: Json) -> Result<Self, serde_json::Error> {
         json.into_value()
     }
 }
@@ -213,34 +213,40 @@ impl PartialEq for Json {
     fn eq(&self, other: &Json) -> bool {
         match (&self.raw, &other.raw) {
             (Some(a), Some(b)) if a.get() == b.get() => true,
-            _ => self.as_value() == other.as_value(),
+            // A value that cannot be read equals nothing but its own text.
+            _ => matches!((self.as_value(), other.as_value()), (Ok(a), Ok(b)) if a == b),
         }
     }
 }
 
 impl PartialEq<Value> for Json {
     fn eq(&self, other: &Value) -> bool {
-        self.as_value() == other
+        self.as_value().is_ok_and(|v| v == other)
     }
 }
 
 impl PartialEq<Json> for Value {
     fn eq(&self, other: &Json) -> bool {
-        self == other.as_value()
+        other == self
     }
 }
 
 impl fmt::Debug for Json {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_value(), f)
+        match (self.value.get(), self.json_text()) {
+            (Some(v), _) => fmt::Debug::fmt(v, f),
+            (None, Some(text)) => write!(f, "Json({text})"),
+            (None, None) => f.write_str("Json(null)"),
+        }
     }
 }
 
 impl fmt::Display for Json {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.value.get(), self.json_text()) {
+            (Some(v), _) => fmt::Display::fmt(v, f),
             (None, Some(text)) => f.write_str(text),
-            _ => fmt::Display::fmt(self.as_value(), f),
+            (None, None) => f.write_str("null"),
         }
     }
 }
@@ -248,7 +254,9 @@ impl fmt::Display for Json {
 impl Serialize for Json {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         // Through the parsed value: a RawValue serializes as JSON text only for serde_json.
-        self.as_value().serialize(s)
+        self.as_value()
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
     }
 }
 
@@ -268,12 +276,15 @@ mod tests {
         let text = Json::from_json_text(r#"{"a": [1, 2], "b": "x"}"#.into()).unwrap();
         let value = Json::from(json!({"a": [1, 2], "b": "x"}));
         assert_eq!(text, value);
-        assert_eq!(text["a"][1], 2);
+        assert_eq!(text.as_value().unwrap()["a"][1], 2);
         assert_eq!(
             serde_json::to_string(&text).unwrap(),
             r#"{"a":[1,2],"b":"x"}"#
         );
-        assert_eq!(text.clone().into_value(), value.clone().into_value());
+        assert_eq!(
+            text.clone().into_value().unwrap(),
+            value.clone().into_value().unwrap()
+        );
         #[derive(Deserialize, PartialEq, Debug)]
         struct T {
             b: String,
@@ -313,5 +324,17 @@ mod tests {
     #[test]
     fn bad_text_is_refused() {
         assert!(Json::from_json_text("{not json".into()).is_err());
+    }
+
+    #[test]
+    fn text_too_deep_to_build_is_an_error_where_it_is_read_never_null() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let json = Json::from_json_text(deep.clone()).unwrap();
+        let err = json.as_value().unwrap_err();
+        assert!(err.to_string().contains("recursion"), "{err}");
+        assert!(json.clone().into_value().is_err());
+        assert!(serde_json::to_string(&json).is_err());
+        assert_ne!(json, Value::Null);
+        assert_eq!(json.to_string(), deep, "Display shows the stored text");
     }
 }

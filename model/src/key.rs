@@ -31,14 +31,15 @@ pub trait Key: fmt::Display + fmt::Debug + Clone + Eq + std::hash::Hash + Send +
 /// The key of a resource: its kind, its namespace (namespaced kinds only) and its name.
 ///
 /// ```
-/// use kvsync_model::{PathCodec, ResourceKey, Key};
+/// use kvsync_model::{KindInfo, Key, PathCodec, Registry, ResourceKey};
 ///
-/// let codec = PathCodec::default();
-/// let key = ResourceKey::namespaced("NetworkPolicy", "prod", "allow-dns");
+/// let registry = Registry::new().with_kind(KindInfo::untyped("example.com", "Tenant", "tenants", true));
+/// let codec = PathCodec::with_registry(registry);
+/// let key = ResourceKey::namespaced("Tenant", "prod", "acme");
 /// let path = key.to_path(&codec).unwrap();
-/// assert_eq!(path, "/kvsync/v1/networkpolicies/prod/allow-dns");
+/// assert_eq!(path, "/kvsync/v1/tenants/prod/acme");
 /// assert_eq!(codec.from_path(&path).unwrap(), key);
-/// assert_eq!(key.to_string(), "NetworkPolicy(prod/allow-dns)");
+/// assert_eq!(key.to_string(), "Tenant(prod/acme)");
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ResourceKey {
@@ -122,8 +123,19 @@ impl fmt::Debug for ResourceKey {
 
 /// The kinds a client knows: kind <-> plural <-> scope, and each kind's value validator.
 ///
-/// Users add kinds by implementing [`Resource`] and calling [`Registry::register`]; kvsync
-/// itself never needs editing. [`Registry::default`] holds the demo kinds.
+/// [`Registry::new`] (and `Default`) is empty: users add their kinds by implementing
+/// [`Resource`] and calling [`Registry::register`] (or [`Registry::with`]); kvsync itself never
+/// needs editing. Every backend and [`PathCodec`] is built from the registry it serves and
+/// knows only its kinds.
+///
+/// ```
+/// use kvsync_model::{KindInfo, Registry};
+///
+/// let registry = Registry::new()
+///     .with_kind(KindInfo::untyped("example.com", "Tenant", "tenants", false));
+/// assert_eq!(registry.by_plural("tenants").unwrap().kind, "Tenant");
+/// assert!(registry.kind("IPPool").is_err());
+/// ```
 #[derive(Clone, Default)]
 pub struct Registry {
     by_kind: HashMap<String, Arc<KindInfo>>,
@@ -140,7 +152,7 @@ impl fmt::Debug for Registry {
 
 impl Registry {
     /// A registry with no kinds.
-    pub fn empty() -> Self {
+    pub fn new() -> Self {
         Registry {
             by_kind: HashMap::new(),
             by_plural: HashMap::new(),
@@ -149,8 +161,9 @@ impl Registry {
 
     /// A registry with the demo kinds ([`IPPool`](crate::demo::IPPool),
     /// [`NetworkPolicy`](crate::demo::NetworkPolicy), [`Node`](crate::demo::Node)).
+    #[cfg(feature = "demo")]
     pub fn with_demo_kinds() -> Self {
-        let mut r = Self::empty();
+        let mut r = Self::new();
         crate::demo::register(&mut r);
         r
     }
@@ -158,6 +171,20 @@ impl Registry {
     /// Adds (or replaces) the kind of `R`.
     pub fn register<R: Resource>(&mut self) -> &mut Self {
         self.insert(KindInfo::of::<R>())
+    }
+
+    /// This registry with the kind of `R` added, for building one in an expression.
+    #[must_use]
+    pub fn with<R: Resource>(mut self) -> Self {
+        self.register::<R>();
+        self
+    }
+
+    /// This registry with a kind described at run time added.
+    #[must_use]
+    pub fn with_kind(mut self, info: KindInfo) -> Self {
+        self.insert(info);
+        self
     }
 
     /// Adds (or replaces) a kind described at run time.
@@ -223,22 +250,22 @@ pub struct PathCodec {
     registry: Arc<Registry>,
 }
 
-impl Default for PathCodec {
-    fn default() -> Self {
+impl PathCodec {
+    /// A codec with the default prefix ([`DEFAULT_PREFIX`]) over `registry`.
+    pub fn with_registry(registry: impl Into<Arc<Registry>>) -> Self {
         PathCodec {
             prefix: DEFAULT_PREFIX.to_owned(),
-            registry: Arc::new(Registry::with_demo_kinds()),
+            registry: registry.into(),
         }
     }
-}
 
-impl PathCodec {
-    /// A codec with `prefix` (e.g. `/kvsync/v1`) and `registry`.
+    /// A codec with `prefix` (e.g. `/kvsync/v1`) over `registry`.
     ///
     /// # Errors
     /// [`Error::Invalid`] with field `prefix` unless the prefix starts with `/`, does not end
     /// with `/` and has no empty, `.` or `..` segments.
-    pub fn new(prefix: impl Into<String>, registry: Arc<Registry>) -> Result<Self> {
+    pub fn new(prefix: impl Into<String>, registry: impl Into<Arc<Registry>>) -> Result<Self> {
+        let registry = registry.into();
         let prefix = prefix.into();
         let bad = !prefix.starts_with('/')
             || prefix.ends_with('/')

@@ -26,7 +26,7 @@ use crate::revision::Revision;
 /// let kvp = KVPair::new(ResourceKey::cluster("IPPool", "pool-a"), json!({"cidr": "10.0.0.0/16"}))
 ///     .with_revision(Revision::from(12u64));
 /// assert_eq!(kvp.revision.as_ref().and_then(Revision::as_u64), Some(12));
-/// assert_eq!(kvp.value["cidr"], "10.0.0.0/16");
+/// assert_eq!(kvp.value.as_value().unwrap()["cidr"], "10.0.0.0/16");
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KVPair<V = Json> {

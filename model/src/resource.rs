@@ -5,18 +5,17 @@ use std::fmt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::Json;
 use crate::error::{Error, Result};
-
-/// The API group of the demo kinds.
-pub const DEMO_GROUP: &str = "kvsync.dev";
 
 /// A typed resource value: the `spec` of one kind.
 ///
-/// Implement it for your own types and register them with
-/// [`Registry::register`](crate::Registry::register) to store them through any backend.
+/// Implement it for your own types (most easily with `#[derive(Resource)]`, feature `derive`)
+/// and register them with [`Registry::register`](crate::Registry::register) to store them
+/// through any backend. Written by hand:
 ///
 /// ```
-/// use kvsync_model::{Registry, Resource};
+/// use kvsync_model::{Json, Registry, Resource};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,9 +34,9 @@ pub const DEMO_GROUP: &str = "kvsync.dev";
 ///     }
 /// }
 ///
-/// let mut registry = Registry::with_demo_kinds();
-/// registry.register::<Tenant>();
-/// assert!(registry.kind("Tenant").unwrap().validate(&serde_json::json!({"owner": ""})).is_err());
+/// let registry = Registry::new().with::<Tenant>();
+/// let empty_owner = Json::from(serde_json::json!({"owner": ""}));
+/// assert!(registry.kind("Tenant").unwrap().validate(&empty_owner).is_err());
 /// ```
 pub trait Resource:
     Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static
@@ -48,8 +47,8 @@ pub trait Resource:
     const PLURAL: &'static str;
     /// Whether resources of this kind live in a namespace.
     const NAMESPACED: bool;
-    /// The API group, e.g. `kvsync.dev`.
-    const GROUP: &'static str = DEMO_GROUP;
+    /// The API group, e.g. `example.com`. Every kind names its own: there is no default.
+    const GROUP: &'static str;
     /// The API version, e.g. `v1`.
     const VERSION: &'static str = "v1";
     /// Short names that the CLI accepts, e.g. `["pool"]`.
@@ -71,6 +70,18 @@ pub trait Resource:
     }
 }
 
+/// A value's own rules, beyond what its type enforces.
+///
+/// `#[derive(Resource)]` uses it for [`Resource::validate`] when the type implements it (and
+/// accepts every value that decodes when it does not).
+pub trait Validate {
+    /// Checks the value.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming the field (as `spec.<field>`) and the rule.
+    fn validate(&self) -> Result<()>;
+}
+
 /// A kind as the registry knows it at run time.
 #[derive(Clone)]
 pub struct KindInfo {
@@ -86,7 +97,7 @@ pub struct KindInfo {
     pub namespaced: bool,
     /// Short names for the CLI.
     pub short_names: Vec<String>,
-    validator: Option<fn(&serde_json::Value) -> Result<()>>,
+    validator: Option<fn(&Json) -> Result<()>>,
     schema: fn() -> serde_json::Value,
 }
 
@@ -102,8 +113,10 @@ impl fmt::Debug for KindInfo {
     }
 }
 
-fn validate_as<R: Resource>(value: &serde_json::Value) -> Result<()> {
-    let typed = R::deserialize(value).map_err(|e| Error::invalid("spec", e.to_string()))?;
+fn validate_as<R: Resource>(value: &Json) -> Result<()> {
+    let typed: R = value
+        .decode()
+        .map_err(|e| Error::invalid("spec", e.to_string()))?;
     typed.validate()
 }
 
@@ -122,12 +135,18 @@ impl KindInfo {
         }
     }
 
-    /// A kind with no typed value: any JSON value is accepted.
-    pub fn untyped(kind: impl Into<String>, plural: impl Into<String>, namespaced: bool) -> Self {
+    /// A kind with no typed value, in API group `group` at version `v1`: any JSON value is
+    /// accepted.
+    pub fn untyped(
+        group: impl Into<String>,
+        kind: impl Into<String>,
+        plural: impl Into<String>,
+        namespaced: bool,
+    ) -> Self {
         KindInfo {
             kind: kind.into(),
             plural: plural.into(),
-            group: DEMO_GROUP.to_owned(),
+            group: group.into(),
             version: "v1".to_owned(),
             namespaced,
             short_names: Vec::new(),
@@ -155,7 +174,7 @@ impl KindInfo {
     ///
     /// # Errors
     /// [`Error::Invalid`] naming the field and the rule.
-    pub fn validate(&self, value: &serde_json::Value) -> Result<()> {
+    pub fn validate(&self, value: &Json) -> Result<()> {
         match self.validator {
             Some(v) => v(value),
             None => Ok(()),

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 fn codec() -> PathCodec {
     let mut reg = Registry::with_demo_kinds();
-    reg.insert(KindInfo::untyped("Widget", "widgets", true));
+    reg.insert(KindInfo::untyped("example.com", "Widget", "widgets", true));
     PathCodec::new("/test/prefix", Arc::new(reg)).unwrap()
 }
 
@@ -77,6 +77,6 @@ fn wrong_scope_and_unknown_kinds_are_rejected() {
         .to_path(&ResourceKey::namespaced("IPPool", "ns", "a"))
         .unwrap_err();
     assert!(err.to_string().contains("cluster-scoped"), "{err}");
-    assert!(PathCodec::new("nope", Arc::new(Registry::empty())).is_err());
-    assert!(PathCodec::new("/a//b", Arc::new(Registry::empty())).is_err());
+    assert!(PathCodec::new("nope", Arc::new(Registry::new())).is_err());
+    assert!(PathCodec::new("/a//b", Arc::new(Registry::new())).is_err());
 }

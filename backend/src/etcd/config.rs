@@ -151,8 +151,8 @@ impl fmt::Debug for EtcdConfig {
 }
 
 impl EtcdConfig {
-    /// Settings for `endpoints`, with the defaults above.
-    pub fn new<I, S>(endpoints: I) -> Self
+    /// Settings for `endpoints` holding the kinds of `registry`, with the defaults above.
+    pub fn new<I, S>(endpoints: I, registry: impl Into<Arc<Registry>>) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -160,7 +160,7 @@ impl EtcdConfig {
         EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             prefix: DEFAULT_PREFIX.to_owned(),
-            registry: Arc::new(Registry::with_demo_kinds()),
+            registry: registry.into(),
             tls: None,
             user: None,
             request_timeout: Duration::from_secs(10),
@@ -181,13 +181,6 @@ impl EtcdConfig {
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
-        self
-    }
-
-    /// Sets the registry of kinds.
-    #[must_use]
-    pub fn with_registry(mut self, registry: Arc<Registry>) -> Self {
-        self.registry = registry;
         self
     }
 

@@ -8,7 +8,7 @@ use kvsync_model::{Json, KVPair, ListOptions, ParseFailure, PathCodec, Revision}
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 
-use crate::encoding::put_event;
+use crate::kernel::put_event;
 use crate::error::{Error, Result};
 use crate::watch::WatchEvent;
 
@@ -16,7 +16,7 @@ use crate::watch::WatchEvent;
 #[derive(Serialize)]
 pub(super) struct Envelope<'a> {
     metadata: MetadataOut<'a>,
-    spec: &'a serde_json::Value,
+    spec: &'a Json,
 }
 
 #[derive(Serialize)]
@@ -55,7 +55,7 @@ impl Envelope<'_> {
     pub(super) fn encode(
         uid: &str,
         ttl: Option<Duration>,
-        value: &serde_json::Value,
+        value: &Json,
     ) -> Result<Vec<u8>> {
         serde_json::to_vec(&Envelope {
             metadata: MetadataOut {
@@ -76,9 +76,8 @@ impl Envelope<'_> {
 
 /// A revision given back to etcd.
 pub(super) fn rev_i64(r: &Revision) -> Result<i64> {
-    r.as_u64()
-        .and_then(|n| i64::try_from(n).ok())
-        .ok_or_else(|| Error::invalid("revision", format!("{r} is not an etcd revision")))
+    // counter_revision only passes revisions that fit an i64.
+    Ok(crate::kernel::counter_revision(r, "etcd")? as i64)
 }
 
 /// Decodes a stored key/value into a KVPair.
@@ -164,9 +163,11 @@ pub(super) fn map_err(e: etcd_client::Error) -> Error {
             let message = status.message().to_owned();
             match status.code() {
                 Code::PermissionDenied | Code::Unauthenticated => Error::Unauthorized { message },
+                // The callers that know the revision they asked for put it in (see
+                // `EtcdBackend::map_read_err`); etcd's message does not carry it.
                 Code::OutOfRange if message.contains("compacted") => Error::Compacted {
                     requested: Revision::from("unknown"),
-                    compacted: Revision::from("unknown"),
+                    compacted: None,
                 },
                 Code::InvalidArgument if message.contains("authentication failed") => {
                     Error::Unauthorized { message }
@@ -204,7 +205,6 @@ pub(super) struct WatchState {
     /// How long to idle before requesting progress; `None` where requested progress cannot be
     /// trusted.
     progress_every: Option<Duration>,
-    done: bool,
 }
 
 impl WatchState {
@@ -224,7 +224,6 @@ impl WatchState {
             last: from,
             from,
             progress_every,
-            done: false,
         };
         s.absorb(first);
         s
@@ -235,9 +234,8 @@ impl WatchState {
         if resp.compact_revision() > 0 {
             self.buf.push_back(Err(Error::Compacted {
                 requested: Revision::from(self.last.max(0) as u64),
-                compacted: Revision::from(resp.compact_revision() as u64),
+                compacted: Some(Revision::from(resp.compact_revision() as u64)),
             }));
-            self.done = true;
             return;
         }
         if resp.canceled() {
@@ -245,7 +243,6 @@ impl WatchState {
                 "etcd cancelled the watch: {}",
                 resp.cancel_reason()
             ))));
-            self.done = true;
             return;
         }
         let events = resp.events();
@@ -299,11 +296,9 @@ impl WatchState {
 
     pub(super) async fn next(mut self) -> Option<(Result<WatchEvent>, Self)> {
         loop {
+            // After an error the stream ends (fuse_after_error): nothing more is read.
             if let Some(item) = self.buf.pop_front() {
                 return Some((item, self));
-            }
-            if self.done {
-                return None;
             }
             let next = self.stream.message();
             let msg = match self.progress_every {
@@ -315,7 +310,6 @@ impl WatchState {
                 Err(_) => {
                     // Idle: ask for a progress notification to keep the resume point fresh.
                     if let Err(e) = self.stream.request_progress().await {
-                        self.done = true;
                         return Some((Err(map_err(e)), self));
                     }
                     continue;
@@ -324,16 +318,12 @@ impl WatchState {
             match msg {
                 Ok(Some(resp)) => self.absorb(resp),
                 Ok(None) => {
-                    self.done = true;
                     return Some((
                         Err(Error::unavailable("etcd closed the watch stream")),
                         self,
                     ));
                 }
-                Err(e) => {
-                    self.done = true;
-                    return Some((Err(map_err(e)), self));
-                }
+                Err(e) => return Some((Err(map_err(e)), self)),
             }
         }
     }

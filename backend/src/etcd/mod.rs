@@ -48,8 +48,11 @@ use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision
 pub use config::{EtcdConfig, EtcdListReads, EtcdTls};
 use convert::{Envelope, decode_kv, decode_owned_kv, map_err, rev_i64};
 
-use crate::client::{Client, ListPages};
-use crate::encoding::{WriteMode, encode_for_write, parse_error, push_listed};
+use crate::client::{Capabilities, Client, ListPages};
+use crate::kernel::{
+    WriteMode, check_delete, check_update, encode_for_write, fuse_after_error, parse_error,
+    push_listed, undecodable_last_value,
+};
 use crate::error::{Error, Result};
 use crate::watch::WatchStream;
 
@@ -167,7 +170,7 @@ impl EtcdBackend {
 
     /// etcd's oldest readable revision, read from a watch at `requested` (etcd does not put
     /// it in the error of a read).
-    async fn compacted_hint(&self, requested: i64) -> Revision {
+    async fn compacted_hint(&self, requested: i64) -> Option<Revision> {
         let mut wc = self
             .client
             .watch_client()
@@ -185,7 +188,6 @@ impl EtcdBackend {
             .await
             .ok()
             .flatten()
-            .unwrap_or_else(|| Revision::from("unknown"))
     }
 
     async fn map_read_err(&self, e: etcd_client::Error, requested: Option<i64>) -> Error {
@@ -356,14 +358,12 @@ impl EtcdBackend {
                     None,
                 ),
                 (_, Some(cur)) => {
-                    if let Some(exp) = expected
-                        && exp != cur.mod_revision()
-                    {
-                        return Err(Error::Conflict {
-                            key: kvp.key,
-                            expected: kvp.revision.clone().unwrap_or_else(|| Revision::from(0u64)),
-                            actual: Some(Revision::from(cur.mod_revision() as u64)),
-                        });
+                    if expected.is_some() {
+                        check_update(
+                            &kvp.key,
+                            kvp.revision.as_ref(),
+                            &Revision::from(cur.mod_revision() as u64),
+                        )?;
                     }
                     // Keep the uid of what is there; a stored value that no longer decodes
                     // is replaced under a new uid.
@@ -698,6 +698,18 @@ impl Client for EtcdBackend {
         "etcd"
     }
 
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .with_ttl(true)
+            .with_historical_reads(true)
+            .with_compaction(true)
+            .with_global_revision(true)
+            .with_raw_bytes(true)
+            // etcd's default --max-request-bytes (1.5 MiB), less room for the key and the
+            // envelope.
+            .with_max_value_bytes(Some(1_572_864 - 4_096))
+    }
+
     async fn create(&self, kvp: KVPair) -> Result<KVPair> {
         self.write(kvp, WriteMode::Create).await
     }
@@ -710,53 +722,78 @@ impl Client for EtcdBackend {
         self.write(kvp, WriteMode::Apply).await
     }
 
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn delete(&self, key: &ResourceKey, opts: &kvsync_model::DeleteOptions) -> Result<KVPair> {
         let path = self.codec.to_path(key)?;
-        let compare = match revision {
-            Some(r) => Compare::mod_revision(path.as_str(), CompareOp::Equal, rev_i64(r)?),
-            None => Compare::create_revision(path.as_str(), CompareOp::Greater, 0),
-        };
-        let txn = Txn::new()
-            .when(vec![compare])
-            .and_then(vec![TxnOp::delete(
-                path.as_str(),
-                Some(DeleteOptions::new().with_prev_key()),
-            )])
-            .or_else(vec![TxnOp::get(path.as_str(), None)]);
-        let resp = self.kv().txn(txn).await.map_err(map_err)?;
-        let ops = resp.op_responses();
-        if !resp.succeeded() {
-            let actual = ops.iter().find_map(|op| match op {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision()),
+        let expected = opts.revision.as_ref().map(rev_i64).transpose()?;
+        for _ in 0..MAX_WRITE_RETRIES {
+            // A uid precondition is checked on the value read, and the delete made
+            // conditional on that read's revision (retried if another writer came first).
+            let read = match &opts.uid {
+                Some(_) => {
+                    let Some(cur) = self.read_current(&path).await? else {
+                        return Err(Error::NotFound { key: key.clone() });
+                    };
+                    let uid = Envelope::uid_of(cur.value());
+                    let at = Revision::from(cur.mod_revision() as u64);
+                    check_delete(key, opts, &at, uid.as_deref())?;
+                    Some(cur.mod_revision())
+                }
+                None => None,
+            };
+            let compare = match read.or(expected) {
+                Some(r) => Compare::mod_revision(path.as_str(), CompareOp::Equal, r),
+                None => Compare::create_revision(path.as_str(), CompareOp::Greater, 0),
+            };
+            let txn = Txn::new()
+                .when(vec![compare])
+                .and_then(vec![TxnOp::delete(
+                    path.as_str(),
+                    Some(DeleteOptions::new().with_prev_key()),
+                )])
+                .or_else(vec![TxnOp::get(path.as_str(), None)]);
+            let resp = self.kv().txn(txn).await.map_err(map_err)?;
+            let ops = resp.op_responses();
+            if !resp.succeeded() {
+                let actual = ops.iter().find_map(|op| match op {
+                    TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision()),
+                    _ => None,
+                });
+                match (actual, &opts.revision) {
+                    (None, _) => return Err(Error::NotFound { key: key.clone() }),
+                    (Some(actual), Some(e)) => {
+                        return Err(Error::Conflict {
+                            key: key.clone(),
+                            expected: Some(e.clone()),
+                            actual: Some(Revision::from(actual as u64)),
+                        });
+                    }
+                    // Written between the uid check and the delete: check again.
+                    (Some(_), None) => continue,
+                }
+            }
+            let prev = ops.iter().find_map(|op| match op {
+                TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
                 _ => None,
             });
-            return Err(match (actual, revision) {
-                (Some(actual), Some(expected)) => Error::Conflict {
-                    key: key.clone(),
-                    expected: expected.clone(),
-                    actual: Some(Revision::from(actual as u64)),
-                },
-                _ => Error::NotFound { key: key.clone() },
-            });
+            let Some(prev) = prev else {
+                return Err(Error::NotFound { key: key.clone() });
+            };
+            // A value that no longer decodes is still deleted; it is returned as null.
+            return Ok(self.decode(&prev).unwrap_or_else(|_| {
+                undecodable_last_value(
+                    key,
+                    Revision::from(prev.mod_revision() as u64),
+                    Some(Revision::from(prev.create_revision() as u64)),
+                    Envelope::uid_of(prev.value()),
+                )
+            }));
         }
-        let prev = ops.iter().find_map(|op| match op {
-            TxnOpResponse::Delete(d) => d.prev_kvs().first().cloned(),
-            _ => None,
-        });
-        let Some(prev) = prev else {
-            return Err(Error::NotFound { key: key.clone() });
-        };
-        // A value that no longer decodes is still deleted; it is returned as null.
-        Ok(self.decode(&prev).unwrap_or_else(|_| {
-            let mut kvp = KVPair::new(key.clone(), serde_json::Value::Null);
-            kvp.revision = Some(Revision::from(prev.mod_revision() as u64));
-            kvp
-        }))
+        Err(Error::unavailable(format!("{key} kept changing")))
     }
 
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn get(&self, key: &ResourceKey, opts: &kvsync_model::GetOptions) -> Result<KVPair> {
         let path = self.codec.to_path(key)?;
-        let at = revision.map(rev_i64).transpose()?;
+        let at = opts.revision.as_ref().map(rev_i64).transpose()?;
         let opts = at.map(|r| GetOptions::new().with_revision(r));
         let resp = match self.kv().get(path.as_str(), opts).await {
             Ok(r) => r,
@@ -769,33 +806,13 @@ impl Client for EtcdBackend {
         self.decode(kv).map_err(|f| parse_error(*f))
     }
 
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        let mut pages = self.list_pages(opts, revision).await?;
-        let mut list = KVList {
-            items: Vec::new(),
-            revision: Revision::from(0u64),
-            parse_failures: Vec::new(),
-        };
-        while let Some(page) = pages.next().await {
-            let page = page?;
-            list.revision = page.revision;
-            list.items.extend(page.items);
-            list.parse_failures.extend(page.parse_failures);
-        }
-        Ok(list)
-    }
-
     /// Range reads pinned to the first page's revision: a first page, then the rest split
     /// into parts read side by side (see [`EtcdListReads`]), each in pages sized by bytes
     /// (about 8 MiB, the last ones smaller) with its next page on its way while one is
     /// decoded. Pages come in key order.
-    async fn list_pages(
-        &self,
-        opts: &ListOptions,
-        revision: Option<&Revision>,
-    ) -> Result<ListPages> {
+    async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages> {
         let prefix = self.codec.list_prefix(opts)?;
-        let at = revision.map(rev_i64).transpose()?;
+        let at = opts.revision.as_ref().map(rev_i64).transpose()?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let this = self.clone();
         let opts = opts.clone();
@@ -810,9 +827,9 @@ impl Client for EtcdBackend {
         .boxed())
     }
 
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+    async fn watch(&self, opts: &ListOptions) -> Result<WatchStream> {
         let prefix = self.codec.list_prefix(opts)?;
-        let from = match from {
+        let from = match &opts.revision {
             Some(r) => rev_i64(r)?,
             None => self.current_revision().await?,
         };
@@ -849,7 +866,7 @@ impl Client for EtcdBackend {
         if first.compact_revision() > 0 {
             return Err(Error::Compacted {
                 requested: Revision::from(from.max(0) as u64),
-                compacted: Revision::from(first.compact_revision() as u64),
+                compacted: Some(Revision::from(first.compact_revision() as u64)),
             });
         }
         if first.canceled() {
@@ -874,7 +891,10 @@ impl Client for EtcdBackend {
             from,
             synced_progress.then_some(PROGRESS_INTERVAL),
         );
-        Ok(futures::stream::unfold(state, convert::WatchState::next).boxed())
+        Ok(fuse_after_error(futures::stream::unfold(
+            state,
+            convert::WatchState::next,
+        )))
     }
 
     async fn clean(&self) -> Result<()> {

@@ -32,13 +32,17 @@ use kube::api::{
 };
 use kube::core::Status;
 use kvsync_model::{
-    KVList, KVPair, KindInfo, ListOptions, PathCodec, Registry, ResourceKey, Revision,
+    DeleteOptions, GetOptions, KVList, KVPair, KindInfo, ListOptions, PathCodec, Registry,
+    ResourceKey, Revision,
 };
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-use crate::client::{Client, ListPages};
-use crate::encoding::{Decoded, encode_for_write, parse_error, push_listed, put_event};
+use crate::client::{Capabilities, Client, ListPages};
+use crate::kernel::{
+    Decoded, check_delete, encode_for_write, fuse_after_error, parse_error, push_listed,
+    put_event, undecodable_last_value,
+};
 use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
 
@@ -47,21 +51,66 @@ const PAGE_LIMIT: u32 = 500;
 /// How many times a write retries when other writers keep changing its object.
 const MAX_WRITE_RETRIES: usize = 32;
 
-/// Where the Kubernetes API server is.
-#[derive(Clone, Debug, Default)]
+/// Where the Kubernetes API server is, and the kinds kept there.
+///
+/// ```
+/// use kvsync_backend::KubernetesConfig;
+///
+/// let config = KubernetesConfig::new(kvsync_model::Registry::new())
+///     .with_kubeconfig("/etc/kvsync/kubeconfig")
+///     .with_watch_list(true);
+/// assert!(config.watch_list);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct KubernetesConfig {
     /// A kubeconfig file; `None` infers the configuration as kube does (`KUBECONFIG`,
     /// `~/.kube/config`, then the in-cluster service account).
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context (default: the current one).
     pub context: Option<String>,
-    /// The kinds (default: the demo kinds).
-    pub registry: Option<Arc<Registry>>,
+    /// The kinds, each stored as a CustomResource of its group.
+    pub registry: Arc<Registry>,
     /// Read the initial state with a streaming "watch-list" request (`sendInitialEvents`)
     /// instead of paged LISTs: the API server serves it from its watch cache, sparing etcd.
     /// Needs Kubernetes 1.27+ with the WatchList feature, and etcd 3.4.31+ under the API
     /// server, so it is off by default.
     pub watch_list: bool,
+}
+
+impl KubernetesConfig {
+    /// The kinds of `registry`, on the API server kube infers (`KUBECONFIG`,
+    /// `~/.kube/config`, then the in-cluster service account), read with paged lists.
+    pub fn new(registry: impl Into<Arc<Registry>>) -> Self {
+        KubernetesConfig {
+            kubeconfig: None,
+            context: None,
+            registry: registry.into(),
+            watch_list: false,
+        }
+    }
+
+    /// Reads this kubeconfig file instead of inferring the configuration.
+    #[must_use]
+    pub fn with_kubeconfig(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kubeconfig = Some(path.into());
+        self
+    }
+
+    /// Uses this kubeconfig context instead of the current one.
+    #[must_use]
+    pub fn with_context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into());
+        self
+    }
+
+    /// Reads the initial state with streaming watch-list requests (see
+    /// [`KubernetesConfig::watch_list`]).
+    #[must_use]
+    pub fn with_watch_list(mut self, yes: bool) -> Self {
+        self.watch_list = yes;
+        self
+    }
 }
 
 /// The Kubernetes CRD backend. Cheap to clone.
@@ -80,7 +129,9 @@ impl fmt::Debug for KubernetesBackend {
     }
 }
 
-fn status_err(s: &Status, key: Option<&ResourceKey>) -> Error {
+/// Maps an API status onto the crate's kinds; `at` is the resourceVersion the request asked
+/// for, which a `410 Gone` names as compacted.
+fn status_err(s: &Status, key: Option<&ResourceKey>, at: Option<&Revision>) -> Error {
     let message = if s.message.is_empty() {
         s.reason.clone()
     } else {
@@ -89,9 +140,16 @@ fn status_err(s: &Status, key: Option<&ResourceKey>) -> Error {
     match (s.code, key) {
         (404, Some(k)) => Error::NotFound { key: k.clone() },
         (409, Some(k)) if s.reason == "AlreadyExists" => Error::AlreadyExists { key: k.clone() },
-        (410, _) => Error::Compacted {
-            requested: Revision::from("expired"),
-            compacted: Revision::from("unknown"),
+        (410, _) => match at {
+            Some(at) => Error::Compacted {
+                requested: at.clone(),
+                compacted: None,
+            },
+            // A continue token of a list that expired: list again from the start.
+            None => Error::Unavailable {
+                message: format!("kubernetes: {message} (410 Gone): list again"),
+                source: Some(Box::new(s.clone())),
+            },
         },
         (401 | 403, _) => Error::Unauthorized { message },
         (400 | 422, _) => Error::Invalid {
@@ -105,10 +163,10 @@ fn status_err(s: &Status, key: Option<&ResourceKey>) -> Error {
     }
 }
 
-/// Maps a kube error onto the crate's kinds.
-fn map_err(e: kube::Error, key: Option<&ResourceKey>) -> Error {
+/// Maps a kube error onto the crate's kinds (see [`status_err`]).
+fn map_err(e: kube::Error, key: Option<&ResourceKey>, at: Option<&Revision>) -> Error {
     match e {
-        kube::Error::Api(s) => status_err(&s, key),
+        kube::Error::Api(s) => status_err(&s, key, at),
         kube::Error::SerdeError(e) => Error::Parse {
             raw_key: key.map(ToString::to_string).unwrap_or_default(),
             raw_value: Vec::new(),
@@ -153,12 +211,9 @@ impl KubernetesBackend {
         };
         let client = kube::Client::try_from(kube_config)
             .map_err(|e| Error::invalid("kubeconfig", e.to_string()))?;
-        let registry = config
-            .registry
-            .unwrap_or_else(|| Arc::new(Registry::with_demo_kinds()));
         Ok(KubernetesBackend {
             client,
-            codec: PathCodec::new(kvsync_model::DEFAULT_PREFIX, registry)?,
+            codec: PathCodec::with_registry(config.registry),
             watch_list: config.watch_list,
         })
     }
@@ -235,7 +290,7 @@ impl KubernetesBackend {
         let api = self.api(&key.kind, key.namespace.as_deref())?;
         api.get_opt(&key.name)
             .await
-            .map_err(|e| map_err(e, Some(key)))
+            .map_err(|e| map_err(e, Some(key), None))
     }
 
     async fn replace(
@@ -250,11 +305,11 @@ impl KubernetesBackend {
             .await
         {
             Ok(o) => Ok(Ok(self.to_kvp(&kvp.key.kind, o)?)),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(status_err(&s, Some(&kvp.key)))),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(status_err(&s, Some(&kvp.key), None))),
             Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::NotFound {
                 key: kvp.key.clone(),
             }),
-            Err(e) => Err(map_err(e, Some(&kvp.key))),
+            Err(e) => Err(map_err(e, Some(&kvp.key), None)),
         }
     }
 
@@ -273,10 +328,10 @@ impl KubernetesBackend {
             ..WatchParams::default()
         }
         .timeout(290);
-        let stream = api.watch(&wp, "0").await.map_err(|e| map_err(e, None))?;
+        let stream = api.watch(&wp, "0").await.map_err(|e| map_err(e, None, None))?;
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
-            match item.map_err(|e| map_err(e, None))? {
+            match item.map_err(|e| map_err(e, None, None))? {
                 KubeEvent::Added(o) | KubeEvent::Modified(o) => {
                     push_listed(list, opts, self.decode(&opts.kind, o));
                 }
@@ -292,7 +347,7 @@ impl KubernetesBackend {
                         return Ok(());
                     }
                 }
-                KubeEvent::Error(s) => return Err(status_err(&s, None)),
+                KubeEvent::Error(s) => return Err(status_err(&s, None, None)),
             }
         }
         Err(Error::unavailable(
@@ -307,7 +362,7 @@ impl KubernetesBackend {
         };
         Error::Conflict {
             key: kvp.key.clone(),
-            expected: expected.clone(),
+            expected: Some(expected.clone()),
             actual,
         }
     }
@@ -323,6 +378,13 @@ impl Client for KubernetesBackend {
         "kubernetes"
     }
 
+    fn capabilities(&self) -> Capabilities {
+        // No TTLs, no reads of the past, no compaction from a client, opaque
+        // resourceVersions, values stored as JSON objects; the API server's request limit
+        // (3 MiB) and etcd's (1.5 MiB by default) bound an object.
+        Capabilities::none().with_max_value_bytes(Some(1_572_864 - 4_096))
+    }
+
     async fn create(&self, kvp: KVPair) -> Result<KVPair> {
         self.check_writable(&kvp)?;
         let api = self.api(&kvp.key.kind, kvp.key.namespace.as_deref())?;
@@ -330,7 +392,7 @@ impl Client for KubernetesBackend {
         match api.create(&PostParams::default(), &obj).await {
             Ok(o) => self.to_kvp(&kvp.key.kind, o),
             Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::AlreadyExists { key: kvp.key }),
-            Err(e) => Err(map_err(e, Some(&kvp.key))),
+            Err(e) => Err(map_err(e, Some(&kvp.key), None)),
         }
     }
 
@@ -375,64 +437,48 @@ impl Client for KubernetesBackend {
         Err(Error::unavailable(format!("{} kept changing", kvp.key)))
     }
 
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    /// A real API server answers the DELETE of a custom resource with a `Status`, not the
+    /// object, once the object is gone: so the object is read first, deleted with that read's
+    /// resourceVersion and uid as preconditions (nothing else can be deleted), and read again
+    /// when another writer came first. What was read is the last value returned.
+    async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {
         self.codec.validate(key)?;
         let api = self.api(&key.kind, key.namespace.as_deref())?;
-        // The API server answers with the object stamped with the deletion's resourceVersion;
-        // the contract returns the last write's, so read it first and delete exactly that.
         for _ in 0..MAX_WRITE_RETRIES {
-            let last = match revision {
-                Some(_) => None,
-                None => match self.current(key).await? {
-                    Some(o) => Some(self.to_kvp(&key.kind, o)?),
-                    None => return Err(Error::NotFound { key: key.clone() }),
-                },
+            let Some(obj) = self.current(key).await? else {
+                return Err(Error::NotFound { key: key.clone() });
             };
-            let rv = match (&last, revision) {
-                (Some(l), _) => l.revision.clone(),
-                (None, r) => r.cloned(),
-            };
+            let rv = obj.metadata.resource_version.clone().unwrap_or_default();
+            let uid = obj.metadata.uid.clone();
+            check_delete(key, opts, &Revision::from(rv.as_str()), uid.as_deref())?;
+            let last = self.to_kvp(&key.kind, obj).unwrap_or_else(|_| {
+                undecodable_last_value(key, Revision::from(rv.as_str()), None, uid.clone())
+            });
             let dp = DeleteParams {
-                preconditions: rv.as_ref().map(|r| Preconditions {
-                    resource_version: Some(r.to_string()),
-                    uid: None,
+                preconditions: Some(Preconditions {
+                    resource_version: Some(rv),
+                    uid,
                 }),
                 ..DeleteParams::default()
             };
             match api.delete(&key.name, &dp).await {
-                Ok(either) => {
-                    return Ok(match (last, either.left()) {
-                        (Some(l), _) => l,
-                        (None, Some(o)) => {
-                            let mut kvp = self.to_kvp(&key.kind, o)?;
-                            kvp.revision = rv;
-                            kvp
-                        }
-                        (None, None) => KVPair::new(key.clone(), Value::Null),
-                    });
+                // The object (while finalizers hold it) or a Status: either way it is what
+                // was read that was deleted.
+                Ok(_) => return Ok(last),
+                // Written since it was read: read again (and check the preconditions again).
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    return Err(Error::NotFound { key: key.clone() });
                 }
-                // Written since we read it: read again.
-                Err(kube::Error::Api(s)) if s.code == 409 && revision.is_none() => continue,
-                Err(kube::Error::Api(s)) if s.code == 409 => {
-                    let actual = match self.current(key).await {
-                        Ok(Some(o)) => o.metadata.resource_version.map(Revision::from),
-                        _ => None,
-                    };
-                    return Err(Error::Conflict {
-                        key: key.clone(),
-                        expected: revision.cloned().unwrap_or_else(|| Revision::from("")),
-                        actual,
-                    });
-                }
-                Err(e) => return Err(map_err(e, Some(key))),
+                Err(e) => return Err(map_err(e, Some(key), None)),
             }
         }
         Err(Error::unavailable(format!("{key} kept changing")))
     }
 
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair> {
         self.codec.validate(key)?;
-        if revision.is_some() {
+        if opts.revision.is_some() {
             return Err(Error::Unsupported {
                 op: "get at a revision".into(),
                 backend: "kubernetes",
@@ -444,49 +490,27 @@ impl Client for KubernetesBackend {
         }
     }
 
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
+    /// The API server's pages (`limit` and `continue`), each handed on as it comes (a
+    /// watch-list stream comes as one page).
+    async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages> {
         self.codec.list_prefix(opts)?;
-        if revision.is_some() {
+        if opts.revision.is_some() {
             return Err(Error::Unsupported {
                 op: "list at a revision".into(),
                 backend: "kubernetes",
             });
         }
         let api = self.api(&opts.kind, opts.namespace.as_deref())?;
-        let mut list = KVList {
-            items: Vec::new(),
-            revision: Revision::from(""),
-            parse_failures: Vec::new(),
-        };
         if self.watch_list {
+            let mut list = KVList {
+                items: Vec::new(),
+                revision: Revision::from(""),
+                parse_failures: Vec::new(),
+            };
             self.stream_list(&api, opts, &mut list).await?;
             sort_items(&mut list);
-            return Ok(list);
-        }
-        let mut pages = self.list_pages(opts, None).await?;
-        while let Some(page) = pages.next().await {
-            let page = page?;
-            list.revision = page.revision;
-            list.items.extend(page.items);
-            list.parse_failures.extend(page.parse_failures);
-        }
-        sort_items(&mut list);
-        Ok(list)
-    }
-
-    /// The API server's pages (`limit` and `continue`), each handed on as it comes (a
-    /// watch-list stream comes as one page).
-    async fn list_pages(
-        &self,
-        opts: &ListOptions,
-        revision: Option<&Revision>,
-    ) -> Result<ListPages> {
-        if self.watch_list || revision.is_some() {
-            let list = self.list(opts, revision).await?;
             return Ok(futures::stream::iter([Ok(list)]).boxed());
         }
-        self.codec.list_prefix(opts)?;
-        let api = self.api(&opts.kind, opts.namespace.as_deref())?;
         let this = self.clone();
         let opts = opts.clone();
         // (continue token, revision of the first page); `None` once the last page is read.
@@ -504,7 +528,7 @@ impl Client for KubernetesBackend {
                 if let Some(name) = &opts.name {
                     lp = lp.fields(&format!("metadata.name={name}"));
                 }
-                let page = api.list(&lp).await.map_err(|e| map_err(e, None))?;
+                let page = api.list(&lp).await.map_err(|e| map_err(e, None, None))?;
                 // Every page belongs to the first page's snapshot.
                 let revision = revision.unwrap_or_else(|| {
                     Revision::from(page.metadata.resource_version.clone().unwrap_or_default())
@@ -529,38 +553,38 @@ impl Client for KubernetesBackend {
         .boxed())
     }
 
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+    async fn watch(&self, opts: &ListOptions) -> Result<WatchStream> {
         self.codec.list_prefix(opts)?;
         let api = self.api(&opts.kind, opts.namespace.as_deref())?;
-        let from = match from {
+        let from = match &opts.revision {
             Some(r) => r.to_string(),
             None => {
                 let page = api
                     .list(&ListParams::default().limit(1))
                     .await
-                    .map_err(|e| map_err(e, None))?;
+                    .map_err(|e| map_err(e, None, None))?;
                 page.metadata.resource_version.unwrap_or_default()
             }
         };
         let wp = WatchParams::default().timeout(290);
-        let stream = api.watch(&wp, &from).await.map_err(|e| map_err(e, None))?;
+        let requested = Revision::from(from.as_str());
+        let stream = api
+            .watch(&wp, &from)
+            .await
+            .map_err(|e| map_err(e, None, Some(&requested)))?;
         let kind = opts.kind.clone();
         let opts = opts.clone();
         let this = self.clone();
-        let requested = Revision::from(from);
+        let at = requested.clone();
         let events = stream
-            .map_err(move |e| map_err(e, None))
+            .map_err(move |e| map_err(e, None, Some(&at)))
             .filter_map(move |item| {
                 let out = match item {
                     Err(e) => Some(Err(e)),
                     Ok(KubeEvent::Bookmark(b)) => Some(Ok(WatchEvent::Bookmark(Revision::from(
                         b.metadata.resource_version,
                     )))),
-                    Ok(KubeEvent::Error(s)) if s.code == 410 => Some(Err(Error::Compacted {
-                        requested: requested.clone(),
-                        compacted: Revision::from("expired"),
-                    })),
-                    Ok(KubeEvent::Error(s)) => Some(Err(status_err(&s, None))),
+                    Ok(KubeEvent::Error(s)) => Some(Err(status_err(&s, None, Some(&requested)))),
                     Ok(KubeEvent::Added(o)) => convert(&this, &kind, &opts, o, true),
                     Ok(KubeEvent::Modified(o)) => convert(&this, &kind, &opts, o, false),
                     Ok(KubeEvent::Deleted(o)) => match this.decode(&kind, o) {
@@ -590,16 +614,7 @@ impl Client for KubernetesBackend {
         let ended = futures::stream::once(async {
             Err(Error::unavailable("the API server closed the watch"))
         });
-        let stream = events.chain(ended).scan(false, |done, item| {
-            let out = if *done {
-                None
-            } else {
-                *done = item.is_err();
-                Some(item)
-            };
-            futures::future::ready(out)
-        });
-        Ok(stream.boxed())
+        Ok(fuse_after_error(events.chain(ended)))
     }
 
     async fn ensure_initialized(&self) -> Result<()> {
@@ -616,7 +631,7 @@ impl Client for KubernetesBackend {
                         ),
                     ));
                 }
-                Err(e) => return Err(map_err(e, None)),
+                Err(e) => return Err(map_err(e, None, None)),
             }
         }
         Ok(())
@@ -624,9 +639,9 @@ impl Client for KubernetesBackend {
 
     async fn clean(&self) -> Result<()> {
         for info in self.codec.registry().kinds() {
-            let list = self.list(&ListOptions::new(&info.kind), None).await?;
+            let list = self.list(&ListOptions::new(&info.kind)).await?;
             for kvp in list.items {
-                match self.delete(&kvp.key, None).await {
+                match self.delete(&kvp.key, &DeleteOptions::new()).await {
                     Ok(_) | Err(Error::NotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }

@@ -16,14 +16,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use kvsync_model::{
-    DEFAULT_PREFIX, KVList, KVPair, ListOptions, PathCodec, Registry, ResourceKey, Revision,
+    DEFAULT_PREFIX, DeleteOptions, GetOptions, KVList, KVPair, ListOptions, PathCodec, Registry,
+    ResourceKey, Revision,
 };
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::client::Client;
-use crate::encoding::{
-    WriteMode, decode_entry, encode_for_write, parse_error, push_listed, put_event,
+use crate::client::{Capabilities, Client, ListPages};
+use crate::kernel::{
+    WriteMode, check_delete, check_update, counter_revision, decode_entry, encode_for_write,
+    fuse_after_error, parse_error, push_listed, put_event, undecodable_last_value,
 };
 use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
@@ -40,16 +42,18 @@ const WATCH_CHUNK: usize = 512;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> kvsync_backend::Result<()> {
 /// use kvsync_backend::{Client, MemoryBackend};
-/// use kvsync_model::{KVPair, ResourceKey, Revision};
+/// use kvsync_model::{GetOptions, KVPair, KindInfo, Registry, ResourceKey, Revision};
 ///
-/// let store = MemoryBackend::builder().history_limit(1_000).build()?;
+/// let registry = Registry::new().with_kind(KindInfo::untyped("example.com", "Node", "nodes", false));
+/// let store = MemoryBackend::builder(registry).history_limit(1_000).build()?;
 /// let key = ResourceKey::cluster("Node", "n1");
 /// let v1 = store.create(KVPair::new(key.clone(), serde_json::json!({}))).await?;
 /// store.apply(KVPair::new(key.clone(), serde_json::json!({"asn": 64512}))).await?;
 /// // Old revisions stay readable until compacted.
-/// assert_eq!(store.get(&key, v1.revision.as_ref()).await?.value, serde_json::json!({}));
+/// let at_v1 = GetOptions::new().with_revision(v1.revision.clone().unwrap());
+/// assert_eq!(store.get(&key, &at_v1).await?.value, serde_json::json!({}));
 /// store.compact(&Revision::from(store.revision())).await?;
-/// assert!(store.get(&key, v1.revision.as_ref()).await.is_err());
+/// assert!(store.get(&key, &at_v1).await.is_err());
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -146,7 +150,7 @@ impl Store {
         if requested < self.compacted {
             return Err(Error::Compacted {
                 requested: requested.into(),
-                compacted: self.compacted.into(),
+                compacted: Some(self.compacted.into()),
             });
         }
         if requested > self.rev {
@@ -185,12 +189,7 @@ impl Store {
 }
 
 fn parse_rev(r: &Revision) -> Result<u64> {
-    r.as_u64().ok_or_else(|| {
-        Error::invalid(
-            "revision",
-            format!("{r} is not a revision of the memory backend"),
-        )
-    })
+    counter_revision(r, "memory")
 }
 
 impl fmt::Debug for MemoryBackend {
@@ -199,12 +198,6 @@ impl fmt::Debug for MemoryBackend {
             .field("prefix", &self.inner.codec.prefix())
             .field("revision", &self.revision())
             .finish()
-    }
-}
-
-impl Default for MemoryBackend {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -221,13 +214,6 @@ impl MemoryBackendBuilder {
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
-        self
-    }
-
-    /// The registry of kinds (default: the demo kinds).
-    #[must_use]
-    pub fn registry(mut self, registry: Arc<Registry>) -> Self {
-        self.registry = registry;
         self
     }
 
@@ -261,11 +247,11 @@ impl MemoryBackendBuilder {
 }
 
 impl MemoryBackend {
-    /// A store with the default prefix, the demo kinds and the default history limit.
-    pub fn new() -> Self {
+    /// A store of the kinds in `registry`, with the default prefix and history limit.
+    pub fn new(registry: impl Into<Arc<Registry>>) -> Self {
         MemoryBackend {
             inner: Arc::new(Inner {
-                codec: PathCodec::default(),
+                codec: PathCodec::with_registry(registry),
                 store: Mutex::new(Store::default()),
                 rev_tx: watch::Sender::new(0),
                 ttl_notify: Arc::new(Notify::new()),
@@ -275,11 +261,12 @@ impl MemoryBackend {
         }
     }
 
-    /// A builder, to choose the prefix, registry and history limit.
-    pub fn builder() -> MemoryBackendBuilder {
+    /// A builder of a store of the kinds in `registry`, to choose the prefix and the history
+    /// limit.
+    pub fn builder(registry: impl Into<Arc<Registry>>) -> MemoryBackendBuilder {
         MemoryBackendBuilder {
             prefix: DEFAULT_PREFIX.to_owned(),
-            registry: Arc::new(Registry::with_demo_kinds()),
+            registry: registry.into(),
             history_limit: DEFAULT_HISTORY_LIMIT,
         }
     }
@@ -295,7 +282,8 @@ impl MemoryBackend {
     }
 
     /// Stores `bytes` under `path` as they are, bypassing validation, as a foreign writer
-    /// could. For tests of how readers handle undecodable data.
+    /// could. For tests of how readers handle undecodable data (feature `testing`).
+    #[cfg(feature = "testing")]
     pub fn put_raw(&self, path: &str, bytes: &[u8]) -> u64 {
         let mut store = self.lock();
         let prev = store.current.get(path).cloned();
@@ -312,6 +300,51 @@ impl MemoryBackend {
         self.inner.rev_tx.send_replace(rev);
         rev
     }
+
+    /// The list `opts` asks for, read under one lock.
+    fn list_now(&self, opts: &ListOptions) -> Result<KVList> {
+        let prefix = self.inner.codec.list_prefix(opts)?;
+        let store = self.lock();
+        let at = match &opts.revision {
+            Some(r) => {
+                let at = parse_rev(r)?;
+                store.check_revision(at)?;
+                at
+            }
+            None => store.rev,
+        };
+        let mut records: BTreeMap<Arc<str>, Record> = store
+            .current
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(p, _)| p.starts_with(prefix.as_str()))
+            .map(|(p, r)| (p.clone(), r.clone()))
+            .collect();
+        if at < store.rev {
+            let undo: Vec<&LogEntry> = store.log_after(at).collect();
+            for e in undo.into_iter().rev() {
+                if e.path.starts_with(prefix.as_str()) {
+                    match &e.prev {
+                        Some(p) => records.insert(e.path.clone(), p.clone()),
+                        None => records.remove(&e.path),
+                    };
+                }
+            }
+        }
+        drop(store);
+        let mut list = KVList {
+            items: Vec::with_capacity(records.len()),
+            revision: at.into(),
+            parse_failures: Vec::new(),
+        };
+        for (path, rec) in &records {
+            push_listed(&mut list, opts, self.to_kvp(path, rec));
+        }
+        Ok(list)
+    }
+
 
     /// Locks the store and expires due keys first, so no read sees an expired key.
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -352,15 +385,7 @@ impl MemoryBackend {
             (WriteMode::Create, Some(_)) => return Err(Error::AlreadyExists { key: kvp.key }),
             (WriteMode::Update, None) => return Err(Error::NotFound { key: kvp.key }),
             (WriteMode::Update, Some(p)) => {
-                if let Some(expected) = &kvp.revision
-                    && expected.as_u64() != Some(p.mod_rev)
-                {
-                    return Err(Error::Conflict {
-                        key: kvp.key,
-                        expected: expected.clone(),
-                        actual: Some(p.mod_rev.into()),
-                    });
-                }
+                check_update(&kvp.key, kvp.revision.as_ref(), &p.mod_rev.into())?;
             }
             _ => {}
         }
@@ -439,6 +464,15 @@ impl Client for MemoryBackend {
         "memory"
     }
 
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .with_ttl(true)
+            .with_historical_reads(true)
+            .with_compaction(true)
+            .with_global_revision(true)
+            .with_raw_bytes(true)
+    }
+
     async fn create(&self, kvp: KVPair) -> Result<KVPair> {
         self.write(kvp, WriteMode::Create)
     }
@@ -451,39 +485,31 @@ impl Client for MemoryBackend {
         self.write(kvp, WriteMode::Apply)
     }
 
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {
         let path = self.inner.codec.to_path(key)?;
         let mut store = self.lock();
         let Some(prev) = store.current.get(path.as_str()).cloned() else {
             return Err(Error::NotFound { key: key.clone() });
         };
-        if let Some(expected) = revision
-            && expected.as_u64() != Some(prev.mod_rev)
-        {
-            return Err(Error::Conflict {
-                key: key.clone(),
-                expected: expected.clone(),
-                actual: Some(prev.mod_rev.into()),
-            });
-        }
+        check_delete(key, opts, &prev.mod_rev.into(), Some(&prev.uid))?;
         let rev = store.commit(path.as_str().into(), None, self.inner.history_limit);
         drop(store);
         self.inner.rev_tx.send_replace(rev);
         // A value that no longer decodes is still deleted; it is returned as null.
-        Ok(self.to_kvp(&path, &prev).unwrap_or_else(|_| KVPair {
-            key: key.clone(),
-            value: serde_json::Value::Null.into(),
-            revision: Some(prev.mod_rev.into()),
-            create_revision: Some(prev.create_rev.into()),
-            uid: Some(prev.uid.to_string()),
-            ttl: prev.ttl,
+        Ok(self.to_kvp(&path, &prev).unwrap_or_else(|_| {
+            undecodable_last_value(
+                key,
+                prev.mod_rev.into(),
+                Some(prev.create_rev.into()),
+                Some(prev.uid.to_string()),
+            )
         }))
     }
 
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair> {
         let path = self.inner.codec.to_path(key)?;
         let store = self.lock();
-        let rec = match revision {
+        let rec = match &opts.revision {
             Some(r) => {
                 let at = parse_rev(r)?;
                 store.check_revision(at)?;
@@ -496,59 +522,25 @@ impl Client for MemoryBackend {
         self.to_kvp(&path, &rec).map_err(|f| parse_error(*f))
     }
 
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        let prefix = self.inner.codec.list_prefix(opts)?;
-        let store = self.lock();
-        let at = match revision {
-            Some(r) => {
-                let at = parse_rev(r)?;
-                store.check_revision(at)?;
-                at
-            }
-            None => store.rev,
-        };
-        let mut records: BTreeMap<Arc<str>, Record> = store
-            .current
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix.as_str()),
-                std::ops::Bound::Unbounded,
-            ))
-            .take_while(|(p, _)| p.starts_with(prefix.as_str()))
-            .map(|(p, r)| (p.clone(), r.clone()))
-            .collect();
-        if at < store.rev {
-            let undo: Vec<&LogEntry> = store.log_after(at).collect();
-            for e in undo.into_iter().rev() {
-                if e.path.starts_with(prefix.as_str()) {
-                    match &e.prev {
-                        Some(p) => records.insert(e.path.clone(), p.clone()),
-                        None => records.remove(&e.path),
-                    };
-                }
-            }
-        }
-        drop(store);
-        let mut list = KVList {
-            items: Vec::with_capacity(records.len()),
-            revision: at.into(),
-            parse_failures: Vec::new(),
-        };
-        for (path, rec) in &records {
-            push_listed(&mut list, opts, self.to_kvp(path, rec));
-        }
-        Ok(list)
+    async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages> {
+        let list = self.list_now(opts)?;
+        Ok(futures::stream::once(async move { Ok(list) }).boxed())
     }
 
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+    async fn list(&self, opts: &ListOptions) -> Result<KVList> {
+        self.list_now(opts)
+    }
+
+    async fn watch(&self, opts: &ListOptions) -> Result<WatchStream> {
         let prefix = self.inner.codec.list_prefix(opts)?;
         let store = self.lock();
-        let after = match from {
+        let after = match &opts.revision {
             Some(r) => {
                 let after = parse_rev(r)?;
                 if after + 1 < store.compacted {
                     return Err(Error::Compacted {
                         requested: r.clone(),
-                        compacted: store.compacted.into(),
+                        compacted: Some(store.compacted.into()),
                     });
                 }
                 after
@@ -563,11 +555,12 @@ impl Client for MemoryBackend {
             prefix,
             after,
             buf: VecDeque::new(),
-            done: false,
         };
-        Ok(futures::stream::unfold(state, WatchState::next).boxed())
+        Ok(fuse_after_error(futures::stream::unfold(
+            state,
+            WatchState::next,
+        )))
     }
-
     async fn clean(&self) -> Result<()> {
         let prefix = format!("{}/", self.inner.codec.prefix());
         let mut store = self.lock();
@@ -614,7 +607,6 @@ struct WatchState {
     prefix: String,
     after: u64,
     buf: VecDeque<WatchEvent>,
-    done: bool,
 }
 
 impl WatchState {
@@ -623,12 +615,9 @@ impl WatchState {
             if let Some(ev) = self.buf.pop_front() {
                 return Some((Ok(ev), self));
             }
-            if self.done {
-                return None;
-            }
             self.rx.borrow_and_update();
             if let Err(e) = self.fill() {
-                self.done = true;
+                // The stream ends after it (fuse_after_error).
                 return Some((Err(e), self));
             }
             if self.buf.is_empty() && self.rx.changed().await.is_err() {
@@ -643,7 +632,7 @@ impl WatchState {
         if self.after + 1 < store.compacted {
             return Err(Error::Compacted {
                 requested: self.after.into(),
-                compacted: store.compacted.into(),
+                compacted: Some(store.compacted.into()),
             });
         }
         let entries: Vec<&LogEntry> = store.log_after(self.after).take(WATCH_CHUNK).collect();

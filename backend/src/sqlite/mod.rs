@@ -25,15 +25,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use futures::StreamExt;
 use kvsync_model::{
-    DEFAULT_PREFIX, KVList, KVPair, ListOptions, ParseFailure, PathCodec, Registry, ResourceKey,
-    Revision,
+    DEFAULT_PREFIX, DeleteOptions, GetOptions, KVList, KVPair, ListOptions, ParseFailure,
+    PathCodec, Registry, ResourceKey, Revision,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::watch;
 
-use crate::client::Client;
-use crate::encoding::{
-    WriteMode, decode_entry, encode_for_write, parse_error, push_listed, put_event,
+use crate::client::{Capabilities, Client, ListPages};
+use crate::kernel::{
+    WriteMode, check_delete, check_update, counter_revision, decode_entry, encode_for_write,
+    fuse_after_error, parse_error, push_listed, put_event, undecodable_last_value,
 };
 use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
@@ -109,12 +110,13 @@ impl fmt::Debug for SqliteConfig {
 }
 
 impl SqliteConfig {
-    /// Settings for the database at `path`, with the defaults above.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    /// Settings for the database at `path` holding the kinds of `registry`, with the
+    /// defaults above.
+    pub fn new(path: impl Into<PathBuf>, registry: impl Into<Arc<Registry>>) -> Self {
         SqliteConfig {
             path: path.into(),
             prefix: DEFAULT_PREFIX.to_owned(),
-            registry: Arc::new(Registry::with_demo_kinds()),
+            registry: registry.into(),
             poll_interval: Duration::from_millis(100),
             busy_timeout: Duration::from_secs(5),
             durability: Durability::Full,
@@ -125,13 +127,6 @@ impl SqliteConfig {
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
-        self
-    }
-
-    /// Sets the registry of kinds.
-    #[must_use]
-    pub fn with_registry(mut self, registry: Arc<Registry>) -> Self {
-        self.registry = registry;
         self
     }
 
@@ -203,14 +198,8 @@ fn now_ms() -> i64 {
 }
 
 fn rev_of(r: &Revision) -> Result<i64> {
-    r.as_u64()
-        .and_then(|n| i64::try_from(n).ok())
-        .ok_or_else(|| {
-            Error::invalid(
-                "revision",
-                format!("{r} is not a revision of this database"),
-            )
-        })
+    // counter_revision only passes revisions that fit an i64.
+    Ok(counter_revision(r, "sqlite")? as i64)
 }
 
 fn rev(n: i64) -> Revision {
@@ -461,10 +450,11 @@ impl SqliteBackend {
     }
 
     /// Writes `bytes` under `path` as they are, bypassing validation, as a foreign writer
-    /// could. For tests of how readers handle undecodable data.
+    /// could. For tests of how readers handle undecodable data (feature `testing`).
     ///
     /// # Errors
     /// Database errors.
+    #[cfg(feature = "testing")]
     pub async fn put_raw(&self, path: &str, bytes: &[u8]) -> Result<i64> {
         let (path, bytes) = (path.to_owned(), bytes.to_vec());
         self.write_blocking(move |conn| {
@@ -550,7 +540,10 @@ impl SqliteBackend {
             ..
         } = kvp;
         let expected = match (&mode, &revision) {
-            (WriteMode::Update, Some(r)) => Some(rev_of(r)?),
+            (WriteMode::Update, Some(r)) => {
+                rev_of(r)?;
+                Some(r.clone())
+            }
             _ => None,
         };
         let key2 = key.clone();
@@ -566,15 +559,7 @@ impl SqliteBackend {
                     (WriteMode::Create, Some(_)) => return Err(Error::AlreadyExists { key: key2 }),
                     (WriteMode::Update, None) => return Err(Error::NotFound { key: key2 }),
                     (WriteMode::Update, Some(p)) => {
-                        if let Some(exp) = expected
-                            && exp != p.id
-                        {
-                            return Err(Error::Conflict {
-                                key: key2,
-                                expected: revision.unwrap_or_else(|| rev(0)),
-                                actual: Some(rev(p.id)),
-                            });
-                        }
+                        check_update(&key2, expected.as_ref(), &rev(p.id))?;
                     }
                     _ => {}
                 }
@@ -600,7 +585,7 @@ impl SqliteBackend {
         if at < compacted {
             return Err(Error::Compacted {
                 requested: rev(at),
-                compacted: rev(compacted),
+                compacted: Some(rev(compacted)),
             });
         }
         let current = current_rev(conn).map_err(db_err)?;
@@ -624,6 +609,17 @@ impl Client for SqliteBackend {
         "sqlite"
     }
 
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .with_ttl(true)
+            .with_historical_reads(true)
+            .with_compaction(true)
+            .with_global_revision(true)
+            .with_raw_bytes(true)
+            // SQLite's default SQLITE_MAX_LENGTH.
+            .with_max_value_bytes(Some(1_000_000_000))
+    }
+
     async fn create(&self, kvp: KVPair) -> Result<KVPair> {
         self.write(kvp, WriteMode::Create).await
     }
@@ -636,10 +632,12 @@ impl Client for SqliteBackend {
         self.write(kvp, WriteMode::Apply).await
     }
 
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {
         let path = self.inner.codec.to_path(key)?;
-        let expected = revision.map(rev_of).transpose()?;
-        let (key2, revision2) = (key.clone(), revision.cloned());
+        if let Some(r) = &opts.revision {
+            rev_of(r)?;
+        }
+        let (key2, opts2) = (key.clone(), opts.clone());
         let prev = self
             .write_blocking(move |conn| {
                 let tx = conn
@@ -651,15 +649,7 @@ impl Client for SqliteBackend {
                 else {
                     return Err(Error::NotFound { key: key2 });
                 };
-                if let Some(exp) = expected
-                    && exp != prev.id
-                {
-                    return Err(Error::Conflict {
-                        key: key2,
-                        expected: revision2.unwrap_or_else(|| rev(0)),
-                        actual: Some(rev(prev.id)),
-                    });
-                }
+                check_delete(&key2, &opts2, &rev(prev.id), Some(&prev.uid))?;
                 insert(&tx, NewRow::deletion_of(&prev)).map_err(db_err)?;
                 tx.commit().map_err(db_err)?;
                 Ok(prev)
@@ -667,16 +657,18 @@ impl Client for SqliteBackend {
             .await?;
         // A value that no longer decodes is still deleted; it is returned as null.
         Ok(Self::to_kvp(&self.inner.codec, &prev).unwrap_or_else(|_| {
-            let mut kvp = KVPair::new(key.clone(), serde_json::Value::Null);
-            kvp.revision = Some(rev(prev.id));
-            kvp.uid = Some(prev.uid.clone());
-            kvp
+            undecodable_last_value(
+                key,
+                rev(prev.id),
+                Some(rev(prev.create_revision)),
+                Some(prev.uid.clone()),
+            )
         }))
     }
 
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
+    async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair> {
         let path = self.inner.codec.to_path(key)?;
-        let at = revision.map(rev_of).transpose()?;
+        let at = opts.revision.as_ref().map(rev_of).transpose()?;
         let codec = self.inner.codec.clone();
         let key2 = key.clone();
         self.read_blocking(move |conn| {
@@ -692,9 +684,14 @@ impl Client for SqliteBackend {
         .await
     }
 
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
+    async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages> {
+        let list = self.list(opts).await?;
+        Ok(futures::stream::once(async move { Ok(list) }).boxed())
+    }
+
+    async fn list(&self, opts: &ListOptions) -> Result<KVList> {
         let prefix = self.inner.codec.list_prefix(opts)?;
-        let at = revision.map(rev_of).transpose()?;
+        let at = opts.revision.as_ref().map(rev_of).transpose()?;
         let codec = self.inner.codec.clone();
         let opts = opts.clone();
         self.read_blocking(move |conn| {
@@ -730,9 +727,9 @@ impl Client for SqliteBackend {
         .await
     }
 
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+    async fn watch(&self, opts: &ListOptions) -> Result<WatchStream> {
         let prefix = self.inner.codec.list_prefix(opts)?;
-        let from = from.map(rev_of).transpose()?;
+        let from = opts.revision.as_ref().map(rev_of).transpose()?;
         let after = self
             .read_blocking(move |conn| {
                 let current = current_rev(conn).map_err(db_err)?;
@@ -740,7 +737,7 @@ impl Client for SqliteBackend {
                 match from {
                     Some(f) if f + 1 < compacted => Err(Error::Compacted {
                         requested: rev(f),
-                        compacted: rev(compacted),
+                        compacted: Some(rev(compacted)),
                     }),
                     Some(f) => Ok(f),
                     None => Ok(current),
@@ -754,9 +751,11 @@ impl Client for SqliteBackend {
             prefix,
             after,
             buf: std::collections::VecDeque::new(),
-            done: false,
         };
-        Ok(futures::stream::unfold(state, WatchState::next).boxed())
+        Ok(fuse_after_error(futures::stream::unfold(
+            state,
+            WatchState::next,
+        )))
     }
 
     async fn clean(&self) -> Result<()> {
@@ -830,24 +829,17 @@ struct WatchState {
     prefix: String,
     after: i64,
     buf: std::collections::VecDeque<Result<WatchEvent>>,
-    done: bool,
 }
 
 impl WatchState {
     async fn next(mut self) -> Option<(Result<WatchEvent>, Self)> {
         loop {
             if let Some(item) = self.buf.pop_front() {
-                if item.is_err() {
-                    self.done = true;
-                }
                 return Some((item, self));
-            }
-            if self.done {
-                return None;
             }
             self.rx.borrow_and_update();
             if let Err(e) = self.fill().await {
-                self.done = true;
+                // The stream ends after it (fuse_after_error).
                 return Some((Err(e), self));
             }
             if self.buf.is_empty() {
@@ -882,7 +874,7 @@ impl WatchState {
         if self.after + 1 < compacted {
             return Err(Error::Compacted {
                 requested: rev(self.after),
-                compacted: rev(compacted),
+                compacted: Some(rev(compacted)),
             });
         }
         let full = rows.len() as i64 == WATCH_CHUNK;
