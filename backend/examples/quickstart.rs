@@ -12,7 +12,7 @@ use kvsync_model::{KVPair, ListOptions, ResourceKey};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
-    let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
+    let client: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
     println!(
         "backend: {} (prefix {})",
         client.backend_name(),
@@ -20,7 +20,7 @@ async fn main() -> Result<(), Error> {
     );
 
     // Follow every change to IPPools from the start.
-    let mut watch = client.watch(&ListOptions::new("IPPool"), None).await?;
+    let mut watch = client.watch(&ListOptions::new("IPPool")).await?;
 
     // Typed access: create two pools.
     let pools = Api::<IPPool>::all(client.clone());
@@ -112,7 +112,7 @@ async fn main() -> Result<(), Error> {
         );
     }
     let all_policies = client
-        .list(&ListOptions::new("NetworkPolicy"), None)
+        .list(&ListOptions::new("NetworkPolicy"))
         .await?;
     println!("{} network policies", all_policies.items.len());
 

@@ -106,7 +106,7 @@ async fn get(
     let items = match &name {
         Some(name) => {
             let key = key_for(&info, name, namespace)?;
-            match client.get(&key, None).await {
+            match client.get(&key, &kvsync_model::GetOptions::new()).await {
                 Ok(kvp) => vec![kvp],
                 Err(Error::NotFound { .. }) => bail!("{} {name:?} not found", info.plural),
                 Err(e) => return Err(e.into()),
@@ -117,7 +117,7 @@ async fn get(
             if info.namespaced && !all_namespaces {
                 opts.namespace = Some(namespace.unwrap_or_else(|| "default".into()));
             }
-            client.list(&opts, None).await?.items
+            client.list(&opts).await?.items
         }
     };
     let mut stdout = std::io::stdout().lock();
@@ -230,7 +230,7 @@ async fn delete(
     };
     let mut stdout = std::io::stdout().lock();
     for key in keys {
-        match client.delete(&key, None).await {
+        match client.delete(&key, &kvsync_model::DeleteOptions::new()).await {
             Ok(_) => writeln!(stdout, "{} deleted", display(&key))?,
             Err(Error::NotFound { .. }) => bail!("{} not found", display(&key)),
             Err(e) => return Err(e.into()),
@@ -432,7 +432,7 @@ async fn demo(client: Arc<dyn Client>, datastore: &str) -> Result<()> {
         drain(&mut events, &mut cache).await;
     }
     let gone = ResourceKey::cluster("Node", "demo-node-2");
-    if client.delete(&gone, None).await.is_ok() {
+    if client.delete(&gone, &kvsync_model::DeleteOptions::new()).await.is_ok() {
         println!("[writer] delete {gone}");
     }
     // Wait until the cache holds exactly the datastore's state.
@@ -441,7 +441,7 @@ async fn demo(client: Arc<dyn Client>, datastore: &str) -> Result<()> {
         drain(&mut events, &mut cache).await;
         let mut truth = BTreeMap::new();
         for k in kinds {
-            for kvp in client.list(&ListOptions::new(k), None).await?.items {
+            for kvp in client.list(&ListOptions::new(k)).await?.items {
                 truth.insert(kvp.key, (kvp.value.into_value(), kvp.revision));
             }
         }
@@ -460,7 +460,7 @@ async fn demo(client: Arc<dyn Client>, datastore: &str) -> Result<()> {
     let registry = client.codec().registry().clone();
     for k in kinds {
         let info = registry.kind(k)?;
-        let items = client.list(&ListOptions::new(k), None).await?.items;
+        let items = client.list(&ListOptions::new(k)).await?.items;
         println!("\n{}:", info.plural);
         print!("{}", output::table(info, &items, false));
     }

@@ -97,7 +97,7 @@ impl DatastoreArgs {
         let timeout = Duration::from_secs(self.timeout.max(1));
         Ok(match self.datastore_type {
             DatastoreType::Memory => Arc::new(
-                MemoryBackend::builder()
+                MemoryBackend::builder(kvsync_model::demo::registry())
                     .prefix(self.prefix.clone())
                     .build()
                     .context("memory datastore")?,

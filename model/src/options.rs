@@ -157,6 +157,13 @@ impl GetOptions {
         self.revision = Some(revision);
         self
     }
+
+    /// The value as of `revision` when given, the latest otherwise.
+    #[must_use]
+    pub fn at(mut self, revision: Option<Revision>) -> Self {
+        self.revision = revision;
+        self
+    }
 }
 
 /// Options of a `delete`: its preconditions.

@@ -86,7 +86,7 @@ async fn initial_sync(store: &MemoryBackend, n: usize) -> Duration {
 async fn raw_list(store: &MemoryBackend, n: usize) -> Duration {
     let t = Instant::now();
     let list = store
-        .list(&ListOptions::new("IPPool"), None)
+        .list(&ListOptions::new("IPPool"))
         .await
         .expect("list");
     let mut map = Map::with_capacity(n);
@@ -131,12 +131,12 @@ async fn steady_syncer(store: &MemoryBackend, n: usize, keys: usize) -> Duration
 
 async fn steady_raw(store: &MemoryBackend, n: usize, keys: usize) -> Duration {
     let list = store
-        .list(&ListOptions::new("IPPool"), None)
+        .list(&ListOptions::new("IPPool"))
         .await
         .expect("list");
     let mut map: Map = list.items.into_iter().map(|k| (k.key, k.value)).collect();
     let mut w = store
-        .watch(&ListOptions::new("IPPool"), Some(&list.revision))
+        .watch(&ListOptions::new("IPPool").with_revision(list.revision.clone()))
         .await
         .expect("watch");
     let target = store.revision() + n as u64;
@@ -193,7 +193,7 @@ fn main() {
     .build()
     .expect("runtime");
     rt.block_on(async {
-        let store = MemoryBackend::builder()
+        let store = MemoryBackend::builder(kvsync_model::demo::registry())
             .history_limit(4 * n)
             .build()
             .expect("store");

@@ -16,7 +16,7 @@ use serde_json::json;
 
 #[tokio::main]
 async fn main() {
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     // Faults are injected into the controller's view of the datastore to show recovery.
     let client = Arc::new(FaultyClient::new(store.clone()));
     let faults = client.faults();
@@ -44,7 +44,7 @@ async fn main() {
                 .expect("write policy");
             if i == 10 {
                 writer_store
-                    .delete(&ResourceKey::cluster("IPPool", "pool-1"), None)
+                    .delete(&ResourceKey::cluster("IPPool", "pool-1"), &kvsync_model::DeleteOptions::new())
                     .await
                     .expect("delete pool");
                 faults.break_watches();
@@ -67,7 +67,7 @@ async fn main() {
             () = tokio::time::sleep(Duration::from_millis(200)), if writer.as_ref().is_some_and(|w| w.is_finished()) => {
                 let mut truth = BTreeMap::new();
                 for kind in ["IPPool", "NetworkPolicy"] {
-                    let list = store.list(&ListOptions::new(kind), None).await.expect("list");
+                    let list = store.list(&ListOptions::new(kind)).await.expect("list");
                     truth.extend(list.items.into_iter().map(|k| (k.key, k.value)));
                 }
                 if truth == cache {

@@ -13,7 +13,8 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
 use kvsync_backend::{Client, Error, ListPages, WatchStream};
 use kvsync_model::{ListOptions, Revision};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
+use std::fmt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
@@ -22,40 +23,119 @@ use crate::state::{Action, Input, Out, TypeState, TypeStatus};
 use crate::status::{SyncStatus, SyncerEvent, Update};
 use crate::{ResourceType, Syncer};
 
-/// Capped exponential backoff with jitter between retries.
+/// How long the Syncer waits before retrying after a failure: a trait, so that tests and
+/// operators can plug in their own (a fixed delay, a policy shared across Syncers). The
+/// default is [`Backoff`].
+///
+/// The Syncer's clock is tokio's: tests drive retries deterministically with a paused clock
+/// (`#[tokio::test(start_paused = true)]`) and a policy without randomness or with a seed.
+///
+/// ```
+/// use std::time::Duration;
+/// use kvsync_syncer::RetryPolicy;
+///
+/// /// Always one second.
+/// #[derive(Debug)]
+/// struct Fixed;
+/// impl RetryPolicy for Fixed {
+///     fn delay(&self, _attempt: u32) -> Duration {
+///         Duration::from_secs(1)
+///     }
+/// }
+/// assert_eq!(Fixed.delay(7), Duration::from_secs(1));
+/// ```
+pub trait RetryPolicy: Send + Sync + fmt::Debug + 'static {
+    /// The delay before retry number `attempt` in a row (1 for the first).
+    fn delay(&self, attempt: u32) -> Duration;
+}
+
+/// Capped exponential backoff with jitter: the default [`RetryPolicy`].
 ///
 /// The n-th retry in a row waits a random time between half and all of
-/// `min(max, initial * 2^(n-1))`, so that many clients recovering together spread out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `min(max, initial * 2^(n-1))`, so that many clients recovering together spread out. The
+/// randomness is injectable: [`Backoff::with_seed`] makes the delays repeatable and
+/// [`Backoff::without_jitter`] removes them.
+///
+/// ```
+/// use std::time::Duration;
+/// use kvsync_syncer::{Backoff, RetryPolicy};
+///
+/// let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).without_jitter();
+/// assert_eq!(b.delay(1), Duration::from_millis(100));
+/// assert_eq!(b.delay(3), Duration::from_millis(400));
+/// assert_eq!(b.delay(40), Duration::from_secs(2));
+/// ```
+#[derive(Clone, Debug)]
 pub struct Backoff {
-    /// The first delay.
-    pub initial: Duration,
-    /// The longest delay.
-    pub max: Duration,
+    initial: Duration,
+    max: Duration,
+    /// `None`: no jitter.
+    rng: Option<Arc<std::sync::Mutex<rand::rngs::StdRng>>>,
 }
 
 impl Default for Backoff {
+    /// 100 ms doubling up to 10 s, with jitter.
     fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-        }
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
     }
 }
 
 impl Backoff {
-    /// The delay before retry number `attempt` (1 for the first).
-    pub fn delay(&self, attempt: u32) -> Duration {
+    /// `initial` doubling up to `max`, with jitter from a randomly seeded generator.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            rng: Some(Arc::new(std::sync::Mutex::new(
+                rand::rngs::StdRng::from_os_rng(),
+            ))),
+        }
+    }
+
+    /// The same backoff with jitter drawn from a generator seeded with `seed`: repeatable.
+    #[must_use]
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.rng = Some(Arc::new(std::sync::Mutex::new(
+            rand::rngs::StdRng::seed_from_u64(seed),
+        )));
+        self
+    }
+
+    /// The same backoff with no jitter: each delay is the full one.
+    #[must_use]
+    pub fn without_jitter(mut self) -> Self {
+        self.rng = None;
+        self
+    }
+
+    /// The first delay.
+    pub fn initial(&self) -> Duration {
+        self.initial
+    }
+
+    /// The longest delay.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+}
+
+impl RetryPolicy for Backoff {
+    fn delay(&self, attempt: u32) -> Duration {
         let exp = attempt.saturating_sub(1).min(31);
         let full = self
             .initial
             .checked_mul(1u32 << exp)
             .unwrap_or(self.max)
             .min(self.max);
+        let Some(rng) = &self.rng else {
+            return full;
+        };
+        let unit: f64 = rng
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .random();
         let half = full / 2;
-        half + full
-            .saturating_sub(half)
-            .mul_f64(rand::rng().random::<f64>())
+        half + full.saturating_sub(half).mul_f64(unit)
     }
 }
 
@@ -82,7 +162,7 @@ struct Msg {
 /// use kvsync_model::{ListOptions, Revision};
 /// use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent};
 ///
-/// let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
+/// let client: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
 /// let mut events = Syncer::new(client)
 ///     .with_resource(ResourceType::new(ListOptions::new("IPPool")))
 ///     .stream();
@@ -304,7 +384,7 @@ fn events(syncer: Syncer) -> BoxStream<'static, SyncerEvent> {
                 idx,
                 client: syncer.client.clone(),
                 rt,
-                backoff: syncer.backoff,
+                retry: syncer.retry.clone(),
                 request_timeout: syncer.request_timeout,
                 gap_ratio: syncer.gap_ratio,
                 catch_up_timeout: syncer.catch_up_timeout,
@@ -353,7 +433,7 @@ struct TypeTask {
     idx: usize,
     client: Arc<dyn Client>,
     rt: ResourceType,
-    backoff: Backoff,
+    retry: Arc<dyn RetryPolicy>,
     request_timeout: Duration,
     gap_ratio: u64,
     catch_up_timeout: Duration,
@@ -407,10 +487,16 @@ impl TypeTask {
     }
 
     fn into_stream(self, span: Span) -> BoxStream<'static, Msg> {
+        // The gap after an outage can be weighed only where revisions are one counter.
+        let gap_ratio = self
+            .client
+            .capabilities()
+            .global_revision
+            .then_some(self.gap_ratio);
         let state = TypeState::new(
             self.rt.options.kind.clone(),
             self.rt.processor.clone(),
-            self.gap_ratio,
+            gap_ratio,
         );
         let run = TypeRun {
             action: state.start(),
@@ -505,7 +591,7 @@ impl TypeRun {
         let timeout = self.task.request_timeout;
         let rev = revision.clone();
         let opening = async move {
-            match tokio::time::timeout(timeout, client.watch(&opts, Some(&rev))).await {
+            match tokio::time::timeout(timeout, client.watch(&opts.clone().with_revision(rev.clone()))).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::unavailable(format!(
                     "watch did not answer within {timeout:?}"
@@ -527,7 +613,7 @@ impl TypeRun {
                 info!(tracked = self.state.tracked(), "listing");
                 match self
                     .task
-                    .with_timeout("list", self.task.client.list_pages(opts, None))
+                    .with_timeout("list", self.task.client.list_pages(opts))
                     .await
                 {
                     Ok(pages) => {
@@ -552,7 +638,7 @@ impl TypeRun {
                     }
                     _ => {
                         self.task
-                            .with_timeout("watch", self.task.client.watch(opts, Some(&rev)))
+                            .with_timeout("watch", self.task.client.watch(&opts.clone().with_revision(rev.clone())))
                             .await
                     }
                 };
@@ -596,7 +682,7 @@ impl TypeRun {
                 Input::CurrentRevision(current)
             }
             Action::Backoff(attempt) => {
-                let delay = self.task.backoff.delay(attempt);
+                let delay = self.task.retry.delay(attempt);
                 warn!(attempt, ?delay, "retrying after backoff");
                 tokio::time::sleep(delay).await;
                 Input::BackoffElapsed
@@ -610,11 +696,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backoff_with_the_same_seed_repeats_its_delays() {
+        let a = Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).with_seed(7);
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).with_seed(7);
+        let da: Vec<_> = (1..20).map(|n| a.delay(n)).collect();
+        let db: Vec<_> = (1..20).map(|n| b.delay(n)).collect();
+        assert_eq!(da, db);
+        assert!(da.windows(2).any(|w| w[0] != w[1] / 2), "jittered: {da:?}");
+    }
+
+    #[test]
     fn backoff_grows_is_capped_and_jittered() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        };
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         for _ in 0..100 {
             let d1 = b.delay(1);
             assert!(

@@ -26,7 +26,7 @@
 //!   exactly the difference against what it sent: `Updated`, `New`, `Deleted` for keys that
 //!   vanished meanwhile, nothing for unchanged keys.
 //! - While the datastore is unreachable the status is `WaitForDatastore` and the Syncer
-//!   retries with capped exponential [`Backoff`] with jitter. When it answers again, each type
+//!   retries as its [`RetryPolicy`] says (capped exponential [`Backoff`] with jitter by default). When it answers again, each type
 //!   weighs its gap: with `g` revisions missed (the datastore's current revision minus the
 //!   last one seen) and `n` keys tracked, it resumes its watch when `g <= n / 20` (replaying an
 //!   event costs about 20 times listing a key on etcd) and stays `ResyncInProgress` until the
@@ -52,7 +52,7 @@
 //! use kvsync_model::{KVPair, ListOptions, ResourceKey};
 //! use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent, UpdateType};
 //!
-//! let client: Arc<dyn Client> = Arc::new(MemoryBackend::new());
+//! let client: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
 //! client.create(KVPair::new(ResourceKey::cluster("IPPool", "a"), serde_json::json!({"cidr": "10.0.0.0/16"}))).await.unwrap();
 //!
 //! let mut events = Syncer::new(client.clone())
@@ -89,7 +89,7 @@ mod state;
 mod status;
 
 pub use callbacks::SyncerCallbacks;
-pub use driver::{Backoff, SyncerHandle, SyncerStream};
+pub use driver::{Backoff, RetryPolicy, SyncerHandle, SyncerStream};
 pub use status::{SyncStatus, SyncerEvent, Update, UpdateType};
 
 /// The default ratio of tracked keys to missed revisions below which a Syncer resumes its
@@ -115,7 +115,7 @@ pub const DEFAULT_MAX_BATCH: usize = 1000;
 /// struct BySelector;
 /// impl UpdateProcessor for BySelector {
 ///     fn process(&self, kvp: &KVPair) -> Vec<KVPair> {
-///         let selector = kvp.value["selector"].as_str().unwrap_or_default();
+///         let selector = kvp.value.as_value().unwrap()["selector"].as_str().unwrap_or_default();
 ///         selector
 ///             .split("&&")
 ///             .enumerate()
@@ -185,7 +185,7 @@ pub struct Syncer {
     types: Vec<ResourceType>,
     max_batch: usize,
     channel_capacity: usize,
-    backoff: Backoff,
+    retry: Arc<dyn RetryPolicy>,
     request_timeout: Duration,
     gap_ratio: u64,
     catch_up_timeout: Duration,
@@ -197,7 +197,7 @@ impl fmt::Debug for Syncer {
             .field("client", &self.client)
             .field("types", &self.types)
             .field("max_batch", &self.max_batch)
-            .field("backoff", &self.backoff)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -210,7 +210,7 @@ impl Syncer {
             types: Vec::new(),
             max_batch: DEFAULT_MAX_BATCH,
             channel_capacity: 0,
-            backoff: Backoff::default(),
+            retry: Arc::new(Backoff::default()),
             request_timeout: Duration::from_secs(30),
             gap_ratio: DEFAULT_GAP_RATIO,
             catch_up_timeout: Duration::from_secs(10),
@@ -259,10 +259,11 @@ impl Syncer {
         self
     }
 
-    /// The backoff between retries (default 100 ms doubling up to 10 s).
+    /// How long to wait between retries (default [`Backoff`]: 100 ms doubling up to 10 s,
+    /// with jitter).
     #[must_use]
-    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+    pub fn with_retry_policy(mut self, policy: impl RetryPolicy) -> Self {
+        self.retry = Arc::new(policy);
         self
     }
 

@@ -112,8 +112,10 @@ pub(crate) struct TypeState {
     events_in_watch: u64,
     /// While resuming after an outage: the revision to reach before being in sync again.
     catch_up: Option<u64>,
-    /// Resume after an outage when the revisions missed are at most tracked keys / this.
-    gap_ratio: u64,
+    /// Resume after an outage when the revisions missed are at most tracked keys / this;
+    /// `None` where revisions are not one global counter (the backend's capabilities), so the
+    /// gap cannot be weighed and an outage always relists.
+    gap_ratio: Option<u64>,
     /// While a list's pages come in: what was sent before it and not listed yet.
     relist: Option<Relist>,
 }
@@ -157,11 +159,11 @@ impl TypeState {
     pub(crate) fn new(
         kind: impl Into<String>,
         processor: Option<Arc<dyn UpdateProcessor>>,
-        gap_ratio: u64,
+        gap_ratio: Option<u64>,
     ) -> Self {
         TypeState {
             catch_up: None,
-            gap_ratio: gap_ratio.max(1),
+            gap_ratio: gap_ratio.map(|r| r.max(1)),
             kind: kind.into(),
             processor,
             sent: Ids::default(),
@@ -251,7 +253,11 @@ impl TypeState {
             Input::WatchEnded => self.on_watch_closed(),
             Input::BackoffElapsed => match self.pending {
                 // After an outage, resuming may be cheaper than relisting: look at the gap.
-                Pending::List if self.last.is_some() && !self.sent.is_empty() => Action::CheckGap,
+                Pending::List
+                    if self.gap_ratio.is_some() && self.last.is_some() && !self.sent.is_empty() =>
+                {
+                    Action::CheckGap
+                }
                 Pending::List => Action::List,
                 Pending::Watch => self.resume_or_list(),
             },
@@ -277,11 +283,11 @@ impl TypeState {
     /// relisted and diffed otherwise.
     fn on_current_revision(&mut self, current: &Revision, out: &mut Vec<Out>) -> Action {
         let last = self.last.as_ref().and_then(Revision::as_u64);
-        let (Some(cur), Some(last)) = (current.as_u64(), last) else {
+        let (Some(cur), Some(last), Some(ratio)) = (current.as_u64(), last, self.gap_ratio) else {
             return Action::List;
         };
         let tracked = self.sent.len() as u64;
-        if cur < last || cur - last > tracked / self.gap_ratio {
+        if cur < last || cur - last > tracked / ratio {
             return Action::List;
         }
         self.set_status(TypeStatus::Resyncing, out);
@@ -579,7 +585,7 @@ mod tests {
 
     #[test]
     fn initial_list_sends_new_then_watches_from_the_list_revision() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         assert_eq!(s.start(), Action::List);
         let step = s.step(Input::Listed(list(vec![pool("a", 1), pool("b", 2)], 5)));
         assert_eq!(statuses(&step), [TypeStatus::Resyncing, TypeStatus::InSync]);
@@ -596,7 +602,7 @@ mod tests {
 
     #[test]
     fn relist_sends_exactly_the_difference() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         s.step(Input::Listed(list(
             vec![pool("a", 1), pool("b", 2), pool("c", 3)],
             3,
@@ -604,7 +610,7 @@ mod tests {
         s.step(Input::WatchStarted);
         let step = s.step(Input::WatchBroken(Error::Compacted {
             requested: 3u64.into(),
-            compacted: 9u64.into(),
+            compacted: Some(9u64.into()),
         }));
         assert_eq!(step.action, Action::List);
         // a unchanged, b changed, c deleted, d new.
@@ -626,14 +632,14 @@ mod tests {
 
     #[test]
     fn a_paged_relist_sends_each_page_at_once_and_deletions_at_the_end() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         s.step(Input::Listed(list(
             vec![pool("a", 1), pool("b", 2), pool("c", 3), pool("e", 4)],
             4,
         )));
         s.step(Input::WatchBroken(Error::Compacted {
             requested: 4u64.into(),
-            compacted: 9u64.into(),
+            compacted: Some(9u64.into()),
         }));
         // a unchanged, b changed, c deleted, d new, e unchanged: in two pages.
         let st = s.step(Input::ListPage(list(vec![pool("a", 1), pool("b", 7)], 10)));
@@ -652,14 +658,14 @@ mod tests {
 
     #[test]
     fn a_list_that_fails_part_way_keeps_what_was_sent_and_lists_again() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         s.step(Input::Listed(list(
             vec![pool("a", 1), pool("b", 2), pool("c", 3)],
             3,
         )));
         s.step(Input::WatchFailedToStart(Error::Compacted {
             requested: 3u64.into(),
-            compacted: 9u64.into(),
+            compacted: Some(9u64.into()),
         }));
         // The first page (a changed) is sent, then the list breaks.
         let st = s.step(Input::ListPage(list(vec![pool("a", 5)], 10)));
@@ -678,7 +684,7 @@ mod tests {
 
     #[test]
     fn a_list_without_pages_is_a_failure() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         let st = s.step(Input::ListDone);
         assert_eq!(st.action, Action::Backoff(1));
         assert_eq!(s.step(Input::BackoffElapsed).action, Action::List);
@@ -686,7 +692,7 @@ mod tests {
 
     #[test]
     fn watch_events_are_new_then_updated_then_deleted_and_repeats_are_dropped() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         s.step(Input::Listed(list(vec![], 1)));
         s.step(Input::WatchStarted);
         let st = s.step(Input::Event(WatchEvent::Added(pool("a", 2))));
@@ -717,7 +723,7 @@ mod tests {
 
     #[test]
     fn broken_watch_resumes_from_the_last_revision_seen() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         s.step(Input::Listed(list(vec![], 1)));
         s.step(Input::WatchStarted);
         s.step(Input::Event(WatchEvent::Added(pool("a", 4))));
@@ -737,7 +743,7 @@ mod tests {
 
     #[test]
     fn outage_waits_with_growing_backoff_then_relists() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         let st = s.step(Input::ListFailed(Error::unavailable("down")));
         assert_eq!(st.action, Action::Backoff(1));
         assert!(statuses(&st).is_empty(), "already waiting");
@@ -772,7 +778,7 @@ mod tests {
     fn after_an_outage_a_short_gap_resumes_and_a_long_gap_relists() {
         let items: Vec<KVPair> = (0..100).map(|i| pool(&format!("p{i}"), i + 1)).collect();
         for (current, expect_resume) in [(100u64, true), (104, true), (105, true), (106, false)] {
-            let mut s = TypeState::new("IPPool", None, 20);
+            let mut s = TypeState::new("IPPool", None, Some(20));
             s.step(Input::Listed(list(items.clone(), 100)));
             s.step(Input::WatchStarted);
             let st = s.step(Input::WatchFailedToStart(Error::unavailable("down")));
@@ -821,7 +827,7 @@ mod tests {
     #[test]
     fn a_catch_up_that_is_never_confirmed_relists() {
         let items: Vec<KVPair> = (0..100).map(|i| pool(&format!("p{i}"), i + 1)).collect();
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         s.step(Input::Listed(list(items, 100)));
         s.step(Input::WatchFailedToStart(Error::unavailable("down")));
         s.step(Input::BackoffElapsed);
@@ -836,7 +842,7 @@ mod tests {
 
     #[test]
     fn a_failed_gap_check_keeps_waiting_and_an_unsupported_one_relists() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         s.step(Input::Listed(list(vec![pool("a", 1)], 1)));
         s.step(Input::WatchFailedToStart(Error::unavailable("down")));
         assert_eq!(s.step(Input::BackoffElapsed).action, Action::CheckGap);
@@ -856,8 +862,16 @@ mod tests {
     }
 
     #[test]
+    fn without_a_global_revision_an_outage_relists_without_weighing_the_gap() {
+        let mut s = TypeState::new("IPPool", None, None);
+        s.step(Input::Listed(list(vec![pool("a", 1)], 1)));
+        s.step(Input::WatchFailedToStart(Error::unavailable("down")));
+        assert_eq!(s.step(Input::BackoffElapsed).action, Action::List);
+    }
+
+    #[test]
     fn parse_failures_are_reported_and_delete_keys_sent_before() {
-        let mut s = TypeState::new("IPPool", None, 20);
+        let mut s = TypeState::new("IPPool", None, Some(20));
         s.step(Input::Listed(list(vec![pool("a", 1)], 1)));
         let f = ParseFailure {
             raw_key: "/kvsync/v1/ippools/a".into(),
@@ -876,7 +890,7 @@ mod tests {
     struct FanOut;
     impl UpdateProcessor for FanOut {
         fn process(&self, kvp: &KVPair) -> Vec<KVPair> {
-            let n = kvp.value["n"].as_u64().unwrap_or(0);
+            let n = kvp.value.as_value().unwrap()["n"].as_u64().unwrap_or(0);
             (0..n)
                 .map(|i| {
                     KVPair::new(
@@ -890,7 +904,7 @@ mod tests {
 
     #[test]
     fn processor_output_is_diffed_per_source_key() {
-        let mut s = TypeState::new("IPPool", Some(Arc::new(FanOut)), 20);
+        let mut s = TypeState::new("IPPool", Some(Arc::new(FanOut)), Some(20));
         let mut a = pool("a", 1);
         a.value = json!({"n": 3}).into();
         let st = s.step(Input::Listed(list(vec![a.clone()], 1)));

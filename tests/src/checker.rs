@@ -124,7 +124,7 @@ pub fn diff(expected: &Cache, actual: &Cache) -> String {
 pub async fn datastore_state(client: &dyn Client, kinds: &[ListOptions]) -> Cache {
     let mut cache = Cache::new();
     for opts in kinds {
-        let list = client.list(opts, None).await.expect("list the datastore");
+        let list = client.list(opts).await.expect("list the datastore");
         for kvp in list.items {
             cache.insert(kvp.key, (kvp.value.into(), kvp.revision));
         }

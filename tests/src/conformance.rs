@@ -70,9 +70,9 @@ pub async fn create_assigns_revision_and_uid_and_refuses_duplicates(b: &dyn Test
         created.uid.as_deref().is_some_and(|u| !u.is_empty()),
         "create returns a uid"
     );
-    assert_eq!(created.value["cidr"], "10.0.0.0/16");
+    assert_eq!(created.value.as_value().unwrap()["cidr"], "10.0.0.0/16");
 
-    let got = c.get(&pool_key("a"), None).await.unwrap();
+    let got = c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap();
     assert_eq!(got.revision, created.revision);
     assert_eq!(got.uid, created.uid);
     assert_eq!(got.value, created.value);
@@ -83,7 +83,7 @@ pub async fn create_assigns_revision_and_uid_and_refuses_duplicates(b: &dyn Test
         "{err}"
     );
     assert_eq!(
-        c.get(&pool_key("a"), None).await.unwrap().value["cidr"],
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
         "10.0.0.0/16"
     );
 }
@@ -97,7 +97,7 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
         "{err}"
     );
     assert!(
-        c.get(&pool_key("a"), None).await.is_err(),
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.is_err(),
         "failed update wrote nothing"
     );
 
@@ -134,7 +134,7 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
         other => panic!("expected Conflict, got {other}"),
     }
     assert_eq!(
-        c.get(&pool_key("a"), None).await.unwrap().value["cidr"],
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
         "10.1.0.0/16"
     );
 
@@ -142,7 +142,7 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
     let v3 = c.update(pool("a", "10.3.0.0/16")).await.unwrap();
     assert_eq!(v3.uid, v1.uid);
     assert_eq!(
-        c.get(&pool_key("a"), None).await.unwrap().value["cidr"],
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
         "10.3.0.0/16"
     );
 }
@@ -154,8 +154,8 @@ pub async fn apply_creates_then_replaces(b: &dyn TestBackend) {
     let v2 = c.apply(pool("a", "10.1.0.0/16")).await.unwrap();
     assert_eq!(v1.uid, v2.uid);
     assert_ne!(v1.revision, v2.revision);
-    let got = c.get(&pool_key("a"), None).await.unwrap();
-    assert_eq!(got.value["cidr"], "10.1.0.0/16");
+    let got = c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap();
+    assert_eq!(got.value.as_value().unwrap()["cidr"], "10.1.0.0/16");
     assert_eq!(got.revision, v2.revision);
 }
 
@@ -163,7 +163,7 @@ pub async fn apply_creates_then_replaces(b: &dyn TestBackend) {
 /// a new uid.
 pub async fn delete_returns_last_value_and_checks_revision(b: &dyn TestBackend) {
     let c = b.client().await.client;
-    let err = c.delete(&pool_key("a"), None).await.unwrap_err();
+    let err = c.delete(&pool_key("a"), &kvsync_model::DeleteOptions::new()).await.unwrap_err();
     assert!(
         matches!(&err, Error::NotFound { key } if *key == pool_key("a")),
         "{err}"
@@ -172,22 +172,22 @@ pub async fn delete_returns_last_value_and_checks_revision(b: &dyn TestBackend) 
     let v1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
     let v2 = c.apply(pool("a", "10.1.0.0/16")).await.unwrap();
     let err = c
-        .delete(&pool_key("a"), v1.revision.as_ref())
+        .delete(&pool_key("a"), &v1.revision.as_ref().map_or_else(kvsync_model::DeleteOptions::new, |r| kvsync_model::DeleteOptions::new().with_revision(r.clone())))
         .await
         .unwrap_err();
     assert!(matches!(&err, Error::Conflict { .. }), "{err}");
     assert!(
-        c.get(&pool_key("a"), None).await.is_ok(),
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.is_ok(),
         "failed delete removed nothing"
     );
 
     let deleted = c
-        .delete(&pool_key("a"), v2.revision.as_ref())
+        .delete(&pool_key("a"), &v2.revision.as_ref().map_or_else(kvsync_model::DeleteOptions::new, |r| kvsync_model::DeleteOptions::new().with_revision(r.clone())))
         .await
         .unwrap();
-    assert_eq!(deleted.value["cidr"], "10.1.0.0/16");
+    assert_eq!(deleted.value.as_value().unwrap()["cidr"], "10.1.0.0/16");
     assert_eq!(deleted.revision, v2.revision);
-    let err = c.get(&pool_key("a"), None).await.unwrap_err();
+    let err = c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
 
     let v3 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
@@ -203,16 +203,16 @@ pub async fn get_and_list_read_at_old_revisions(b: &dyn TestBackend) {
     let v1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
     c.create(pool("b", "10.1.0.0/16")).await.unwrap();
     c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
-    c.delete(&pool_key("b"), None).await.unwrap();
+    c.delete(&pool_key("b"), &kvsync_model::DeleteOptions::new()).await.unwrap();
 
-    let old = c.get(&pool_key("a"), v1.revision.as_ref()).await.unwrap();
-    assert_eq!(old.value["cidr"], "10.0.0.0/16");
+    let old = c.get(&pool_key("a"), &kvsync_model::GetOptions::new().at(v1.revision.as_ref().cloned())).await.unwrap();
+    assert_eq!(old.value.as_value().unwrap()["cidr"], "10.0.0.0/16");
     let list = c
-        .list(&ListOptions::new("IPPool"), v1.revision.as_ref())
+        .list(&ListOptions::new("IPPool").at(v1.revision.as_ref().cloned()))
         .await
         .unwrap();
     assert_eq!(names(&list.items), ["a"]);
-    assert_eq!(list.items[0].value["cidr"], "10.0.0.0/16");
+    assert_eq!(list.items[0].value.as_value().unwrap()["cidr"], "10.0.0.0/16");
     assert_eq!(list.revision, v1.revision.clone().unwrap());
 }
 
@@ -233,7 +233,7 @@ pub async fn list_filters_by_kind_namespace_name_and_prefix(b: &dyn TestBackend)
     let last = c.create(pool("p10", "10.1.0.0/16")).await.unwrap();
 
     let all = c
-        .list(&ListOptions::new("NetworkPolicy"), None)
+        .list(&ListOptions::new("NetworkPolicy"))
         .await
         .unwrap();
     let keys: Vec<String> = all.items.iter().map(|k| k.key.to_string()).collect();
@@ -255,13 +255,13 @@ pub async fn list_filters_by_kind_namespace_name_and_prefix(b: &dyn TestBackend)
     }
 
     let ns_a = c
-        .list(&ListOptions::new("NetworkPolicy").with_namespace("a"), None)
+        .list(&ListOptions::new("NetworkPolicy").with_namespace("a"))
         .await
         .unwrap();
     assert_eq!(names(&ns_a.items), ["p1", "p2", "q1"]);
 
     let exact = c
-        .list(&ListOptions::new("IPPool").with_name("p1"), None)
+        .list(&ListOptions::new("IPPool").with_name("p1"))
         .await
         .unwrap();
     assert_eq!(
@@ -290,15 +290,15 @@ pub async fn list_filters_by_kind_namespace_name_and_prefix(b: &dyn TestBackend)
         .unwrap();
     assert_eq!(names(&prefixed_ns.items), ["p1", "p2"]);
 
-    let nodes = c.list(&ListOptions::new("Node"), None).await.unwrap();
+    let nodes = c.list(&ListOptions::new("Node")).await.unwrap();
     assert!(nodes.items.is_empty(), "kinds are isolated");
 
     let err = c
-        .list(&ListOptions::new("IPPool").with_namespace("a"), None)
+        .list(&ListOptions::new("IPPool").with_namespace("a"))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Invalid { .. }), "{err}");
-    let err = c.list(&ListOptions::new("Gizmo"), None).await.unwrap_err();
+    let err = c.list(&ListOptions::new("Gizmo")).await.unwrap_err();
     assert!(
         matches!(&err, Error::Invalid { field, .. } if field == "kind"),
         "{err}"
@@ -310,11 +310,11 @@ pub async fn watch_from_list_revision_sees_every_change_in_order(b: &dyn TestBac
     let c = b.client().await.client;
     c.create(policy("a", "x", 1.0)).await.unwrap();
     let list = c
-        .list(&ListOptions::new("NetworkPolicy"), None)
+        .list(&ListOptions::new("NetworkPolicy"))
         .await
         .unwrap();
     let mut w = c
-        .watch(&ListOptions::new("NetworkPolicy"), Some(&list.revision))
+        .watch(&ListOptions::new("NetworkPolicy").with_revision(list.revision.clone()))
         .await
         .unwrap();
     let mut w_ns = c
@@ -329,7 +329,7 @@ pub async fn watch_from_list_revision_sees_every_change_in_order(b: &dyn TestBac
     let added = c.create(policy("b", "y", 2.0)).await.unwrap();
     let modified = c.apply(policy("a", "x", 3.0)).await.unwrap();
     let deleted = c
-        .delete(&ResourceKey::namespaced("NetworkPolicy", "b", "y"), None)
+        .delete(&ResourceKey::namespaced("NetworkPolicy", "b", "y"), &kvsync_model::DeleteOptions::new())
         .await
         .unwrap();
 
@@ -337,16 +337,16 @@ pub async fn watch_from_list_revision_sees_every_change_in_order(b: &dyn TestBac
         WatchEvent::Added(kvp) => {
             assert_eq!(kvp.key, added.key);
             assert_eq!(kvp.revision, added.revision);
-            assert_eq!(kvp.value["order"], 2.0);
+            assert_eq!(kvp.value.as_value().unwrap()["order"], 2.0);
         }
         other => panic!("expected Added, got {other:?}"),
     }
     match next_change(&mut w).await {
         WatchEvent::Modified { new, old } => {
             assert_eq!(new.revision, modified.revision);
-            assert_eq!(new.value["order"], 3.0);
+            assert_eq!(new.value.as_value().unwrap()["order"], 3.0);
             if let Some(old) = old {
-                assert_eq!(old.value["order"], 1.0);
+                assert_eq!(old.value.as_value().unwrap()["order"], 1.0);
             }
         }
         other => panic!("expected Modified, got {other:?}"),
@@ -355,7 +355,7 @@ pub async fn watch_from_list_revision_sees_every_change_in_order(b: &dyn TestBac
         WatchEvent::Deleted { key, revision, old } => {
             assert_eq!(key, deleted.key);
             let old = old.expect("a Deleted event carries the previous value");
-            assert_eq!(old.value["order"], 2.0);
+            assert_eq!(old.value.as_value().unwrap()["order"], 2.0);
             if let (Some(d), Some(m)) = (revision.as_u64(), rev_num(&modified.revision)) {
                 assert!(d > m, "revisions increase");
             }
@@ -381,13 +381,13 @@ pub async fn watch_from_revision_replays_the_gap_with_deletions(b: &dyn TestBack
         .unwrap();
     // The gap: a modified, b deleted, c created then deleted, d created.
     c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
-    c.delete(&pool_key("b"), None).await.unwrap();
+    c.delete(&pool_key("b"), &kvsync_model::DeleteOptions::new()).await.unwrap();
     c.create(pool("c", "10.3.0.0/16")).await.unwrap();
-    c.delete(&pool_key("c"), None).await.unwrap();
+    c.delete(&pool_key("c"), &kvsync_model::DeleteOptions::new()).await.unwrap();
     c.create(pool("d", "10.4.0.0/16")).await.unwrap();
 
     let mut w = c
-        .watch(&ListOptions::new("IPPool"), Some(&from))
+        .watch(&ListOptions::new("IPPool").with_revision(from.clone()))
         .await
         .unwrap();
     let mut seen = Vec::new();
@@ -434,7 +434,7 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
         .unwrap();
     tc.raw.compact(c.as_ref(), &newest).await;
 
-    let first_error = match c.watch(&ListOptions::new("IPPool"), Some(&old)).await {
+    let first_error = match c.watch(&ListOptions::new("IPPool").with_revision(old.clone())).await {
         Err(e) => e,
         Ok(mut w) => match tokio::time::timeout(EVENT_TIMEOUT, w.next()).await {
             Ok(Some(Err(e))) => e,
@@ -448,16 +448,16 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
     assert!(!first_error.is_retryable());
 
     if b.supports_historical_reads() {
-        let err = c.get(&pool_key("a"), Some(&old)).await.unwrap_err();
+        let err = c.get(&pool_key("a"), &kvsync_model::GetOptions::new().with_revision(old.clone())).await.unwrap_err();
         assert!(matches!(err, Error::Compacted { .. }), "{err}");
     }
     // The current state and watches from the compaction point still work.
     assert_eq!(
-        c.get(&pool_key("a"), None).await.unwrap().value["cidr"],
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
         "10.3.0.0/16"
     );
     let mut w = c
-        .watch(&ListOptions::new("IPPool"), Some(&newest))
+        .watch(&ListOptions::new("IPPool").with_revision(newest.clone()))
         .await
         .unwrap();
     c.apply(pool("a", "10.4.0.0/16")).await.unwrap();
@@ -484,11 +484,11 @@ pub async fn watch_from_just_before_a_compacted_deletion_never_misses_it(b: &dyn
         .unwrap()
         .revision
         .unwrap();
-    c.delete(&pool_key("a"), None).await.unwrap();
+    c.delete(&pool_key("a"), &kvsync_model::DeleteOptions::new()).await.unwrap();
     let deleted_at = c.current_revision().await.ok();
     let at = deleted_at.clone().unwrap_or_else(|| before.clone());
     tc.raw.compact(c.as_ref(), &at).await;
-    let outcome = match c.watch(&ListOptions::new("IPPool"), Some(&before)).await {
+    let outcome = match c.watch(&ListOptions::new("IPPool").with_revision(before.clone())).await {
         Err(e) => Err(e),
         Ok(mut w) => match tokio::time::timeout(EVENT_TIMEOUT, w.next()).await {
             Ok(Some(item)) => item,
@@ -512,12 +512,12 @@ pub async fn ttl_expires_keys_with_a_deleted_event(b: &dyn TestBackend) {
             .unwrap_err();
         assert!(matches!(err, Error::Unsupported { .. }), "{err}");
         assert!(
-            c.get(&pool_key("a"), None).await.is_err(),
+            c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.is_err(),
             "nothing written"
         );
         return;
     }
-    let mut w = c.watch(&ListOptions::new("IPPool"), None).await.unwrap();
+    let mut w = c.watch(&ListOptions::new("IPPool")).await.unwrap();
     c.create(pool("keep", "10.1.0.0/16")).await.unwrap();
     let created = c
         .create(pool("a", "10.0.0.0/16").with_ttl(Duration::from_secs(1)))
@@ -530,9 +530,9 @@ pub async fn ttl_expires_keys_with_a_deleted_event(b: &dyn TestBackend) {
         WatchEvent::Deleted { key, .. } => assert_eq!(key, pool_key("a")),
         other => panic!("expected the TTL deletion, got {other:?}"),
     }
-    let err = c.get(&pool_key("a"), None).await.unwrap_err();
+    let err = c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
-    let list = c.list(&ListOptions::new("IPPool"), None).await.unwrap();
+    let list = c.list(&ListOptions::new("IPPool")).await.unwrap();
     assert_eq!(names(&list.items), ["keep"]);
 }
 
@@ -553,8 +553,8 @@ pub async fn racing_writers_with_preconditions_never_lose_an_update(b: &dyn Test
             let mut wins = Vec::new();
             for _ in 0..rounds {
                 loop {
-                    let cur = c.get(&key, None).await.unwrap();
-                    let n = cur.value["asn"].as_u64().unwrap();
+                    let cur = c.get(&key, &kvsync_model::GetOptions::new()).await.unwrap();
+                    let n = cur.value.as_value().unwrap()["asn"].as_u64().unwrap();
                     let next = KVPair::new(key.clone(), json!({"asn": n + 1}))
                         .with_revision(cur.revision.clone().unwrap());
                     match c.update(next).await {
@@ -588,9 +588,9 @@ pub async fn racing_writers_with_preconditions_never_lose_an_update(b: &dyn Test
     );
     let revs: BTreeSet<String> = wins.iter().map(|w| w.1.to_string()).collect();
     assert_eq!(revs.len() as u64, total, "one winner per revision");
-    let last = c.get(&key, None).await.unwrap();
+    let last = c.get(&key, &kvsync_model::GetOptions::new()).await.unwrap();
     let top = wins.iter().max_by_key(|w| w.0).unwrap();
-    assert_eq!(last.value["asn"].as_u64(), Some(total + 1));
+    assert_eq!(last.value.as_value().unwrap()["asn"].as_u64(), Some(total + 1));
     assert_eq!(
         last.revision.as_ref(),
         Some(&top.1),
@@ -611,8 +611,8 @@ pub async fn large_values_round_trip(b: &dyn TestBackend) {
     c.create(KVPair::new(key.clone(), value.clone()))
         .await
         .unwrap();
-    assert_eq!(c.get(&key, None).await.unwrap().value, value);
-    let list = c.list(&ListOptions::new("Node"), None).await.unwrap();
+    assert_eq!(c.get(&key, &kvsync_model::GetOptions::new()).await.unwrap().value, value);
+    let list = c.list(&ListOptions::new("Node")).await.unwrap();
     assert_eq!(list.items[0].value, value);
 }
 
@@ -715,7 +715,7 @@ pub async fn invalid_keys_and_values_are_rejected_and_nothing_is_written(b: &dyn
         }
     }
     for kind in ["IPPool", "NetworkPolicy", "Node"] {
-        let list = c.list(&ListOptions::new(kind), None).await.unwrap();
+        let list = c.list(&ListOptions::new(kind)).await.unwrap();
         assert!(
             list.items.is_empty() && list.parse_failures.is_empty(),
             "nothing written for {kind}"
@@ -732,12 +732,12 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
     let tc = b.client().await;
     let c = tc.client.clone();
     c.create(pool("good", "10.0.0.0/16")).await.unwrap();
-    let mut w = c.watch(&ListOptions::new("IPPool"), None).await.unwrap();
+    let mut w = c.watch(&ListOptions::new("IPPool")).await.unwrap();
     let path = c.codec().to_path(&pool_key("bad")).unwrap();
     tc.raw.put_raw(&path, b"{not json").await;
 
     let raw_bytes = b.stores_raw_bytes();
-    let err = c.get(&pool_key("bad"), None).await.unwrap_err();
+    let err = c.get(&pool_key("bad"), &kvsync_model::GetOptions::new()).await.unwrap_err();
     match &err {
         Error::Parse {
             raw_key, raw_value, ..
@@ -749,7 +749,7 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
         }
         other => panic!("expected Parse, got {other}"),
     }
-    let list = c.list(&ListOptions::new("IPPool"), None).await.unwrap();
+    let list = c.list(&ListOptions::new("IPPool")).await.unwrap();
     assert_eq!(
         names(&list.items),
         ["good"],
@@ -773,7 +773,7 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
     // The bad entry can be repaired through the client.
     c.apply(pool("bad", "10.2.0.0/16")).await.unwrap();
     assert_eq!(
-        c.get(&pool_key("bad"), None).await.unwrap().value["cidr"],
+        c.get(&pool_key("bad"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
         "10.2.0.0/16"
     );
 }
@@ -787,21 +787,21 @@ pub async fn clean_removes_only_the_clients_keys(b: &dyn TestBackend) {
     c2.create(pool("a", "10.0.0.0/16")).await.unwrap();
     c1.clean().await.unwrap();
     assert!(
-        c1.list(&ListOptions::new("IPPool"), None)
+        c1.list(&ListOptions::new("IPPool"))
             .await
             .unwrap()
             .items
             .is_empty()
     );
     assert!(
-        c1.list(&ListOptions::new("NetworkPolicy"), None)
+        c1.list(&ListOptions::new("NetworkPolicy"))
             .await
             .unwrap()
             .items
             .is_empty()
     );
     assert_eq!(
-        c2.list(&ListOptions::new("IPPool"), None)
+        c2.list(&ListOptions::new("IPPool"))
             .await
             .unwrap()
             .items
@@ -823,7 +823,7 @@ pub async fn client_is_shareable_across_tasks(b: &dyn TestBackend) {
         h.await.unwrap().unwrap();
     }
     assert_eq!(
-        c.list(&ListOptions::new("IPPool"), None)
+        c.list(&ListOptions::new("IPPool"))
             .await
             .unwrap()
             .items

@@ -79,23 +79,23 @@ impl Client for Guarded {
         self.inner.apply(kvp).await
     }
     async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
-        self.inner.delete(key, revision).await
+        self.inner.delete(key, &revision.map_or_else(kvsync_model::DeleteOptions::new, |r| kvsync_model::DeleteOptions::new().with_revision(r.clone()))).await
     }
     async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
-        self.inner.get(key, revision).await
+        self.inner.get(key, &kvsync_model::GetOptions::new().at(revision.cloned())).await
     }
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        self.inner.list(opts, revision).await
+        self.inner.list(&*opts.clone().at(revision.cloned())).await
     }
     async fn list_pages(
         &self,
         opts: &ListOptions,
         revision: Option<&Revision>,
     ) -> Result<ListPages> {
-        self.inner.list_pages(opts, revision).await
+        self.inner.list_pages(&*opts.clone().at(revision.cloned())).await
     }
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
-        self.inner.watch(opts, from).await
+        self.inner.watch(&*opts.clone().at(from.cloned())).await
     }
     async fn ensure_initialized(&self) -> Result<()> {
         self.inner.ensure_initialized().await
@@ -178,7 +178,7 @@ impl RawAccess for MemoryRaw {
 #[async_trait]
 impl TestBackend for MemoryTestBackend {
     async fn client(&self) -> TestClient {
-        let store = MemoryBackend::builder()
+        let store = MemoryBackend::builder(kvsync_model::demo::registry())
             .prefix(unique_prefix())
             .build()
             .expect("valid test prefix");

@@ -267,7 +267,7 @@ impl Client for Isolated {
 
     async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
         self.inner
-            .delete(&self.tags.tag_key(key), revision)
+            .delete(&self.tags.tag_key(key), &revision.map_or_else(kvsync_model::DeleteOptions::new, |r| kvsync_model::DeleteOptions::new().with_revision(r.clone())))
             .await
             .map(|k| self.tags.shown_kvp(k))
             .map_err(|e| self.tags.untag_error(e))
@@ -275,14 +275,14 @@ impl Client for Isolated {
 
     async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
         self.inner
-            .get(&self.tags.tag_key(key), revision)
+            .get(&self.tags.tag_key(key), &kvsync_model::GetOptions::new().at(revision.cloned()))
             .await
             .map(|k| self.tags.shown_kvp(k))
             .map_err(|e| self.tags.untag_error(e))
     }
 
     async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        let list = self.inner.list(&self.tags.tag_opts(opts), revision).await?;
+        let list = self.inner.list(&self.tags.tag_opts(opts).clone().at(revision.cloned())).await?;
         Ok(self.tags.untag_list(list))
     }
 
@@ -294,7 +294,7 @@ impl Client for Isolated {
         let tags = self.tags.clone();
         let pages = self
             .inner
-            .list_pages(&self.tags.tag_opts(opts), revision)
+            .list_pages(&self.tags.tag_opts(opts).clone().at(revision.cloned()))
             .await?;
         Ok(pages
             .map(move |page| page.map(|list| tags.untag_list(list)))
@@ -303,7 +303,7 @@ impl Client for Isolated {
 
     async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
         let tags = self.tags.clone();
-        let stream = self.inner.watch(&self.tags.tag_opts(opts), from).await?;
+        let stream = self.inner.watch(&self.tags.tag_opts(opts).clone().at(from.cloned())).await?;
         Ok(stream
             .filter_map(move |item| {
                 std::future::ready(match item {
@@ -329,8 +329,8 @@ impl Client for Isolated {
             .map(|k| k.kind.clone())
             .collect();
         for kind in kinds {
-            for kvp in self.list(&ListOptions::new(kind), None).await?.items {
-                match self.delete(&kvp.key, None).await {
+            for kvp in self.list(&ListOptions::new(kind)).await?.items {
+                match self.delete(&kvp.key, &kvsync_model::DeleteOptions::new()).await {
                     Ok(_) | Err(Error::NotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }

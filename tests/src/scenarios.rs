@@ -69,7 +69,7 @@ pub async fn outage_recovery_resumes_short_gaps_and_relists_long_ones(b: &dyn Te
             let name = format!("p{:03}", i % 200);
             if i % 3 == 2 {
                 client
-                    .delete(&ResourceKey::cluster("IPPool", name), None)
+                    .delete(&ResourceKey::cluster("IPPool", name), &kvsync_model::DeleteOptions::new())
                     .await
                     .ok();
             } else {

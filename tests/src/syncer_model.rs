@@ -141,7 +141,7 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
                 log.push(format!("create {key}: {}", r.is_ok()));
             }
             45..=64 => {
-                let r = client.delete(&key, None).await;
+                let r = client.delete(&key, &kvsync_model::DeleteOptions::new()).await;
                 log.push(format!("delete {key}: {}", r.is_ok()));
             }
             65..=69 if backend.can_store_undecodable() => {
@@ -151,7 +151,7 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
             }
             70..=76 if config.compaction && backend.can_compact() => {
                 let list = client
-                    .list(&ListOptions::new("Node"), None)
+                    .list(&ListOptions::new("Node"))
                     .await
                     .expect("list");
                 raw.compact(client.as_ref(), &list.revision).await;

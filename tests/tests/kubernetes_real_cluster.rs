@@ -72,7 +72,7 @@ async fn clients_of_one_cluster_never_see_each_others_keys() {
     );
     assert_eq!(double.object_count(), 4);
     let list = a
-        .list(&ListOptions::new("NetworkPolicy"), None)
+        .list(&ListOptions::new("NetworkPolicy"))
         .await
         .expect("list");
     assert_eq!(list.items.len(), 1);

@@ -86,7 +86,7 @@ async fn gone_in_the_middle_of_a_watch_relists_and_sends_the_difference() {
         .expect("update");
     double.expire_history();
     client
-        .delete(&ResourceKey::cluster("IPPool", "c"), None)
+        .delete(&ResourceKey::cluster("IPPool", "c"), &kvsync_model::DeleteOptions::new())
         .await
         .expect("delete");
     client
@@ -130,7 +130,7 @@ async fn a_wrong_token_is_unauthorized() {
     .await
     .expect("connect");
     let err = wrong
-        .list(&ListOptions::new("IPPool"), None)
+        .list(&ListOptions::new("IPPool"))
         .await
         .expect_err("refused");
     assert!(
@@ -146,7 +146,7 @@ async fn a_wrong_token_is_unauthorized() {
     .await
     .expect("connect");
     right
-        .list(&ListOptions::new("IPPool"), None)
+        .list(&ListOptions::new("IPPool"))
         .await
         .expect("allowed");
 }
@@ -171,7 +171,7 @@ async fn ttl_is_unsupported_and_nothing_is_written() {
     );
     assert!(
         client
-            .list(&ListOptions::new("IPPool"), None)
+            .list(&ListOptions::new("IPPool"))
             .await
             .expect("list")
             .items
@@ -204,7 +204,7 @@ async fn lists_come_page_by_page_from_one_snapshot() {
         .for_each(|_| async {})
         .await;
     let opts = ListOptions::new("IPPool");
-    let mut pages = client.list_pages(&opts, None).await.expect("pages");
+    let mut pages = client.list_pages(&opts).await.expect("pages");
     let first = pages.next().await.expect("a first page").expect("page");
     assert_eq!(first.items.len(), 500, "one API page");
     // A write between pages belongs to a later snapshot.
@@ -229,7 +229,7 @@ async fn lists_come_page_by_page_from_one_snapshot() {
         names, expected,
         "every object once, in order, without the later write"
     );
-    let whole = client.list(&opts, None).await.expect("list");
+    let whole = client.list(&opts).await.expect("list");
     assert_eq!(whole.items.len(), 1_201);
 
     let consumer = CheckingConsumer::start(

@@ -45,7 +45,7 @@ async fn in_sync_with(consumer: &CheckingConsumer, store: &dyn Client) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_sync_goes_wait_resync_in_sync_with_every_key_new() {
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     for i in 0..50 {
         store
             .create(pool(&format!("p{i}"), "10.0.0.0/16"))
@@ -78,7 +78,7 @@ async fn initial_sync_goes_wait_resync_in_sync_with_every_key_new() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_broken_mid_stream_resumes_without_a_resync() {
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     let faulty = Arc::new(FaultyClient::new(store.clone()));
     let faults = faulty.faults();
     let consumer = CheckingConsumer::start(fast_syncer(faulty).stream());
@@ -95,7 +95,7 @@ async fn watch_broken_mid_stream_resumes_without_a_resync() {
             .unwrap();
         if round % 2 == 0 {
             store
-                .delete(&ResourceKey::cluster("IPPool", "shared"), None)
+                .delete(&ResourceKey::cluster("IPPool", "shared"), &kvsync_model::DeleteOptions::new())
                 .await
                 .unwrap();
         }
@@ -119,7 +119,7 @@ async fn watch_broken_mid_stream_resumes_without_a_resync() {
 // task runs again, so its resume point is compacted for sure.
 #[tokio::test(flavor = "current_thread")]
 async fn compaction_during_a_gap_relists_and_sends_exactly_the_difference() {
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     for name in ["a", "b", "c"] {
         store.create(pool(name, "10.0.0.0/16")).await.unwrap();
     }
@@ -133,13 +133,13 @@ async fn compaction_during_a_gap_relists_and_sends_exactly_the_difference() {
     // The gap: b updated, c deleted, d created, e created and deleted; then compaction.
     store.apply(pool("b", "10.1.0.0/16")).await.unwrap();
     store
-        .delete(&ResourceKey::cluster("IPPool", "c"), None)
+        .delete(&ResourceKey::cluster("IPPool", "c"), &kvsync_model::DeleteOptions::new())
         .await
         .unwrap();
     store.create(pool("d", "10.2.0.0/16")).await.unwrap();
     store.create(pool("e", "10.3.0.0/16")).await.unwrap();
     store
-        .delete(&ResourceKey::cluster("IPPool", "e"), None)
+        .delete(&ResourceKey::cluster("IPPool", "e"), &kvsync_model::DeleteOptions::new())
         .await
         .unwrap();
     store.compact(&store.revision().into()).await.unwrap();
@@ -169,7 +169,7 @@ async fn compaction_during_a_gap_relists_and_sends_exactly_the_difference() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_returns_to_wait_for_datastore_then_resyncs_the_gap() {
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
     store.create(pool("b", "10.0.0.0/16")).await.unwrap();
     let faulty = Arc::new(FaultyClient::new(store.clone()));
@@ -185,7 +185,7 @@ async fn outage_returns_to_wait_for_datastore_then_resyncs_the_gap() {
     );
     store.apply(pool("a", "10.9.0.0/16")).await.unwrap();
     store
-        .delete(&ResourceKey::cluster("IPPool", "b"), None)
+        .delete(&ResourceKey::cluster("IPPool", "b"), &kvsync_model::DeleteOptions::new())
         .await
         .unwrap();
     store.create(pool("c", "10.0.0.0/16")).await.unwrap();
@@ -209,7 +209,7 @@ async fn outage_returns_to_wait_for_datastore_then_resyncs_the_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datastore_unavailable_at_start_waits_then_syncs() {
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
     let faulty = Arc::new(FaultyClient::new(store.clone()));
     let faults = faulty.faults();
@@ -229,7 +229,7 @@ async fn datastore_unavailable_at_start_waits_then_syncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parse_failures_are_reported_and_the_syncer_keeps_going() {
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
     store.put_raw("/kvsync/v1/ippools/broken-at-start", b"nope");
     let consumer = CheckingConsumer::start(fast_syncer(Arc::new(store.clone())).stream());
@@ -251,7 +251,7 @@ async fn parse_failures_are_reported_and_the_syncer_keeps_going() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_during_resync_returns_and_leaves_no_task() {
     use futures::StreamExt;
-    let store = Arc::new(MemoryBackend::new());
+    let store = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
     for i in 0..5000 {
         store
             .create(pool(&format!("p{i}"), "10.0.0.0/16"))
@@ -310,7 +310,7 @@ async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
         }
     }
 
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
     let rec = Recorder::default();
     let handle = fast_syncer(Arc::new(store.clone())).start(rec.clone());
@@ -320,7 +320,7 @@ async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     store
-        .delete(&ResourceKey::cluster("IPPool", "a"), None)
+        .delete(&ResourceKey::cluster("IPPool", "a"), &kvsync_model::DeleteOptions::new())
         .await
         .unwrap();
     while rec.0.lock().unwrap().1.len() < 2 {
@@ -332,14 +332,14 @@ async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
     assert_eq!(updates[0].update_type, UpdateType::New);
     assert_eq!(updates[1].update_type, UpdateType::Deleted);
     assert_eq!(
-        updates[1].kvp.value["cidr"], "10.0.0.0/16",
+        updates[1].kvp.value.as_value().unwrap()["cidr"], "10.0.0.0/16",
         "Deleted carries the last value"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_handle_or_the_stream_ends_every_task() {
-    let store = Arc::new(MemoryBackend::new());
+    let store = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
     let client: Arc<dyn Client> = store.clone();
 
@@ -392,7 +392,7 @@ async fn randomized_model_holds_the_consumer_invariant() {
 async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
     use futures::StreamExt;
     use kvsync_syncer::SyncerEvent;
-    let store = MemoryBackend::new();
+    let store = MemoryBackend::new(kvsync_model::demo::registry());
     for i in 0..100 {
         store
             .create(pool(&format!("p{i:03}"), "10.0.0.0/16"))
@@ -433,7 +433,7 @@ async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
                     // Written during the list, after its revision: must come by the watch.
                     store.create(pool("late", "10.9.0.0/16")).await.unwrap();
                     store
-                        .delete(&ResourceKey::cluster("IPPool", "p099"), None)
+                        .delete(&ResourceKey::cluster("IPPool", "p099"), &kvsync_model::DeleteOptions::new())
                         .await
                         .unwrap();
                 }

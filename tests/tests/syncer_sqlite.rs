@@ -134,7 +134,7 @@ async fn every_acknowledged_write_survives_kill_9_of_the_writer() {
     let backend = SqliteBackend::open(test_config(&db).with_prefix(writer_prefix))
         .expect("reopen after the crash");
     let list = backend
-        .list(&ListOptions::new("IPPool"), None)
+        .list(&ListOptions::new("IPPool"))
         .await
         .expect("list");
     assert!(list.parse_failures.is_empty());

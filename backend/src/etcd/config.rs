@@ -65,7 +65,7 @@ impl EtcdTls {
 /// use std::time::Duration;
 /// use kvsync_backend::etcd::EtcdConfig;
 ///
-/// let config = EtcdConfig::new(["http://127.0.0.1:2379"])
+/// let config = EtcdConfig::new(["http://127.0.0.1:2379"], kvsync_model::Registry::new())
 ///     .with_prefix("/my-app/v1")
 ///     .with_user("app", "secret")
 ///     .with_request_timeout(Duration::from_secs(5));
@@ -77,7 +77,7 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// The key prefix (default `/kvsync/v1`).
     pub prefix: String,
-    /// The kinds (default: the demo kinds).
+    /// The kinds the backend serves.
     pub registry: Arc<Registry>,
     /// TLS settings; endpoints must then be `https://`.
     pub tls: Option<EtcdTls>,
@@ -108,7 +108,7 @@ pub struct EtcdConfig {
 /// use kvsync_backend::etcd::{EtcdConfig, EtcdListReads};
 ///
 /// // One range read page after page, as most clients do.
-/// let config = EtcdConfig::new(["http://127.0.0.1:2379"])
+/// let config = EtcdConfig::new(["http://127.0.0.1:2379"], kvsync_model::Registry::new())
 ///     .with_list_reads(EtcdListReads { max_parts: 1, ..EtcdListReads::default() });
 /// assert_eq!(config.list_reads.first_page_keys, 10_000);
 /// ```

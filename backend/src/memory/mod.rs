@@ -690,7 +690,7 @@ mod tests {
 
     #[tokio::test]
     async fn history_limit_compacts_automatically() {
-        let store = MemoryBackend::builder().history_limit(3).build().unwrap();
+        let store = MemoryBackend::builder(kvsync_model::demo::registry()).history_limit(3).build().unwrap();
         for i in 0..5 {
             store.create(node(&format!("n{i}"))).await.unwrap();
         }
@@ -698,12 +698,12 @@ mod tests {
         // Entries 3, 4 and 5 are kept: a watch from 2 still works, from 1 does not.
         assert!(
             store
-                .watch(&ListOptions::new("Node"), Some(&2u64.into()))
+                .watch(&ListOptions::new("Node").with_revision(kvsync_model::Revision::from(2u64).clone()))
                 .await
                 .is_ok()
         );
         let err = store
-            .watch(&ListOptions::new("Node"), Some(&1u64.into()))
+            .watch(&ListOptions::new("Node").with_revision(kvsync_model::Revision::from(1u64).clone()))
             .await
             .err()
             .unwrap();
@@ -712,8 +712,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_watcher_that_falls_behind_the_history_gets_compacted() {
-        let store = MemoryBackend::builder().history_limit(10).build().unwrap();
-        let mut w = store.watch(&ListOptions::new("Node"), None).await.unwrap();
+        let store = MemoryBackend::builder(kvsync_model::demo::registry()).history_limit(10).build().unwrap();
+        let mut w = store.watch(&ListOptions::new("Node")).await.unwrap();
         for i in 0..50 {
             store.create(node(&format!("n{i}"))).await.unwrap();
         }
@@ -724,8 +724,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_get_distinct_increasing_revisions() {
-        let store = MemoryBackend::new();
-        let mut w = store.watch(&ListOptions::new("Node"), None).await.unwrap();
+        let store = MemoryBackend::new(kvsync_model::demo::registry());
+        let mut w = store.watch(&ListOptions::new("Node")).await.unwrap();
         let tasks: Vec<_> = (0..8)
             .map(|t| {
                 let s = store.clone();
@@ -751,7 +751,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn expired_keys_vanish_from_reads_without_a_sweeper_tick() {
-        let store = MemoryBackend::new();
+        let store = MemoryBackend::new(kvsync_model::demo::registry());
         store
             .create(node("n").with_ttl(Duration::from_secs(5)))
             .await
@@ -759,13 +759,13 @@ mod tests {
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(
             store
-                .get(&ResourceKey::cluster("Node", "n"), None)
+                .get(&ResourceKey::cluster("Node", "n"), &kvsync_model::GetOptions::new())
                 .await
                 .is_ok()
         );
         tokio::time::advance(Duration::from_secs(2)).await;
         let err = store
-            .get(&ResourceKey::cluster("Node", "n"), None)
+            .get(&ResourceKey::cluster("Node", "n"), &kvsync_model::GetOptions::new())
             .await
             .unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }));

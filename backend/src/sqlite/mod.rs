@@ -79,7 +79,7 @@ pub enum Durability {
 /// use std::time::Duration;
 /// use kvsync_backend::sqlite::SqliteConfig;
 ///
-/// let config = SqliteConfig::new("/tmp/kvsync-doc.db").with_poll_interval(Duration::from_millis(50));
+/// let config = SqliteConfig::new("/tmp/kvsync-doc.db", kvsync_model::Registry::new()).with_poll_interval(Duration::from_millis(50));
 /// assert_eq!(config.poll_interval, Duration::from_millis(50));
 /// ```
 #[derive(Clone)]
@@ -88,7 +88,7 @@ pub struct SqliteConfig {
     pub path: PathBuf,
     /// The key prefix (default `/kvsync/v1`).
     pub prefix: String,
-    /// The kinds (default: the demo kinds).
+    /// The kinds the backend serves.
     pub registry: Arc<Registry>,
     /// How often watches look for writes made by other processes (default 100 ms).
     pub poll_interval: Duration,
