@@ -111,9 +111,7 @@ async fn main() -> Result<(), Error> {
             p.key.name, p.value.cidr, p.value.disabled
         );
     }
-    let all_policies = client
-        .list(&ListOptions::new("NetworkPolicy"))
-        .await?;
+    let all_policies = client.list(&ListOptions::new("NetworkPolicy")).await?;
     println!("{} network policies", all_policies.items.len());
 
     // Delete.

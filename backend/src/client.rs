@@ -545,7 +545,11 @@ impl<R: Resource> Api<R> {
     /// As [`Client::get`]; [`Error::Invalid`] (field `spec`) when the stored value is not an
     /// `R`.
     pub async fn get(&self, name: &str) -> Result<KVPair<R>> {
-        decode(self.client.get(&self.key(name)?, &GetOptions::new()).await?)
+        decode(
+            self.client
+                .get(&self.key(name)?, &GetOptions::new())
+                .await?,
+        )
     }
 
     /// Reads `name`, `None` when it is absent.
@@ -553,7 +557,11 @@ impl<R: Resource> Api<R> {
     /// # Errors
     /// As [`Api::get`], but for `NotFound`.
     pub async fn get_opt(&self, name: &str) -> Result<Option<KVPair<R>>> {
-        match self.client.get_opt(&self.key(name)?, &GetOptions::new()).await? {
+        match self
+            .client
+            .get_opt(&self.key(name)?, &GetOptions::new())
+            .await?
+        {
             Some(kvp) => decode(kvp).map(Some),
             None => Ok(None),
         }

@@ -12,8 +12,8 @@ use kvsync_model::{
 use tokio::sync::watch;
 
 use crate::client::{Capabilities, Client, ListPages};
-use crate::kernel::fuse_after_error;
 use crate::error::{Error, Result};
+use crate::kernel::fuse_after_error;
 use crate::watch::WatchStream;
 
 /// Wraps a client and fails its calls on demand: the next N calls, every call during an

@@ -16,10 +16,57 @@ use crate::manifest::{self, Doc};
 use crate::output;
 use crate::{Cli, Command, Output, WatchOutput};
 
+/// Prints the client's version and, with a client, the datastore's backend and capabilities.
+fn version(client: Option<&dyn Client>, output: Output) -> Result<()> {
+    let version = env!("CARGO_PKG_VERSION");
+    let datastore = client.map(|c| {
+        json!({
+            "backend": c.backend_name(),
+            "prefix": c.codec().prefix(),
+            "capabilities": c.capabilities(),
+        })
+    });
+    let all = json!({"client": {"version": version}, "datastore": datastore});
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&all)?),
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(&all)?),
+        Output::Table | Output::Wide => {
+            println!("Client Version: {version}");
+            if let Some(c) = client {
+                let caps = c.capabilities();
+                let yes = |b: bool| if b { "yes" } else { "no" };
+                println!(
+                    "Datastore: {} (prefix {})",
+                    c.backend_name(),
+                    c.codec().prefix()
+                );
+                println!("  TTL:                    {}", yes(caps.ttl));
+                println!("  reads at old revisions: {}", yes(caps.historical_reads));
+                println!("  compaction:             {}", yes(caps.compaction));
+                println!("  global revision:        {}", yes(caps.global_revision));
+                println!("  raw bytes kept:         {}", yes(caps.raw_bytes));
+                println!(
+                    "  largest value:          {}",
+                    caps.max_value_bytes
+                        .map_or_else(|| "no limit".to_owned(), |n| format!("{n} bytes"))
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the command line.
 pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Crds { out_dir } = &cli.command {
-        return crds(&Registry::with_demo_kinds(), out_dir.as_deref());
+        return crds(&kvsync_model::demo::registry(), out_dir.as_deref());
+    }
+    if let Command::Version {
+        client: true,
+        output,
+    } = &cli.command
+    {
+        return version(None, *output);
     }
     let client = cli.datastore.connect().await?;
     match cli.command {
@@ -47,6 +94,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Compact { revision } => compact(&client, revision).await,
         Command::Demo => demo(client, &cli.datastore.describe()).await,
         Command::Crds { .. } => unreachable!("handled above"),
+        Command::Version { output, .. } => version(Some(&*client), output),
     }
 }
 
@@ -230,7 +278,10 @@ async fn delete(
     };
     let mut stdout = std::io::stdout().lock();
     for key in keys {
-        match client.delete(&key, &kvsync_model::DeleteOptions::new()).await {
+        match client
+            .delete(&key, &kvsync_model::DeleteOptions::new())
+            .await
+        {
             Ok(_) => writeln!(stdout, "{} deleted", display(&key))?,
             Err(Error::NotFound { .. }) => bail!("{} not found", display(&key)),
             Err(e) => return Err(e.into()),
@@ -432,7 +483,11 @@ async fn demo(client: Arc<dyn Client>, datastore: &str) -> Result<()> {
         drain(&mut events, &mut cache).await;
     }
     let gone = ResourceKey::cluster("Node", "demo-node-2");
-    if client.delete(&gone, &kvsync_model::DeleteOptions::new()).await.is_ok() {
+    if client
+        .delete(&gone, &kvsync_model::DeleteOptions::new())
+        .await
+        .is_ok()
+    {
         println!("[writer] delete {gone}");
     }
     // Wait until the cache holds exactly the datastore's state.
@@ -442,7 +497,7 @@ async fn demo(client: Arc<dyn Client>, datastore: &str) -> Result<()> {
         let mut truth = BTreeMap::new();
         for k in kinds {
             for kvp in client.list(&ListOptions::new(k)).await?.items {
-                truth.insert(kvp.key, (kvp.value.into_value(), kvp.revision));
+                truth.insert(kvp.key, (kvp.value.into_value()?, kvp.revision));
             }
         }
         if truth == cache {
@@ -481,9 +536,12 @@ fn apply_event(cache: &mut Cache, ev: SyncerEvent) {
                     UpdateType::Deleted => {
                         cache.remove(&u.kvp.key);
                     }
-                    _ => {
-                        cache.insert(u.kvp.key, (u.kvp.value.into_value(), u.kvp.revision));
-                    }
+                    _ => match u.kvp.value.into_value() {
+                        Ok(v) => {
+                            cache.insert(u.kvp.key, (v, u.kvp.revision));
+                        }
+                        Err(e) => println!("  [syncer] cannot read {}: {e}", u.kvp.key),
+                    },
                 }
             }
         }

@@ -104,18 +104,19 @@ impl DatastoreArgs {
             ),
             DatastoreType::Sqlite => {
                 let path = self.db.clone().unwrap_or_else(default_db);
-                let backend =
-                    SqliteBackend::open(SqliteConfig::new(&path).with_prefix(self.prefix.clone()))
-                        .with_context(|| {
-                            format!("cannot open the SQLite datastore {}", path.display())
-                        })?;
+                let backend = SqliteBackend::open(
+                    SqliteConfig::new(&path, kvsync_model::demo::registry())
+                        .with_prefix(self.prefix.clone()),
+                )
+                .with_context(|| format!("cannot open the SQLite datastore {}", path.display()))?;
                 Arc::new(backend)
             }
             DatastoreType::Etcd => {
-                let mut config = EtcdConfig::new(self.etcd_endpoints.clone())
-                    .with_prefix(self.prefix.clone())
-                    .with_request_timeout(timeout)
-                    .with_connect_timeout(timeout.min(Duration::from_secs(5)));
+                let mut config =
+                    EtcdConfig::new(self.etcd_endpoints.clone(), kvsync_model::demo::registry())
+                        .with_prefix(self.prefix.clone())
+                        .with_request_timeout(timeout)
+                        .with_connect_timeout(timeout.min(Duration::from_secs(5)));
                 if self.etcd_ca_cert.is_some()
                     || self.etcd_cert.is_some()
                     || self.etcd_key.is_some()
@@ -141,11 +142,11 @@ impl DatastoreArgs {
                 Arc::new(backend)
             }
             DatastoreType::Kubernetes => {
-                let config = KubernetesConfig {
-                    kubeconfig: self.kubeconfig.clone(),
-                    watch_list: self.kube_watch_list,
-                    ..KubernetesConfig::default()
-                };
+                let mut config = KubernetesConfig::new(kvsync_model::demo::registry())
+                    .with_watch_list(self.kube_watch_list);
+                if let Some(path) = &self.kubeconfig {
+                    config = config.with_kubeconfig(path.clone());
+                }
                 let backend = tokio::time::timeout(timeout, KubernetesBackend::connect(config))
                     .await
                     .context("the Kubernetes configuration could not be loaded in time")?

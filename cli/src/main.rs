@@ -118,6 +118,16 @@ enum Command {
     },
     /// Write demo resources and show a Syncer following them.
     Demo,
+    /// Print the client's version and what the datastore can do (its capabilities), as
+    /// `kubectl version` prints the server's.
+    Version {
+        /// Only the client's version: do not open the datastore.
+        #[arg(long)]
+        client: bool,
+        /// The output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 fn main() -> ExitCode {

@@ -135,7 +135,7 @@ fn to_kvp(codec: &PathCodec, doc: &Value) -> Result<KVPair, String> {
             .replacen("invalid name", "invalid metadata.name", 1)
             .replacen("invalid namespace", "invalid metadata.namespace", 1)
     })?;
-    let spec = obj.get("spec").cloned().ok_or("missing field spec")?;
+    let spec = kvsync_model::Json::from(obj.get("spec").cloned().ok_or("missing field spec")?);
     info.validate(&spec).map_err(|e| e.to_string())?;
     Ok(KVPair::new(key, spec))
 }

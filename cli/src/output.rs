@@ -42,7 +42,7 @@ fn cell(v: &Value) -> String {
 pub fn table(info: &KindInfo, items: &[KVPair], wide: bool) -> String {
     let mut fields: Vec<String> = Vec::new();
     for kvp in items {
-        if let Value::Object(m) = &*kvp.value {
+        if let Ok(Value::Object(m)) = kvp.value.as_value() {
             for (k, v) in m {
                 let scalar = !matches!(v, Value::Object(_));
                 if scalar && !fields.contains(k) {
@@ -73,7 +73,13 @@ pub fn table(info: &KindInfo, items: &[KVPair], wide: bool) -> String {
         }
         row.push(kvp.key.name.clone());
         for f in &fields {
-            row.push(kvp.value.get(f).map_or_else(|| "<none>".into(), cell));
+            row.push(
+                kvp.value
+                    .as_value()
+                    .ok()
+                    .and_then(|v| v.get(f))
+                    .map_or_else(|| "<none>".into(), cell),
+            );
         }
         if wide {
             row.push(

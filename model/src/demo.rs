@@ -270,7 +270,9 @@ mod tests {
         let pool = reg.kind("IPPool").unwrap();
         let v = |j: serde_json::Value| crate::Json::from(j);
         assert!(pool.validate(&v(json!({"cidr": "10.0.0.0/16"}))).is_ok());
-        let err = pool.validate(&v(json!({"cidr": "10.0.0.1/16"}))).unwrap_err();
+        let err = pool
+            .validate(&v(json!({"cidr": "10.0.0.1/16"})))
+            .unwrap_err();
         assert!(err.to_string().contains("spec.cidr"), "{err}");
         let err = pool
             .validate(&v(json!({"cidr": "10.0.0.0/16", "blockSize": 8})))

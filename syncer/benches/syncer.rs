@@ -85,10 +85,7 @@ async fn initial_sync(store: &MemoryBackend, n: usize) -> Duration {
 
 async fn raw_list(store: &MemoryBackend, n: usize) -> Duration {
     let t = Instant::now();
-    let list = store
-        .list(&ListOptions::new("IPPool"))
-        .await
-        .expect("list");
+    let list = store.list(&ListOptions::new("IPPool")).await.expect("list");
     let mut map = Map::with_capacity(n);
     for kvp in list.items {
         map.insert(kvp.key, kvp.value);
@@ -130,10 +127,7 @@ async fn steady_syncer(store: &MemoryBackend, n: usize, keys: usize) -> Duration
 }
 
 async fn steady_raw(store: &MemoryBackend, n: usize, keys: usize) -> Duration {
-    let list = store
-        .list(&ListOptions::new("IPPool"))
-        .await
-        .expect("list");
+    let list = store.list(&ListOptions::new("IPPool")).await.expect("list");
     let mut map: Map = list.items.into_iter().map(|k| (k.key, k.value)).collect();
     let mut w = store
         .watch(&ListOptions::new("IPPool").with_revision(list.revision.clone()))

@@ -44,7 +44,10 @@ async fn main() {
                 .expect("write policy");
             if i == 10 {
                 writer_store
-                    .delete(&ResourceKey::cluster("IPPool", "pool-1"), &kvsync_model::DeleteOptions::new())
+                    .delete(
+                        &ResourceKey::cluster("IPPool", "pool-1"),
+                        &kvsync_model::DeleteOptions::new(),
+                    )
                     .await
                     .expect("delete pool");
                 faults.break_watches();

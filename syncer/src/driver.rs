@@ -591,7 +591,12 @@ impl TypeRun {
         let timeout = self.task.request_timeout;
         let rev = revision.clone();
         let opening = async move {
-            match tokio::time::timeout(timeout, client.watch(&opts.clone().with_revision(rev.clone()))).await {
+            match tokio::time::timeout(
+                timeout,
+                client.watch(&opts.clone().with_revision(rev.clone())),
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(Error::unavailable(format!(
                     "watch did not answer within {timeout:?}"
@@ -638,7 +643,12 @@ impl TypeRun {
                     }
                     _ => {
                         self.task
-                            .with_timeout("watch", self.task.client.watch(&opts.clone().with_revision(rev.clone())))
+                            .with_timeout(
+                                "watch",
+                                self.task
+                                    .client
+                                    .watch(&opts.clone().with_revision(rev.clone())),
+                            )
                             .await
                     }
                 };

@@ -80,10 +80,10 @@ fn apply(map: &mut Typed, batch: Vec<kvsync_syncer::Update>) -> Option<Revision>
 fn syncer(client: Arc<dyn Client>) -> Syncer {
     Syncer::new(client)
         .with_resource(ResourceType::new(ListOptions::new("IPPool")))
-        .with_backoff(Backoff {
-            initial: Duration::from_millis(1),
-            max: Duration::from_millis(10),
-        })
+        .with_retry_policy(Backoff::new(
+            Duration::from_millis(1),
+            Duration::from_millis(10),
+        ))
 }
 
 async fn sync_to_in_sync(events: &mut kvsync_syncer::SyncerStream, map: &mut Typed) {

@@ -87,7 +87,13 @@ impl Seen {
                             self.cache.remove(&key);
                         }
                         _ => {
-                            self.cache.insert(key, (u.kvp.value.into(), u.kvp.revision));
+                            self.cache.insert(
+                                key,
+                                (
+                                    Value::try_from(u.kvp.value).expect("readable value"),
+                                    u.kvp.revision,
+                                ),
+                            );
                         }
                     }
                 }
@@ -126,7 +132,13 @@ pub async fn datastore_state(client: &dyn Client, kinds: &[ListOptions]) -> Cach
     for opts in kinds {
         let list = client.list(opts).await.expect("list the datastore");
         for kvp in list.items {
-            cache.insert(kvp.key, (kvp.value.into(), kvp.revision));
+            cache.insert(
+                kvp.key,
+                (
+                    Value::try_from(kvp.value).expect("readable value"),
+                    kvp.revision,
+                ),
+            );
         }
     }
     cache

@@ -72,7 +72,10 @@ pub async fn create_assigns_revision_and_uid_and_refuses_duplicates(b: &dyn Test
     );
     assert_eq!(created.value.as_value().unwrap()["cidr"], "10.0.0.0/16");
 
-    let got = c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap();
+    let got = c
+        .get(&pool_key("a"), &kvsync_model::GetOptions::new())
+        .await
+        .unwrap();
     assert_eq!(got.revision, created.revision);
     assert_eq!(got.uid, created.uid);
     assert_eq!(got.value, created.value);
@@ -83,7 +86,12 @@ pub async fn create_assigns_revision_and_uid_and_refuses_duplicates(b: &dyn Test
         "{err}"
     );
     assert_eq!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
+            .await
+            .unwrap()
+            .value
+            .as_value()
+            .unwrap()["cidr"],
         "10.0.0.0/16"
     );
 }
@@ -97,7 +105,9 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
         "{err}"
     );
     assert!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.is_err(),
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
+            .await
+            .is_err(),
         "failed update wrote nothing"
     );
 
@@ -124,7 +134,7 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
             actual,
         } => {
             assert_eq!(*key, pool_key("a"));
-            assert_eq!(Some(expected), v1.revision.as_ref());
+            assert_eq!(expected.as_ref(), v1.revision.as_ref());
             assert_eq!(
                 actual.as_ref(),
                 v2.revision.as_ref(),
@@ -134,7 +144,12 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
         other => panic!("expected Conflict, got {other}"),
     }
     assert_eq!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
+            .await
+            .unwrap()
+            .value
+            .as_value()
+            .unwrap()["cidr"],
         "10.1.0.0/16"
     );
 
@@ -142,7 +157,12 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
     let v3 = c.update(pool("a", "10.3.0.0/16")).await.unwrap();
     assert_eq!(v3.uid, v1.uid);
     assert_eq!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
+            .await
+            .unwrap()
+            .value
+            .as_value()
+            .unwrap()["cidr"],
         "10.3.0.0/16"
     );
 }
@@ -154,7 +174,10 @@ pub async fn apply_creates_then_replaces(b: &dyn TestBackend) {
     let v2 = c.apply(pool("a", "10.1.0.0/16")).await.unwrap();
     assert_eq!(v1.uid, v2.uid);
     assert_ne!(v1.revision, v2.revision);
-    let got = c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap();
+    let got = c
+        .get(&pool_key("a"), &kvsync_model::GetOptions::new())
+        .await
+        .unwrap();
     assert_eq!(got.value.as_value().unwrap()["cidr"], "10.1.0.0/16");
     assert_eq!(got.revision, v2.revision);
 }
@@ -163,7 +186,10 @@ pub async fn apply_creates_then_replaces(b: &dyn TestBackend) {
 /// a new uid.
 pub async fn delete_returns_last_value_and_checks_revision(b: &dyn TestBackend) {
     let c = b.client().await.client;
-    let err = c.delete(&pool_key("a"), &kvsync_model::DeleteOptions::new()).await.unwrap_err();
+    let err = c
+        .delete(&pool_key("a"), &kvsync_model::DeleteOptions::new())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, Error::NotFound { key } if *key == pool_key("a")),
         "{err}"
@@ -172,22 +198,41 @@ pub async fn delete_returns_last_value_and_checks_revision(b: &dyn TestBackend) 
     let v1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
     let v2 = c.apply(pool("a", "10.1.0.0/16")).await.unwrap();
     let err = c
-        .delete(&pool_key("a"), &v1.revision.as_ref().map_or_else(kvsync_model::DeleteOptions::new, |r| kvsync_model::DeleteOptions::new().with_revision(r.clone())))
+        .delete(
+            &pool_key("a"),
+            &v1.revision
+                .as_ref()
+                .map_or_else(kvsync_model::DeleteOptions::new, |r| {
+                    kvsync_model::DeleteOptions::new().with_revision(r.clone())
+                }),
+        )
         .await
         .unwrap_err();
     assert!(matches!(&err, Error::Conflict { .. }), "{err}");
     assert!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.is_ok(),
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
+            .await
+            .is_ok(),
         "failed delete removed nothing"
     );
 
     let deleted = c
-        .delete(&pool_key("a"), &v2.revision.as_ref().map_or_else(kvsync_model::DeleteOptions::new, |r| kvsync_model::DeleteOptions::new().with_revision(r.clone())))
+        .delete(
+            &pool_key("a"),
+            &v2.revision
+                .as_ref()
+                .map_or_else(kvsync_model::DeleteOptions::new, |r| {
+                    kvsync_model::DeleteOptions::new().with_revision(r.clone())
+                }),
+        )
         .await
         .unwrap();
     assert_eq!(deleted.value.as_value().unwrap()["cidr"], "10.1.0.0/16");
     assert_eq!(deleted.revision, v2.revision);
-    let err = c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap_err();
+    let err = c
+        .get(&pool_key("a"), &kvsync_model::GetOptions::new())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
 
     let v3 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
@@ -203,16 +248,27 @@ pub async fn get_and_list_read_at_old_revisions(b: &dyn TestBackend) {
     let v1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
     c.create(pool("b", "10.1.0.0/16")).await.unwrap();
     c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
-    c.delete(&pool_key("b"), &kvsync_model::DeleteOptions::new()).await.unwrap();
+    c.delete(&pool_key("b"), &kvsync_model::DeleteOptions::new())
+        .await
+        .unwrap();
 
-    let old = c.get(&pool_key("a"), &kvsync_model::GetOptions::new().at(v1.revision.as_ref().cloned())).await.unwrap();
+    let old = c
+        .get(
+            &pool_key("a"),
+            &kvsync_model::GetOptions::new().at(v1.revision.as_ref().cloned()),
+        )
+        .await
+        .unwrap();
     assert_eq!(old.value.as_value().unwrap()["cidr"], "10.0.0.0/16");
     let list = c
         .list(&ListOptions::new("IPPool").at(v1.revision.as_ref().cloned()))
         .await
         .unwrap();
     assert_eq!(names(&list.items), ["a"]);
-    assert_eq!(list.items[0].value.as_value().unwrap()["cidr"], "10.0.0.0/16");
+    assert_eq!(
+        list.items[0].value.as_value().unwrap()["cidr"],
+        "10.0.0.0/16"
+    );
     assert_eq!(list.revision, v1.revision.clone().unwrap());
 }
 
@@ -232,10 +288,7 @@ pub async fn list_filters_by_kind_namespace_name_and_prefix(b: &dyn TestBackend)
     c.create(pool("p1", "10.0.0.0/16")).await.unwrap();
     let last = c.create(pool("p10", "10.1.0.0/16")).await.unwrap();
 
-    let all = c
-        .list(&ListOptions::new("NetworkPolicy"))
-        .await
-        .unwrap();
+    let all = c.list(&ListOptions::new("NetworkPolicy")).await.unwrap();
     let keys: Vec<String> = all.items.iter().map(|k| k.key.to_string()).collect();
     assert_eq!(
         keys,
@@ -271,10 +324,7 @@ pub async fn list_filters_by_kind_namespace_name_and_prefix(b: &dyn TestBackend)
     );
 
     let prefixed = c
-        .list(
-            &ListOptions::new("NetworkPolicy").with_name_prefix("p"),
-            None,
-        )
+        .list(&ListOptions::new("NetworkPolicy").with_name_prefix("p"))
         .await
         .unwrap();
     assert_eq!(names(&prefixed.items), ["p1", "p2", "p3", "p1"]);
@@ -284,7 +334,6 @@ pub async fn list_filters_by_kind_namespace_name_and_prefix(b: &dyn TestBackend)
             &ListOptions::new("NetworkPolicy")
                 .with_namespace("a")
                 .with_name_prefix("p"),
-            None,
         )
         .await
         .unwrap();
@@ -309,18 +358,16 @@ pub async fn list_filters_by_kind_namespace_name_and_prefix(b: &dyn TestBackend)
 pub async fn watch_from_list_revision_sees_every_change_in_order(b: &dyn TestBackend) {
     let c = b.client().await.client;
     c.create(policy("a", "x", 1.0)).await.unwrap();
-    let list = c
-        .list(&ListOptions::new("NetworkPolicy"))
-        .await
-        .unwrap();
+    let list = c.list(&ListOptions::new("NetworkPolicy")).await.unwrap();
     let mut w = c
         .watch(&ListOptions::new("NetworkPolicy").with_revision(list.revision.clone()))
         .await
         .unwrap();
     let mut w_ns = c
         .watch(
-            &ListOptions::new("NetworkPolicy").with_namespace("b"),
-            Some(&list.revision),
+            &ListOptions::new("NetworkPolicy")
+                .with_namespace("b")
+                .with_revision(list.revision.clone()),
         )
         .await
         .unwrap();
@@ -329,7 +376,10 @@ pub async fn watch_from_list_revision_sees_every_change_in_order(b: &dyn TestBac
     let added = c.create(policy("b", "y", 2.0)).await.unwrap();
     let modified = c.apply(policy("a", "x", 3.0)).await.unwrap();
     let deleted = c
-        .delete(&ResourceKey::namespaced("NetworkPolicy", "b", "y"), &kvsync_model::DeleteOptions::new())
+        .delete(
+            &ResourceKey::namespaced("NetworkPolicy", "b", "y"),
+            &kvsync_model::DeleteOptions::new(),
+        )
         .await
         .unwrap();
 
@@ -381,9 +431,13 @@ pub async fn watch_from_revision_replays_the_gap_with_deletions(b: &dyn TestBack
         .unwrap();
     // The gap: a modified, b deleted, c created then deleted, d created.
     c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
-    c.delete(&pool_key("b"), &kvsync_model::DeleteOptions::new()).await.unwrap();
+    c.delete(&pool_key("b"), &kvsync_model::DeleteOptions::new())
+        .await
+        .unwrap();
     c.create(pool("c", "10.3.0.0/16")).await.unwrap();
-    c.delete(&pool_key("c"), &kvsync_model::DeleteOptions::new()).await.unwrap();
+    c.delete(&pool_key("c"), &kvsync_model::DeleteOptions::new())
+        .await
+        .unwrap();
     c.create(pool("d", "10.4.0.0/16")).await.unwrap();
 
     let mut w = c
@@ -434,7 +488,10 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
         .unwrap();
     tc.raw.compact(c.as_ref(), &newest).await;
 
-    let first_error = match c.watch(&ListOptions::new("IPPool").with_revision(old.clone())).await {
+    let first_error = match c
+        .watch(&ListOptions::new("IPPool").with_revision(old.clone()))
+        .await
+    {
         Err(e) => e,
         Ok(mut w) => match tokio::time::timeout(EVENT_TIMEOUT, w.next()).await {
             Ok(Some(Err(e))) => e,
@@ -448,12 +505,23 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
     assert!(!first_error.is_retryable());
 
     if b.supports_historical_reads() {
-        let err = c.get(&pool_key("a"), &kvsync_model::GetOptions::new().with_revision(old.clone())).await.unwrap_err();
+        let err = c
+            .get(
+                &pool_key("a"),
+                &kvsync_model::GetOptions::new().with_revision(old.clone()),
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Compacted { .. }), "{err}");
     }
     // The current state and watches from the compaction point still work.
     assert_eq!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
+        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
+            .await
+            .unwrap()
+            .value
+            .as_value()
+            .unwrap()["cidr"],
         "10.3.0.0/16"
     );
     let mut w = c
@@ -484,11 +552,16 @@ pub async fn watch_from_just_before_a_compacted_deletion_never_misses_it(b: &dyn
         .unwrap()
         .revision
         .unwrap();
-    c.delete(&pool_key("a"), &kvsync_model::DeleteOptions::new()).await.unwrap();
+    c.delete(&pool_key("a"), &kvsync_model::DeleteOptions::new())
+        .await
+        .unwrap();
     let deleted_at = c.current_revision().await.ok();
     let at = deleted_at.clone().unwrap_or_else(|| before.clone());
     tc.raw.compact(c.as_ref(), &at).await;
-    let outcome = match c.watch(&ListOptions::new("IPPool").with_revision(before.clone())).await {
+    let outcome = match c
+        .watch(&ListOptions::new("IPPool").with_revision(before.clone()))
+        .await
+    {
         Err(e) => Err(e),
         Ok(mut w) => match tokio::time::timeout(EVENT_TIMEOUT, w.next()).await {
             Ok(Some(item)) => item,
@@ -512,7 +585,9 @@ pub async fn ttl_expires_keys_with_a_deleted_event(b: &dyn TestBackend) {
             .unwrap_err();
         assert!(matches!(err, Error::Unsupported { .. }), "{err}");
         assert!(
-            c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.is_err(),
+            c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
+                .await
+                .is_err(),
             "nothing written"
         );
         return;
@@ -530,7 +605,10 @@ pub async fn ttl_expires_keys_with_a_deleted_event(b: &dyn TestBackend) {
         WatchEvent::Deleted { key, .. } => assert_eq!(key, pool_key("a")),
         other => panic!("expected the TTL deletion, got {other:?}"),
     }
-    let err = c.get(&pool_key("a"), &kvsync_model::GetOptions::new()).await.unwrap_err();
+    let err = c
+        .get(&pool_key("a"), &kvsync_model::GetOptions::new())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
     let list = c.list(&ListOptions::new("IPPool")).await.unwrap();
     assert_eq!(names(&list.items), ["keep"]);
@@ -590,7 +668,10 @@ pub async fn racing_writers_with_preconditions_never_lose_an_update(b: &dyn Test
     assert_eq!(revs.len() as u64, total, "one winner per revision");
     let last = c.get(&key, &kvsync_model::GetOptions::new()).await.unwrap();
     let top = wins.iter().max_by_key(|w| w.0).unwrap();
-    assert_eq!(last.value.as_value().unwrap()["asn"].as_u64(), Some(total + 1));
+    assert_eq!(
+        last.value.as_value().unwrap()["asn"].as_u64(),
+        Some(total + 1)
+    );
     assert_eq!(
         last.revision.as_ref(),
         Some(&top.1),
@@ -611,7 +692,13 @@ pub async fn large_values_round_trip(b: &dyn TestBackend) {
     c.create(KVPair::new(key.clone(), value.clone()))
         .await
         .unwrap();
-    assert_eq!(c.get(&key, &kvsync_model::GetOptions::new()).await.unwrap().value, value);
+    assert_eq!(
+        c.get(&key, &kvsync_model::GetOptions::new())
+            .await
+            .unwrap()
+            .value,
+        value
+    );
     let list = c.list(&ListOptions::new("Node")).await.unwrap();
     assert_eq!(list.items[0].value, value);
 }
@@ -737,7 +824,10 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
     tc.raw.put_raw(&path, b"{not json").await;
 
     let raw_bytes = b.stores_raw_bytes();
-    let err = c.get(&pool_key("bad"), &kvsync_model::GetOptions::new()).await.unwrap_err();
+    let err = c
+        .get(&pool_key("bad"), &kvsync_model::GetOptions::new())
+        .await
+        .unwrap_err();
     match &err {
         Error::Parse {
             raw_key, raw_value, ..
@@ -773,7 +863,12 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
     // The bad entry can be repaired through the client.
     c.apply(pool("bad", "10.2.0.0/16")).await.unwrap();
     assert_eq!(
-        c.get(&pool_key("bad"), &kvsync_model::GetOptions::new()).await.unwrap().value.as_value().unwrap()["cidr"],
+        c.get(&pool_key("bad"), &kvsync_model::GetOptions::new())
+            .await
+            .unwrap()
+            .value
+            .as_value()
+            .unwrap()["cidr"],
         "10.2.0.0/16"
     );
 }

@@ -318,7 +318,7 @@ impl EtcdCluster {
     /// Client settings for this cluster under `prefix` (with the client TLS material for a
     /// TLS cluster).
     pub fn config(&self, prefix: &str) -> EtcdConfig {
-        let mut c = EtcdConfig::new(self.endpoints())
+        let mut c = EtcdConfig::new(self.endpoints(), kvsync_model::demo::registry())
             .with_prefix(prefix)
             .with_request_timeout(Duration::from_secs(5))
             .with_connect_timeout(Duration::from_secs(2));

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use kvsync_backend::{Client, ListPages, MemoryBackend, Result, WatchStream};
-use kvsync_model::{KVList, KVPair, ListOptions, ResourceKey, Revision};
+use kvsync_backend::{Client, MemoryBackend};
+use kvsync_model::Revision;
 
 /// Direct access to a backend's storage, bypassing the client, as a foreign writer has.
 #[async_trait]
@@ -61,55 +61,7 @@ impl Guarded {
     }
 }
 
-#[async_trait]
-impl Client for Guarded {
-    fn codec(&self) -> &kvsync_model::PathCodec {
-        self.inner.codec()
-    }
-    fn backend_name(&self) -> &'static str {
-        self.inner.backend_name()
-    }
-    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
-        self.inner.create(kvp).await
-    }
-    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
-        self.inner.update(kvp).await
-    }
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
-        self.inner.apply(kvp).await
-    }
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
-        self.inner.delete(key, &revision.map_or_else(kvsync_model::DeleteOptions::new, |r| kvsync_model::DeleteOptions::new().with_revision(r.clone()))).await
-    }
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
-        self.inner.get(key, &kvsync_model::GetOptions::new().at(revision.cloned())).await
-    }
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        self.inner.list(&*opts.clone().at(revision.cloned())).await
-    }
-    async fn list_pages(
-        &self,
-        opts: &ListOptions,
-        revision: Option<&Revision>,
-    ) -> Result<ListPages> {
-        self.inner.list_pages(&*opts.clone().at(revision.cloned())).await
-    }
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
-        self.inner.watch(&*opts.clone().at(from.cloned())).await
-    }
-    async fn ensure_initialized(&self) -> Result<()> {
-        self.inner.ensure_initialized().await
-    }
-    async fn clean(&self) -> Result<()> {
-        self.inner.clean().await
-    }
-    async fn compact(&self, revision: &Revision) -> Result<()> {
-        self.inner.compact(revision).await
-    }
-    async fn current_revision(&self) -> Result<Revision> {
-        self.inner.current_revision().await
-    }
-}
+kvsync_backend::delegate_client!(impl [] for Guarded, |this| &*this.inner);
 
 /// A backend under test: hands out fresh clients, each over its own empty key prefix.
 #[async_trait]

@@ -253,6 +253,10 @@ impl Client for Isolated {
         self.inner.backend_name()
     }
 
+    fn capabilities(&self) -> kvsync_backend::Capabilities {
+        self.inner.capabilities()
+    }
+
     async fn create(&self, kvp: KVPair) -> Result<KVPair> {
         self.write(kvp, async |k| self.inner.create(k).await).await
     }
@@ -265,45 +269,37 @@ impl Client for Isolated {
         self.write(kvp, async |k| self.inner.apply(k).await).await
     }
 
-    async fn delete(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
-        self.inner
-            .delete(&self.tags.tag_key(key), &revision.map_or_else(kvsync_model::DeleteOptions::new, |r| kvsync_model::DeleteOptions::new().with_revision(r.clone())))
-            .await
-            .map(|k| self.tags.shown_kvp(k))
-            .map_err(|e| self.tags.untag_error(e))
-    }
-
-    async fn get(&self, key: &ResourceKey, revision: Option<&Revision>) -> Result<KVPair> {
-        self.inner
-            .get(&self.tags.tag_key(key), &kvsync_model::GetOptions::new().at(revision.cloned()))
-            .await
-            .map(|k| self.tags.shown_kvp(k))
-            .map_err(|e| self.tags.untag_error(e))
-    }
-
-    async fn list(&self, opts: &ListOptions, revision: Option<&Revision>) -> Result<KVList> {
-        let list = self.inner.list(&self.tags.tag_opts(opts).clone().at(revision.cloned())).await?;
-        Ok(self.tags.untag_list(list))
-    }
-
-    async fn list_pages(
+    async fn delete(
         &self,
-        opts: &ListOptions,
-        revision: Option<&Revision>,
-    ) -> Result<ListPages> {
+        key: &ResourceKey,
+        opts: &kvsync_model::DeleteOptions,
+    ) -> Result<KVPair> {
+        self.inner
+            .delete(&self.tags.tag_key(key), opts)
+            .await
+            .map(|k| self.tags.shown_kvp(k))
+            .map_err(|e| self.tags.untag_error(e))
+    }
+
+    async fn get(&self, key: &ResourceKey, opts: &kvsync_model::GetOptions) -> Result<KVPair> {
+        self.inner
+            .get(&self.tags.tag_key(key), opts)
+            .await
+            .map(|k| self.tags.shown_kvp(k))
+            .map_err(|e| self.tags.untag_error(e))
+    }
+
+    async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages> {
         let tags = self.tags.clone();
-        let pages = self
-            .inner
-            .list_pages(&self.tags.tag_opts(opts).clone().at(revision.cloned()))
-            .await?;
+        let pages = self.inner.list_pages(&self.tags.tag_opts(opts)).await?;
         Ok(pages
             .map(move |page| page.map(|list| tags.untag_list(list)))
             .boxed())
     }
 
-    async fn watch(&self, opts: &ListOptions, from: Option<&Revision>) -> Result<WatchStream> {
+    async fn watch(&self, opts: &ListOptions) -> Result<WatchStream> {
         let tags = self.tags.clone();
-        let stream = self.inner.watch(&self.tags.tag_opts(opts).clone().at(from.cloned())).await?;
+        let stream = self.inner.watch(&self.tags.tag_opts(opts)).await?;
         Ok(stream
             .filter_map(move |item| {
                 std::future::ready(match item {
@@ -330,7 +326,10 @@ impl Client for Isolated {
             .collect();
         for kind in kinds {
             for kvp in self.list(&ListOptions::new(kind)).await?.items {
-                match self.delete(&kvp.key, &kvsync_model::DeleteOptions::new()).await {
+                match self
+                    .delete(&kvp.key, &kvsync_model::DeleteOptions::new())
+                    .await
+                {
                     Ok(_) | Err(Error::NotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }

@@ -66,11 +66,11 @@ pub async fn connect(double: &ApiServerDouble) -> KubernetesBackend {
 /// # Panics
 /// If the kubeconfig the double wrote cannot be used.
 pub async fn connect_with(double: &ApiServerDouble, watch_list: bool) -> KubernetesBackend {
-    KubernetesBackend::connect(KubernetesConfig {
-        kubeconfig: Some(double.kubeconfig()),
-        watch_list,
-        ..KubernetesConfig::default()
-    })
+    KubernetesBackend::connect(
+        KubernetesConfig::new(kvsync_model::demo::registry())
+            .with_kubeconfig(double.kubeconfig())
+            .with_watch_list(watch_list),
+    )
     .await
     .expect("connect to the API server double")
 }
@@ -194,10 +194,10 @@ impl ClusterTestBackend {
     }
 
     async fn connect(&self) -> KubernetesBackend {
-        KubernetesBackend::connect(KubernetesConfig {
-            kubeconfig: Some(self.kubeconfig.clone()),
-            ..KubernetesConfig::default()
-        })
+        KubernetesBackend::connect(
+            KubernetesConfig::new(kvsync_model::demo::registry())
+                .with_kubeconfig(self.kubeconfig.clone()),
+        )
         .await
         .expect("connect to the cluster")
     }
@@ -225,8 +225,11 @@ impl ClusterTestBackend {
             .collect();
         for kind in kinds {
             let opts = kvsync_model::ListOptions::new(kind).with_name_prefix(mark.clone());
-            for kvp in backend.list(&opts, None).await?.items {
-                match backend.delete(&kvp.key, None).await {
+            for kvp in backend.list(&opts).await?.items {
+                match backend
+                    .delete(&kvp.key, &kvsync_model::DeleteOptions::new())
+                    .await
+                {
                     Ok(_) | Err(kvsync_backend::Error::NotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }

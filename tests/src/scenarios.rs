@@ -51,10 +51,10 @@ pub async fn outage_recovery_resumes_short_gaps_and_relists_long_ones(b: &dyn Te
     let faults = faulty.faults();
     let syncer = Syncer::new(faulty.clone())
         .with_resource(ResourceType::new(ListOptions::new("IPPool")))
-        .with_backoff(Backoff {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(50),
-        });
+        .with_retry_policy(Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        ));
     let consumer = CheckingConsumer::start(syncer.stream());
     wait_equal(&consumer, client.as_ref()).await;
 
@@ -69,7 +69,10 @@ pub async fn outage_recovery_resumes_short_gaps_and_relists_long_ones(b: &dyn Te
             let name = format!("p{:03}", i % 200);
             if i % 3 == 2 {
                 client
-                    .delete(&ResourceKey::cluster("IPPool", name), &kvsync_model::DeleteOptions::new())
+                    .delete(
+                        &ResourceKey::cluster("IPPool", name),
+                        &kvsync_model::DeleteOptions::new(),
+                    )
                     .await
                     .ok();
             } else {

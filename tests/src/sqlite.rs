@@ -26,7 +26,7 @@ impl RawAccess for SqliteRaw {
 
 /// Settings for a test database at `path`: a short poll interval, `NORMAL` durability.
 pub fn test_config(path: &std::path::Path) -> SqliteConfig {
-    SqliteConfig::new(path)
+    SqliteConfig::new(path, kvsync_model::demo::registry())
         .with_prefix(unique_prefix())
         .with_poll_interval(Duration::from_millis(20))
         .with_durability(Durability::Normal)

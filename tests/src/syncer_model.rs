@@ -115,10 +115,10 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
     let mut syncer = Syncer::new(faulty.clone())
         .with_max_batch(rng.random_range(1..20))
         .with_channel_capacity(rng.random_range(0..3))
-        .with_backoff(Backoff {
-            initial: Duration::from_millis(1),
-            max: Duration::from_millis(20),
-        })
+        .with_retry_policy(Backoff::new(
+            Duration::from_millis(1),
+            Duration::from_millis(20),
+        ))
         .with_request_timeout(Duration::from_secs(5));
     for opts in kinds() {
         syncer = syncer.with_resource(ResourceType::new(opts));
@@ -141,7 +141,9 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
                 log.push(format!("create {key}: {}", r.is_ok()));
             }
             45..=64 => {
-                let r = client.delete(&key, &kvsync_model::DeleteOptions::new()).await;
+                let r = client
+                    .delete(&key, &kvsync_model::DeleteOptions::new())
+                    .await;
                 log.push(format!("delete {key}: {}", r.is_ok()));
             }
             65..=69 if backend.can_store_undecodable() => {
@@ -150,10 +152,7 @@ async fn run_case(backend: &dyn TestBackend, config: &ModelConfig, seed: u64) {
                 log.push(format!("garbage {key} @{rev}"));
             }
             70..=76 if config.compaction && backend.can_compact() => {
-                let list = client
-                    .list(&ListOptions::new("Node"))
-                    .await
-                    .expect("list");
+                let list = client.list(&ListOptions::new("Node")).await.expect("list");
                 raw.compact(client.as_ref(), &list.revision).await;
                 log.push(format!("compact @{}", list.revision));
             }

@@ -29,10 +29,10 @@ fn pool(name: &str, n: u64) -> KVPair {
 fn syncer(client: Arc<dyn Client>) -> Syncer {
     Syncer::new(client)
         .with_resource(ResourceType::new(ListOptions::new("IPPool")))
-        .with_backoff(Backoff {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(500),
-        })
+        .with_retry_policy(Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(500),
+        ))
         .with_request_timeout(Duration::from_secs(3))
 }
 
@@ -134,7 +134,10 @@ async fn killed_and_restarted_etcd_goes_wait_for_datastore_then_in_sync() {
         }
     }
     client
-        .delete(&ResourceKey::cluster("IPPool", "p19"), None)
+        .delete(
+            &ResourceKey::cluster("IPPool", "p19"),
+            &kvsync_model::DeleteOptions::new(),
+        )
         .await
         .expect("delete");
     converged(&consumer, client.as_ref())
@@ -254,10 +257,15 @@ async fn tls_with_the_right_ca_works_and_a_client_without_it_is_refused() {
         .expect("connect");
     good.create(pool("tls", 1)).await.expect("write over TLS");
     assert_eq!(
-        good.get(&ResourceKey::cluster("IPPool", "tls"), None)
-            .await
-            .expect("read")
-            .value["cidr"],
+        good.get(
+            &ResourceKey::cluster("IPPool", "tls"),
+            &kvsync_model::GetOptions::new()
+        )
+        .await
+        .expect("read")
+        .value
+        .as_value()
+        .unwrap()["cidr"],
         "10.1.0.0/16"
     );
 
@@ -270,7 +278,10 @@ async fn tls_with_the_right_ca_works_and_a_client_without_it_is_refused() {
     let refused = match EtcdBackend::connect(bad_config).await {
         Err(e) => e,
         Ok(bad) => bad
-            .get(&ResourceKey::cluster("IPPool", "tls"), None)
+            .get(
+                &ResourceKey::cluster("IPPool", "tls"),
+                &kvsync_model::GetOptions::new(),
+            )
             .await
             .expect_err("a client that does not trust the server's CA is refused"),
     };
@@ -285,13 +296,17 @@ async fn tls_with_the_right_ca_works_and_a_client_without_it_is_refused() {
             .endpoints()
             .iter()
             .map(|e| e.replace("https://", "http://")),
+        kvsync_model::demo::registry(),
     )
     .with_prefix(prefix.as_str())
     .with_request_timeout(Duration::from_secs(2));
     let plain = EtcdBackend::connect(plain).await.expect("lazy connect");
     assert!(
         plain
-            .get(&ResourceKey::cluster("IPPool", "tls"), None)
+            .get(
+                &ResourceKey::cluster("IPPool", "tls"),
+                &kvsync_model::GetOptions::new()
+            )
             .await
             .is_err()
     );
@@ -312,7 +327,7 @@ async fn a_user_without_rights_gets_unauthorized() {
         .expect_err("no write rights");
     assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
     let err = reader
-        .list(&ListOptions::new("IPPool"), None)
+        .list(&ListOptions::new("IPPool"))
         .await
         .expect_err("no read rights here");
     assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
@@ -333,15 +348,18 @@ async fn a_user_without_rights_gets_unauthorized() {
 async fn an_unreachable_endpoint_fails_fast_and_retryably() {
     let port = kvsync_tests::etcd::free_port();
     let backend = EtcdBackend::connect(
-        EtcdConfig::new([format!("http://127.0.0.1:{port}")])
-            .with_request_timeout(Duration::from_secs(2))
-            .with_connect_timeout(Duration::from_secs(1)),
+        EtcdConfig::new(
+            [format!("http://127.0.0.1:{port}")],
+            kvsync_model::demo::registry(),
+        )
+        .with_request_timeout(Duration::from_secs(2))
+        .with_connect_timeout(Duration::from_secs(1)),
     )
     .await
     .expect("lazy connect");
     let started = std::time::Instant::now();
     let err = backend
-        .list(&ListOptions::new("IPPool"), None)
+        .list(&ListOptions::new("IPPool"))
         .await
         .expect_err("nobody listens");
     assert!(err.is_retryable(), "{err}");
@@ -379,10 +397,7 @@ async fn a_list_larger_than_the_decode_limit_is_read_in_smaller_pages() {
         }
     });
     writes.buffer_unordered(8).for_each(|_| async {}).await;
-    let list = client
-        .list(&ListOptions::new("Node"), None)
-        .await
-        .expect("list");
+    let list = client.list(&ListOptions::new("Node")).await.expect("list");
     assert_eq!(list.items.len(), 72);
     assert!(list.items.iter().all(|k| k.value == value));
 }
@@ -451,7 +466,7 @@ async fn lists_read_in_parts_match_one_range_exactly() {
     let all_pools = ListOptions::new("IPPool");
     let all_policies = ListOptions::new("NetworkPolicy");
     let one_namespace = ListOptions::new("NetworkPolicy").with_namespace("ns-3");
-    let before = split.list(&all_pools, None).await.expect("list");
+    let before = split.list(&all_pools).await.expect("list");
     assert_eq!(before.items.len(), 1500);
 
     // Writers change, delete and add keys while the lists run.
@@ -463,7 +478,9 @@ async fn lists_read_in_parts_match_one_range_exactly() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let key = keys[(n as usize * 37) % keys.len()].clone();
                 if n % 5 == 0 {
-                    let _ = client.delete(&key, None).await;
+                    let _ = client
+                        .delete(&key, &kvsync_model::DeleteOptions::new())
+                        .await;
                 } else {
                     let v = value(&key, n);
                     client.apply(KVPair::new(key, v)).await.expect("write");
@@ -474,7 +491,7 @@ async fn lists_read_in_parts_match_one_range_exactly() {
     };
     for opts in [&all_pools, &all_policies, &one_namespace] {
         for _ in 0..3 {
-            let mut pages = split.list_pages(opts, None).await.expect("pages");
+            let mut pages = split.list_pages(opts).await.expect("pages");
             let mut listed: Vec<KVPair> = Vec::new();
             let mut page_count = 0;
             let mut revision = None;
@@ -488,7 +505,10 @@ async fn lists_read_in_parts_match_one_range_exactly() {
             }
             let revision = revision.expect("a first page");
             // The same snapshot, read as one range.
-            let expected = plain.list(opts, Some(&revision)).await.expect("plain list");
+            let expected = plain
+                .list(&opts.clone().with_revision(revision.clone()))
+                .await
+                .expect("plain list");
             let paths = |items: &[KVPair]| -> Vec<String> {
                 items.iter().map(|k| k.key.to_string()).collect()
             };
@@ -512,18 +532,18 @@ async fn lists_read_in_parts_match_one_range_exactly() {
     // And at a revision from before the writers.
     for opts in [&all_pools, &all_policies, &one_namespace] {
         let a = split
-            .list(opts, Some(&before.revision))
+            .list(&opts.clone().with_revision(before.revision.clone()))
             .await
             .expect("list");
         let b = plain
-            .list(opts, Some(&before.revision))
+            .list(&opts.clone().with_revision(before.revision.clone()))
             .await
             .expect("list");
         assert_eq!(a.items, b.items);
     }
     assert_eq!(
         split
-            .list(&all_pools, Some(&before.revision))
+            .list(&all_pools.clone().with_revision(before.revision.clone()))
             .await
             .expect("list")
             .items,

@@ -61,10 +61,10 @@ async fn gone_in_the_middle_of_a_watch_relists_and_sends_the_difference() {
     }
     let syncer = Syncer::new(client.clone())
         .with_resource(ResourceType::new(ListOptions::new("IPPool")))
-        .with_backoff(Backoff {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(50),
-        });
+        .with_retry_policy(Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        ));
     let consumer = CheckingConsumer::start(syncer.stream());
     let kinds = [ListOptions::new("IPPool")];
     let expected = datastore_state(client.as_ref(), &kinds).await;
@@ -86,7 +86,10 @@ async fn gone_in_the_middle_of_a_watch_relists_and_sends_the_difference() {
         .expect("update");
     double.expire_history();
     client
-        .delete(&ResourceKey::cluster("IPPool", "c"), &kvsync_model::DeleteOptions::new())
+        .delete(
+            &ResourceKey::cluster("IPPool", "c"),
+            &kvsync_model::DeleteOptions::new(),
+        )
         .await
         .expect("delete");
     client
@@ -122,10 +125,8 @@ async fn a_wrong_token_is_unauthorized() {
     let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
     double.require_token("right");
     let wrong = kvsync_backend::kubernetes::KubernetesBackend::connect(
-        kvsync_backend::kubernetes::KubernetesConfig {
-            kubeconfig: Some(double.kubeconfig_with_token("wrong")),
-            ..Default::default()
-        },
+        kvsync_backend::kubernetes::KubernetesConfig::new(kvsync_model::demo::registry())
+            .with_kubeconfig(double.kubeconfig_with_token("wrong")),
     )
     .await
     .expect("connect");
@@ -138,10 +139,8 @@ async fn a_wrong_token_is_unauthorized() {
         "{err}"
     );
     let right = kvsync_backend::kubernetes::KubernetesBackend::connect(
-        kvsync_backend::kubernetes::KubernetesConfig {
-            kubeconfig: Some(double.kubeconfig_with_token("right")),
-            ..Default::default()
-        },
+        kvsync_backend::kubernetes::KubernetesConfig::new(kvsync_model::demo::registry())
+            .with_kubeconfig(double.kubeconfig_with_token("right")),
     )
     .await
     .expect("connect");

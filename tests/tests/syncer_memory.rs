@@ -21,10 +21,10 @@ fn fast_syncer(client: Arc<dyn Client>) -> Syncer {
     Syncer::new(client)
         .with_resource(ResourceType::new(ListOptions::new("IPPool")))
         .with_resource(ResourceType::new(ListOptions::new("NetworkPolicy")))
-        .with_backoff(Backoff {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(50),
-        })
+        .with_retry_policy(Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        ))
 }
 
 fn kinds() -> Vec<ListOptions> {
@@ -95,7 +95,10 @@ async fn watch_broken_mid_stream_resumes_without_a_resync() {
             .unwrap();
         if round % 2 == 0 {
             store
-                .delete(&ResourceKey::cluster("IPPool", "shared"), &kvsync_model::DeleteOptions::new())
+                .delete(
+                    &ResourceKey::cluster("IPPool", "shared"),
+                    &kvsync_model::DeleteOptions::new(),
+                )
                 .await
                 .unwrap();
         }
@@ -133,13 +136,19 @@ async fn compaction_during_a_gap_relists_and_sends_exactly_the_difference() {
     // The gap: b updated, c deleted, d created, e created and deleted; then compaction.
     store.apply(pool("b", "10.1.0.0/16")).await.unwrap();
     store
-        .delete(&ResourceKey::cluster("IPPool", "c"), &kvsync_model::DeleteOptions::new())
+        .delete(
+            &ResourceKey::cluster("IPPool", "c"),
+            &kvsync_model::DeleteOptions::new(),
+        )
         .await
         .unwrap();
     store.create(pool("d", "10.2.0.0/16")).await.unwrap();
     store.create(pool("e", "10.3.0.0/16")).await.unwrap();
     store
-        .delete(&ResourceKey::cluster("IPPool", "e"), &kvsync_model::DeleteOptions::new())
+        .delete(
+            &ResourceKey::cluster("IPPool", "e"),
+            &kvsync_model::DeleteOptions::new(),
+        )
         .await
         .unwrap();
     store.compact(&store.revision().into()).await.unwrap();
@@ -185,7 +194,10 @@ async fn outage_returns_to_wait_for_datastore_then_resyncs_the_gap() {
     );
     store.apply(pool("a", "10.9.0.0/16")).await.unwrap();
     store
-        .delete(&ResourceKey::cluster("IPPool", "b"), &kvsync_model::DeleteOptions::new())
+        .delete(
+            &ResourceKey::cluster("IPPool", "b"),
+            &kvsync_model::DeleteOptions::new(),
+        )
         .await
         .unwrap();
     store.create(pool("c", "10.0.0.0/16")).await.unwrap();
@@ -320,7 +332,10 @@ async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     store
-        .delete(&ResourceKey::cluster("IPPool", "a"), &kvsync_model::DeleteOptions::new())
+        .delete(
+            &ResourceKey::cluster("IPPool", "a"),
+            &kvsync_model::DeleteOptions::new(),
+        )
         .await
         .unwrap();
     while rec.0.lock().unwrap().1.len() < 2 {
@@ -332,7 +347,8 @@ async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
     assert_eq!(updates[0].update_type, UpdateType::New);
     assert_eq!(updates[1].update_type, UpdateType::Deleted);
     assert_eq!(
-        updates[1].kvp.value.as_value().unwrap()["cidr"], "10.0.0.0/16",
+        updates[1].kvp.value.as_value().unwrap()["cidr"],
+        "10.0.0.0/16",
         "Deleted carries the last value"
     );
 }
@@ -433,7 +449,10 @@ async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
                     // Written during the list, after its revision: must come by the watch.
                     store.create(pool("late", "10.9.0.0/16")).await.unwrap();
                     store
-                        .delete(&ResourceKey::cluster("IPPool", "p099"), &kvsync_model::DeleteOptions::new())
+                        .delete(
+                            &ResourceKey::cluster("IPPool", "p099"),
+                            &kvsync_model::DeleteOptions::new(),
+                        )
                         .await
                         .unwrap();
                 }

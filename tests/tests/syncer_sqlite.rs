@@ -144,7 +144,7 @@ async fn every_acknowledged_write_survives_kill_9_of_the_writer() {
         .map(|k| {
             (
                 k.key.name.clone(),
-                seq_of(&k.value).expect("a writer value"),
+                seq_of(k.value.as_value().expect("readable")).expect("a writer value"),
             )
         })
         .collect();

@@ -8,8 +8,8 @@ use kvsync_model::{Json, KVPair, ListOptions, ParseFailure, PathCodec, Revision}
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 
-use crate::kernel::put_event;
 use crate::error::{Error, Result};
+use crate::kernel::put_event;
 use crate::watch::WatchEvent;
 
 /// The stored form of a value: metadata kvsync keeps beside the resource.
@@ -52,11 +52,7 @@ struct UidMeta {
 }
 
 impl Envelope<'_> {
-    pub(super) fn encode(
-        uid: &str,
-        ttl: Option<Duration>,
-        value: &Json,
-    ) -> Result<Vec<u8>> {
+    pub(super) fn encode(uid: &str, ttl: Option<Duration>, value: &Json) -> Result<Vec<u8>> {
         serde_json::to_vec(&Envelope {
             metadata: MetadataOut {
                 uid,

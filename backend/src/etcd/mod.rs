@@ -49,11 +49,11 @@ pub use config::{EtcdConfig, EtcdListReads, EtcdTls};
 use convert::{Envelope, decode_kv, decode_owned_kv, map_err, rev_i64};
 
 use crate::client::{Capabilities, Client, ListPages};
+use crate::error::{Error, Result};
 use crate::kernel::{
     WriteMode, check_delete, check_update, encode_for_write, fuse_after_error, parse_error,
     push_listed, undecodable_last_value,
 };
-use crate::error::{Error, Result};
 use crate::watch::WatchStream;
 
 /// The decode limit of the client's responses: room for a 1.5 MiB value and pages of many
@@ -722,7 +722,11 @@ impl Client for EtcdBackend {
         self.write(kvp, WriteMode::Apply).await
     }
 
-    async fn delete(&self, key: &ResourceKey, opts: &kvsync_model::DeleteOptions) -> Result<KVPair> {
+    async fn delete(
+        &self,
+        key: &ResourceKey,
+        opts: &kvsync_model::DeleteOptions,
+    ) -> Result<KVPair> {
         let path = self.codec.to_path(key)?;
         let expected = opts.revision.as_ref().map(rev_i64).transpose()?;
         for _ in 0..MAX_WRITE_RETRIES {

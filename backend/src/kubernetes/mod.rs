@@ -39,11 +39,11 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use crate::client::{Capabilities, Client, ListPages};
-use crate::kernel::{
-    Decoded, check_delete, encode_for_write, fuse_after_error, parse_error, push_listed,
-    put_event, undecodable_last_value,
-};
 use crate::error::{Error, Result};
+use crate::kernel::{
+    Decoded, check_delete, encode_for_write, fuse_after_error, parse_error, push_listed, put_event,
+    undecodable_last_value,
+};
 use crate::watch::{WatchEvent, WatchStream};
 
 /// How many objects a list page asks for.
@@ -305,7 +305,9 @@ impl KubernetesBackend {
             .await
         {
             Ok(o) => Ok(Ok(self.to_kvp(&kvp.key.kind, o)?)),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(status_err(&s, Some(&kvp.key), None))),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                Ok(Err(status_err(&s, Some(&kvp.key), None)))
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::NotFound {
                 key: kvp.key.clone(),
             }),
@@ -328,7 +330,10 @@ impl KubernetesBackend {
             ..WatchParams::default()
         }
         .timeout(290);
-        let stream = api.watch(&wp, "0").await.map_err(|e| map_err(e, None, None))?;
+        let stream = api
+            .watch(&wp, "0")
+            .await
+            .map_err(|e| map_err(e, None, None))?;
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
             match item.map_err(|e| map_err(e, None, None))? {

@@ -23,11 +23,11 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::client::{Capabilities, Client, ListPages};
+use crate::error::{Error, Result};
 use crate::kernel::{
     WriteMode, check_delete, check_update, counter_revision, decode_entry, encode_for_write,
     fuse_after_error, parse_error, push_listed, put_event, undecodable_last_value,
 };
-use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
 
 /// How many writes the history keeps by default before compacting automatically.
@@ -344,7 +344,6 @@ impl MemoryBackend {
         }
         Ok(list)
     }
-
 
     /// Locks the store and expires due keys first, so no read sees an expired key.
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -690,7 +689,10 @@ mod tests {
 
     #[tokio::test]
     async fn history_limit_compacts_automatically() {
-        let store = MemoryBackend::builder(kvsync_model::demo::registry()).history_limit(3).build().unwrap();
+        let store = MemoryBackend::builder(kvsync_model::demo::registry())
+            .history_limit(3)
+            .build()
+            .unwrap();
         for i in 0..5 {
             store.create(node(&format!("n{i}"))).await.unwrap();
         }
@@ -698,12 +700,17 @@ mod tests {
         // Entries 3, 4 and 5 are kept: a watch from 2 still works, from 1 does not.
         assert!(
             store
-                .watch(&ListOptions::new("Node").with_revision(kvsync_model::Revision::from(2u64).clone()))
+                .watch(
+                    &ListOptions::new("Node")
+                        .with_revision(kvsync_model::Revision::from(2u64).clone())
+                )
                 .await
                 .is_ok()
         );
         let err = store
-            .watch(&ListOptions::new("Node").with_revision(kvsync_model::Revision::from(1u64).clone()))
+            .watch(
+                &ListOptions::new("Node").with_revision(kvsync_model::Revision::from(1u64).clone()),
+            )
             .await
             .err()
             .unwrap();
@@ -712,7 +719,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_watcher_that_falls_behind_the_history_gets_compacted() {
-        let store = MemoryBackend::builder(kvsync_model::demo::registry()).history_limit(10).build().unwrap();
+        let store = MemoryBackend::builder(kvsync_model::demo::registry())
+            .history_limit(10)
+            .build()
+            .unwrap();
         let mut w = store.watch(&ListOptions::new("Node")).await.unwrap();
         for i in 0..50 {
             store.create(node(&format!("n{i}"))).await.unwrap();
@@ -759,13 +769,19 @@ mod tests {
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(
             store
-                .get(&ResourceKey::cluster("Node", "n"), &kvsync_model::GetOptions::new())
+                .get(
+                    &ResourceKey::cluster("Node", "n"),
+                    &kvsync_model::GetOptions::new()
+                )
                 .await
                 .is_ok()
         );
         tokio::time::advance(Duration::from_secs(2)).await;
         let err = store
-            .get(&ResourceKey::cluster("Node", "n"), &kvsync_model::GetOptions::new())
+            .get(
+                &ResourceKey::cluster("Node", "n"),
+                &kvsync_model::GetOptions::new(),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }));

@@ -32,11 +32,11 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::watch;
 
 use crate::client::{Capabilities, Client, ListPages};
+use crate::error::{Error, Result};
 use crate::kernel::{
     WriteMode, check_delete, check_update, counter_revision, decode_entry, encode_for_write,
     fuse_after_error, parse_error, push_listed, put_event, undecodable_last_value,
 };
-use crate::error::{Error, Result};
 use crate::watch::{WatchEvent, WatchStream};
 
 /// How many log rows a watch reads per query.

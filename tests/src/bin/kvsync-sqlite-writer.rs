@@ -20,7 +20,7 @@ async fn main() {
     };
     let count: u64 = count.parse().unwrap_or(0);
     let backend = match SqliteBackend::open(
-        SqliteConfig::new(db)
+        SqliteConfig::new(db, kvsync_model::demo::registry())
             .with_prefix(prefix.as_str())
             .with_poll_interval(Duration::from_millis(20))
             .with_durability(Durability::Normal),
