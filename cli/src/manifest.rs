@@ -191,7 +191,7 @@ mod tests {
     use super::*;
 
     fn codec() -> PathCodec {
-        PathCodec::default()
+        PathCodec::with_registry(kvsync_model::demo::registry())
     }
 
     #[test]

@@ -167,6 +167,70 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
     );
 }
 
+/// A delete with a uid precondition removes the key only while it is the same object: after
+/// the key was deleted and created again, the old uid is a conflict and nothing is deleted.
+pub async fn delete_with_a_uid_removes_only_that_object(b: &dyn TestBackend) {
+    use kvsync_model::DeleteOptions;
+    let c = b.client().await.client;
+    let first = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    c.delete(&pool_key("a"), &DeleteOptions::new()).await.unwrap();
+    let second = c.create(pool("a", "10.1.0.0/16")).await.unwrap();
+    assert_ne!(first.uid, second.uid, "a re-created key has a new uid");
+
+    let stale = DeleteOptions::new().with_uid(first.uid.clone().unwrap());
+    let err = c.delete(&pool_key("a"), &stale).await.unwrap_err();
+    match &err {
+        Error::Conflict { key, expected, .. } => {
+            assert_eq!(*key, pool_key("a"));
+            assert_eq!(*expected, None, "no revision was asked for");
+        }
+        other => panic!("expected Conflict, got {other}"),
+    }
+    assert!(err.to_string().contains("uid"), "{err}");
+    assert!(
+        c.get_opt(&pool_key("a"), &kvsync_model::GetOptions::new())
+            .await
+            .unwrap()
+            .is_some(),
+        "a failed precondition deletes nothing"
+    );
+
+    // Written since (same object, new revision): the uid alone still matches.
+    let third = c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
+    assert_eq!(third.uid, second.uid);
+    let deleted = c
+        .delete(&pool_key("a"), &DeleteOptions::new().with_uid(second.uid.clone().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(deleted.value.as_value().unwrap()["cidr"], "10.2.0.0/16");
+    assert_eq!(deleted.revision, third.revision);
+    assert_eq!(deleted.uid, second.uid);
+
+    // Both preconditions from a value read before.
+    let fourth = c.create(pool("a", "10.3.0.0/16")).await.unwrap();
+    let deleted = c
+        .delete(&pool_key("a"), &DeleteOptions::matching(&fourth))
+        .await
+        .unwrap();
+    assert_eq!(deleted.uid, fourth.uid);
+}
+
+/// get_opt answers `None` for an absent key and the pair for a present one.
+pub async fn get_opt_says_absent_with_none(b: &dyn TestBackend) {
+    let c = b.client().await.client;
+    let opts = kvsync_model::GetOptions::new();
+    assert!(c.get_opt(&pool_key("a"), &opts).await.unwrap().is_none());
+    let created = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let got = c.get_opt(&pool_key("a"), &opts).await.unwrap().unwrap();
+    assert_eq!(got.revision, created.revision);
+    // Bad keys are still errors, not `None`.
+    let bad = ResourceKey::cluster("IPPool", "Bad_Name");
+    assert!(matches!(
+        c.get_opt(&bad, &opts).await,
+        Err(Error::Invalid { .. })
+    ));
+}
+
 /// apply creates or replaces unconditionally.
 pub async fn apply_creates_then_replaces(b: &dyn TestBackend) {
     let c = b.client().await.client;
@@ -937,6 +1001,8 @@ macro_rules! with_conformance_checks {
             update_checks_existence_and_revision,
             apply_creates_then_replaces,
             delete_returns_last_value_and_checks_revision,
+            delete_with_a_uid_removes_only_that_object,
+            get_opt_says_absent_with_none,
             get_and_list_read_at_old_revisions,
             list_filters_by_kind_namespace_name_and_prefix,
             watch_from_list_revision_sees_every_change_in_order,

@@ -4,13 +4,38 @@
 //!
 //! It serves custom resources under `/apis/<group>/<version>/[namespaces/<ns>/]<plural>[/<name>]`:
 //! create (POST, 201; 409 AlreadyExists), get (404 NotFound), replace (PUT; 409 Conflict on a
-//! stale `metadata.resourceVersion`), delete (with `preconditions.resourceVersion`; returns the
-//! object), list (with `limit`/`continue` over one snapshot, `fieldSelector=metadata.name=`),
+//! stale `metadata.resourceVersion`), delete (with `preconditions.resourceVersion` and
+//! `preconditions.uid`; answers a `Status` with `status: Success` and details naming the
+//! object once it is gone, and `202 Accepted` with the object while finalizers hold it), list (with `limit`/`continue` over one snapshot, `fieldSelector=metadata.name=`),
 //! and watch (`?watch=1&resourceVersion=R&allowWatchBookmarks=true`) streaming ADDED,
 //! MODIFIED, DELETED, BOOKMARK and ERROR events as JSON lines. Every write bumps one global
 //! resourceVersion; objects get a uid on create. Only the last `window` events are kept: a
 //! watch from an older resourceVersion gets an ERROR event with a `410 Gone` (Expired) Status,
 //! as the real server does. A bearer token can be required (401 without it).
+//!
+//! Checked against the API concepts document and the apiserver sources
+//! (`staging/src/k8s.io/apiserver/pkg/registry/generic/registry/store.go`):
+//! - a completed DELETE answers `200` with `Status{status: Success, details: {name, group,
+//!   kind: <resource>, uid}}`, not the object (the bug a real server showed); with finalizers
+//!   the object stays, marked with a `deletionTimestamp`, and comes back with `202 Accepted`;
+//! - preconditions on DELETE (resourceVersion, uid) fail with `409 Conflict`, reason
+//!   `Conflict`, "Precondition failed: ..." messages as the server words them;
+//! - lists carry `metadata.resourceVersion` and `metadata.continue` (empty on the last page);
+//!   an expired continue token and a watch from before the window answer `410`, reason
+//!   `Expired`, the latter as an `ERROR` watch event carrying the Status.
+//!
+//! What it does **not** model (a test that depends on one of these needs a real cluster,
+//! `KVSYNC_TEST_KUBECONFIG`):
+//! - `details` (name, group, kind) in failure Statuses (404, 409, 422): only `code`,
+//!   `reason` and `message` are sent;
+//! - schema validation, defaulting and pruning of the CRDs' OpenAPI schemas, and `422
+//!   Invalid` with field `causes` (the backend validates before it sends);
+//! - graceful deletion, `metadata.generation`, `creationTimestamp`, `managedFields`, PATCH
+//!   and server-side apply, label selectors and field selectors other than `metadata.name`;
+//! - `remainingItemCount` in lists, `resourceVersionMatch`, reads at a resourceVersion;
+//! - the watch cache's timing: bookmarks come when asked for and at the end of the initial
+//!   events, not every minute; a watch is not closed after `timeoutSeconds`;
+//! - authorization beyond one bearer token (no RBAC, no 403s), admission, rate limits (429).
 
 // Handlers return the error response itself; boxing it would only add noise to a test server.
 #![allow(clippy::result_large_err)]
@@ -777,6 +802,22 @@ fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
             format!("{}.{} \"{name}\" not found", t.plural, t.group),
         );
     };
+    if let Some(want) = opts.pointer("/preconditions/uid").and_then(Value::as_str) {
+        let actual = current
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if want != actual {
+            return fail(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {}.{} \"{name}\": Precondition failed: UID in precondition: {want}, UID in object meta: {actual}",
+                    t.plural, t.group
+                ),
+            );
+        }
+    }
     if let Some(want) = opts
         .pointer("/preconditions/resourceVersion")
         .and_then(Value::as_str)
@@ -796,9 +837,35 @@ fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
             );
         }
     }
-    inner.objects.remove(&key);
+    let finalizers = current
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
     inner.rv += 1;
     let rv = inner.rv;
+    if finalizers {
+        // Finalizers hold the object: it is marked for deletion (MODIFIED) and answered with
+        // 202 Accepted and the object, as the API concepts document describes.
+        let mut held = current;
+        held["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if held.pointer("/metadata/deletionTimestamp").is_none() {
+            held["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        inner.objects.insert(key, held.clone());
+        record(
+            &mut inner,
+            rv,
+            &t.plural,
+            t.namespace.as_deref(),
+            "MODIFIED",
+            held.clone(),
+        );
+        drop(inner);
+        shared.changed.send_replace(rv);
+        return reply(202, &held);
+    }
+    inner.objects.remove(&key);
+    let uid = current.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
     let mut gone = current;
     gone["metadata"]["resourceVersion"] = json!(rv.to_string());
     record(
@@ -807,11 +874,25 @@ fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
         &t.plural,
         t.namespace.as_deref(),
         "DELETED",
-        gone.clone(),
+        gone,
     );
     drop(inner);
     shared.changed.send_replace(rv);
-    reply(200, &gone)
+    // A custom resource's store does not return the deleted object: it answers with a
+    // Status whose details name it (apiserver registry/generic/registry/store.go,
+    // finalizeDelete; its `kind` is the resource, not the kind).
+    reply(200, &deleted_status(&name, &t.group, &t.plural, uid))
+}
+
+/// What a real API server answers to a completed DELETE of a custom resource.
+fn deleted_status(name: &str, group: &str, plural: &str, uid: Value) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": {"name": name, "group": group, "kind": plural, "uid": uid},
+    })
 }
 
 impl Inner {
