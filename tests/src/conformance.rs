@@ -173,7 +173,9 @@ pub async fn delete_with_a_uid_removes_only_that_object(b: &dyn TestBackend) {
     use kvsync_model::DeleteOptions;
     let c = b.client().await.client;
     let first = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
-    c.delete(&pool_key("a"), &DeleteOptions::new()).await.unwrap();
+    c.delete(&pool_key("a"), &DeleteOptions::new())
+        .await
+        .unwrap();
     let second = c.create(pool("a", "10.1.0.0/16")).await.unwrap();
     assert_ne!(first.uid, second.uid, "a re-created key has a new uid");
 
@@ -199,7 +201,10 @@ pub async fn delete_with_a_uid_removes_only_that_object(b: &dyn TestBackend) {
     let third = c.apply(pool("a", "10.2.0.0/16")).await.unwrap();
     assert_eq!(third.uid, second.uid);
     let deleted = c
-        .delete(&pool_key("a"), &DeleteOptions::new().with_uid(second.uid.clone().unwrap()))
+        .delete(
+            &pool_key("a"),
+            &DeleteOptions::new().with_uid(second.uid.clone().unwrap()),
+        )
         .await
         .unwrap();
     assert_eq!(deleted.value.as_value().unwrap()["cidr"], "10.2.0.0/16");

@@ -865,7 +865,10 @@ fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
         return reply(202, &held);
     }
     inner.objects.remove(&key);
-    let uid = current.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
+    let uid = current
+        .pointer("/metadata/uid")
+        .cloned()
+        .unwrap_or(Value::Null);
     let mut gone = current;
     gone["metadata"]["resourceVersion"] = json!(rv.to_string());
     record(

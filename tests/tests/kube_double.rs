@@ -100,13 +100,33 @@ async fn status_bodies_follow_the_api_conventions() {
         let pre = json!({"preconditions": {"resourceVersion": rv}});
         let (code, _) = http(&url, "DELETE", &format!("{POOLS}/a"), Some(&pre));
         assert_eq!(code, 409, "stale precondition");
+        let wrong_uid = json!({"preconditions": {"uid": "not-the-uid"}});
+        let (code, body) = http(&url, "DELETE", &format!("{POOLS}/a"), Some(&wrong_uid));
+        assert_eq!(code, 409, "uid precondition: {body}");
+        assert!(body.contains("UID in precondition"), "{body}");
         let (code, body) = http(&url, "DELETE", &format!("{POOLS}/a"), None);
         assert_eq!(code, 200);
-        assert_eq!(
-            json_of(&body)["spec"]["cidr"],
-            "10.0.0.0/16",
-            "the deleted object is returned"
-        );
+        // A real API server answers a completed delete of a custom resource with a Status
+        // naming the object (details.kind is the resource), not with the object.
+        let status = json_of(&body);
+        assert_eq!(status["kind"], "Status", "{body}");
+        assert_eq!(status["status"], "Success");
+        assert_eq!(status["details"]["name"], "a");
+        assert_eq!(status["details"]["group"], "kvsync.dev");
+        assert_eq!(status["details"]["kind"], "ippools");
+        assert_eq!(status["details"]["uid"], created["metadata"]["uid"]);
+        assert!(status.get("spec").is_none(), "no object in the answer");
+
+        // While finalizers hold an object, the delete answers 202 with the object, marked.
+        let mut held = pool("held");
+        held["metadata"]["finalizers"] = json!(["example.com/cleanup"]);
+        let (code, _) = http(&url, "POST", POOLS, Some(&held));
+        assert_eq!(code, 201);
+        let (code, body) = http(&url, "DELETE", &format!("{POOLS}/held"), None);
+        assert_eq!(code, 202, "{body}");
+        assert!(json_of(&body)["metadata"]["deletionTimestamp"].is_string());
+        let (code, _) = http(&url, "GET", &format!("{POOLS}/held"), None);
+        assert_eq!(code, 200, "still there while finalizers hold it");
     })
     .await
     .expect("requests");
