@@ -522,3 +522,40 @@ fn the_cli_works_against_a_real_etcd() {
     let out = run(&["delete", "ippool", "pool-b"]);
     assert!(out.status.success());
 }
+
+#[test]
+fn version_prints_the_client_and_the_datastore_s_capabilities() {
+    let env = Env::new();
+    let out = env.kvsync().args(["version", "--client"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("Client Version: {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Datastore"),
+        "--client opens no datastore: {text}"
+    );
+
+    let out = env
+        .kvsync()
+        .args(["version", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["datastore"]["backend"], "sqlite");
+    assert_eq!(v["datastore"]["capabilities"]["ttl"], true);
+    assert_eq!(v["datastore"]["capabilities"]["global_revision"], true);
+
+    let out = env
+        .kvsync()
+        .args(["--datastore", "memory", "version"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("Datastore: memory"), "{text}");
+    assert!(text.contains("TTL:                    yes"), "{text}");
+}

@@ -45,7 +45,7 @@ fn attributes_become_the_kind_s_names_and_scope() {
     assert_eq!(ProjectSpec::PLURAL, "projects");
     assert_eq!(ProjectSpec::GROUP, "example.com");
     assert_eq!(ProjectSpec::VERSION, "v1beta1");
-    assert!(ProjectSpec::NAMESPACED);
+    assert!(KindInfo::of::<ProjectSpec>().namespaced);
     assert_eq!(ProjectSpec::SHORT_NAMES, ["proj", "prj"]);
     let info = KindInfo::of::<ProjectSpec>();
     assert_eq!(info.api_version(), "example.com/v1beta1");
@@ -56,7 +56,7 @@ fn defaults_are_the_type_name_v1_a_plain_plural_and_cluster_scope() {
     assert_eq!(Tenant::KIND, "Tenant");
     assert_eq!(Tenant::PLURAL, "tenants");
     assert_eq!(Tenant::VERSION, "v1");
-    assert!(!Tenant::NAMESPACED);
+    assert!(!KindInfo::of::<Tenant>().namespaced);
     assert!(Tenant::SHORT_NAMES.is_empty());
 }
 

@@ -241,7 +241,7 @@ async fn run(cluster: &EtcdCluster, n: usize) {
         for _ in 0..3 {
             let t = Instant::now();
             let list = client
-                .list(&ListOptions::new("IPPool"), None)
+                .list(&ListOptions::new("IPPool"))
                 .await
                 .expect("list");
             list_best = list_best.min(t.elapsed());
@@ -255,7 +255,7 @@ async fn run(cluster: &EtcdCluster, n: usize) {
             for _ in 0..2 {
                 let t = Instant::now();
                 let mut pages = client
-                    .list_pages(&ListOptions::new("IPPool"), None)
+                    .list_pages(&ListOptions::new("IPPool"))
                     .await
                     .expect("pages");
                 while let Some(p) = pages.next().await {
@@ -469,7 +469,7 @@ async fn run(cluster: &EtcdCluster, n: usize) {
         // so only the structures themselves are counted.
         drop(
             client
-                .list(&ListOptions::new("IPPool"), None)
+                .list(&ListOptions::new("IPPool"))
                 .await
                 .expect("warm up"),
         );
