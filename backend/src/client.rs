@@ -59,6 +59,20 @@ impl Capabilities {
         }
     }
 
+    /// A store that keeps a revision log as etcd's mvcc does (memory, SQLite, etcd): TTLs,
+    /// reads at old revisions, compaction, one global revision, bytes kept as written, and
+    /// no limit on values (set one with [`Capabilities::with_max_value_bytes`]).
+    pub fn revision_log() -> Self {
+        Capabilities {
+            ttl: true,
+            historical_reads: true,
+            compaction: true,
+            global_revision: true,
+            raw_bytes: true,
+            max_value_bytes: None,
+        }
+    }
+
     /// Sets [`Capabilities::ttl`].
     #[must_use]
     pub fn with_ttl(mut self, yes: bool) -> Self {

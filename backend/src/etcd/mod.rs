@@ -699,12 +699,7 @@ impl Client for EtcdBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none()
-            .with_ttl(true)
-            .with_historical_reads(true)
-            .with_compaction(true)
-            .with_global_revision(true)
-            .with_raw_bytes(true)
+        Capabilities::revision_log()
             // etcd's default --max-request-bytes (1.5 MiB), less room for the key and the
             // envelope.
             .with_max_value_bytes(Some(1_572_864 - 4_096))

@@ -464,12 +464,7 @@ impl Client for MemoryBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none()
-            .with_ttl(true)
-            .with_historical_reads(true)
-            .with_compaction(true)
-            .with_global_revision(true)
-            .with_raw_bytes(true)
+        Capabilities::revision_log()
     }
 
     async fn create(&self, kvp: KVPair) -> Result<KVPair> {

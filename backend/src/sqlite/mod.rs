@@ -610,12 +610,7 @@ impl Client for SqliteBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none()
-            .with_ttl(true)
-            .with_historical_reads(true)
-            .with_compaction(true)
-            .with_global_revision(true)
-            .with_raw_bytes(true)
+        Capabilities::revision_log()
             // SQLite's default SQLITE_MAX_LENGTH.
             .with_max_value_bytes(Some(1_000_000_000))
     }
