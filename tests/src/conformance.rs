@@ -85,15 +85,7 @@ pub async fn create_assigns_revision_and_uid_and_refuses_duplicates(b: &dyn Test
         matches!(&err, Error::AlreadyExists { key } if *key == pool_key("a")),
         "{err}"
     );
-    assert_eq!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
-            .await
-            .unwrap()
-            .value
-            .as_value()
-            .unwrap()["cidr"],
-        "10.0.0.0/16"
-    );
+    assert_eq!(cidr_of(&*c, &pool_key("a")).await, "10.0.0.0/16");
 }
 
 /// update needs the key, honours a revision precondition and keeps uid and create revision.
@@ -143,28 +135,12 @@ pub async fn update_checks_existence_and_revision(b: &dyn TestBackend) {
         }
         other => panic!("expected Conflict, got {other}"),
     }
-    assert_eq!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
-            .await
-            .unwrap()
-            .value
-            .as_value()
-            .unwrap()["cidr"],
-        "10.1.0.0/16"
-    );
+    assert_eq!(cidr_of(&*c, &pool_key("a")).await, "10.1.0.0/16");
 
     // Without a revision, update is unconditional.
     let v3 = c.update(pool("a", "10.3.0.0/16")).await.unwrap();
     assert_eq!(v3.uid, v1.uid);
-    assert_eq!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
-            .await
-            .unwrap()
-            .value
-            .as_value()
-            .unwrap()["cidr"],
-        "10.3.0.0/16"
-    );
+    assert_eq!(cidr_of(&*c, &pool_key("a")).await, "10.3.0.0/16");
 }
 
 /// A delete with a uid precondition removes the key only while it is the same object: after
@@ -234,6 +210,15 @@ pub async fn get_opt_says_absent_with_none(b: &dyn TestBackend) {
         c.get_opt(&bad, &opts).await,
         Err(Error::Invalid { .. })
     ));
+}
+
+/// The `cidr` of the pool stored under `key` (which must exist).
+async fn cidr_of(c: &dyn Client, key: &ResourceKey) -> Value {
+    let kvp = c
+        .get(key, &kvsync_model::GetOptions::new())
+        .await
+        .expect("the key exists");
+    kvp.value.as_value().expect("readable JSON")["cidr"].clone()
 }
 
 /// apply creates or replaces unconditionally.
@@ -584,15 +569,7 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
         assert!(matches!(err, Error::Compacted { .. }), "{err}");
     }
     // The current state and watches from the compaction point still work.
-    assert_eq!(
-        c.get(&pool_key("a"), &kvsync_model::GetOptions::new())
-            .await
-            .unwrap()
-            .value
-            .as_value()
-            .unwrap()["cidr"],
-        "10.3.0.0/16"
-    );
+    assert_eq!(cidr_of(&*c, &pool_key("a")).await, "10.3.0.0/16");
     let mut w = c
         .watch(&ListOptions::new("IPPool").with_revision(newest.clone()))
         .await
@@ -931,15 +908,7 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
     assert!(matches!(next_change(&mut w).await, WatchEvent::Added(k) if k.key.name == "later"));
     // The bad entry can be repaired through the client.
     c.apply(pool("bad", "10.2.0.0/16")).await.unwrap();
-    assert_eq!(
-        c.get(&pool_key("bad"), &kvsync_model::GetOptions::new())
-            .await
-            .unwrap()
-            .value
-            .as_value()
-            .unwrap()["cidr"],
-        "10.2.0.0/16"
-    );
+    assert_eq!(cidr_of(&*c, &pool_key("bad")).await, "10.2.0.0/16");
 }
 
 /// clean removes every key under the client's prefix, and only those.

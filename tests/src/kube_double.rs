@@ -802,9 +802,16 @@ fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
             format!("{}.{} \"{name}\" not found", t.plural, t.group),
         );
     };
-    if let Some(want) = opts.pointer("/preconditions/uid").and_then(Value::as_str) {
+    // Preconditions, worded as the API server words their failures.
+    for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
+        let Some(want) = opts
+            .pointer(&format!("/preconditions/{field}"))
+            .and_then(Value::as_str)
+        else {
+            continue;
+        };
         let actual = current
-            .pointer("/metadata/uid")
+            .pointer(&format!("/metadata/{field}"))
             .and_then(Value::as_str)
             .unwrap_or_default();
         if want != actual {
@@ -812,26 +819,7 @@ fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
                 409,
                 "Conflict",
                 format!(
-                    "Operation cannot be fulfilled on {}.{} \"{name}\": Precondition failed: UID in precondition: {want}, UID in object meta: {actual}",
-                    t.plural, t.group
-                ),
-            );
-        }
-    }
-    if let Some(want) = opts
-        .pointer("/preconditions/resourceVersion")
-        .and_then(Value::as_str)
-    {
-        let actual = current
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        if want != actual {
-            return fail(
-                409,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on {}.{} \"{name}\": Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {actual}",
+                    "Operation cannot be fulfilled on {}.{} \"{name}\": Precondition failed: {label} in precondition: {want}, {label} in object meta: {actual}",
                     t.plural, t.group
                 ),
             );
