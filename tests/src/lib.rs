@@ -7,6 +7,7 @@
 pub mod conformance;
 pub mod etcd;
 pub mod harness;
+pub mod http;
 pub mod isolate;
 pub mod kube_double;
 pub mod kubernetes;

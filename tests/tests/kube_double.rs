@@ -1,9 +1,5 @@
 //! The API server double itself, at the HTTP level: status bodies, pagination, watches.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
-
 use kvsync_model::Registry;
 use kvsync_tests::kube_double::ApiServerDouble;
 use serde_json::{Value, json};
@@ -11,29 +7,14 @@ use serde_json::{Value, json};
 /// One HTTP/1.1 request; returns the status code and the body text (chunks left in place).
 fn http(url: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
     let addr = url.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer test-token\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+    let answer = kvsync_tests::http::request(
+        addr,
+        method,
+        path,
+        &[("Authorization", "Bearer test-token")],
+        body,
+    );
+    (answer.code, answer.body)
 }
 
 fn json_of(body: &str) -> Value {
