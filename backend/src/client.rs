@@ -17,6 +17,29 @@ use crate::watch::WatchStream;
 /// A list delivered page by page: see [`Client::list_pages`].
 pub type ListPages = futures::stream::BoxStream<'static, Result<KVList>>;
 
+/// What a write may find: see [`Client::write`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WriteMode {
+    /// The key must not exist ([`Client::create`]).
+    Create,
+    /// The key must exist, at the pair's revision when it has one ([`Client::update`]).
+    Update,
+    /// Either ([`Client::apply`]).
+    Apply,
+}
+
+impl WriteMode {
+    /// The operation's name: `create`, `update` or `apply`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteMode::Create => "create",
+            WriteMode::Update => "update",
+            WriteMode::Apply => "apply",
+        }
+    }
+}
+
 /// What a backend can do, so that callers choose before they call instead of matching on
 /// [`Error::Unsupported`] afterwards (`kvsync version --datastore ...` shows it).
 ///
@@ -131,8 +154,8 @@ impl Capabilities {
 /// - `watch` with the options of a `list` and the list's revision yields every change after
 ///   the list in revision order with no gaps.
 ///
-/// A backend implements the required methods; `list` (built from `list_pages`), `get_opt`
-/// and the rest have defaults.
+/// A backend implements the required methods; `create`, `update` and `apply` (built on
+/// `write`), `list` (built from `list_pages`), `get_opt` and the rest have defaults.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -177,24 +200,40 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     /// What the backend can do.
     fn capabilities(&self) -> Capabilities;
 
+    /// Writes `kvp` as `mode` says, atomically with the check: [`WriteMode::Create`] only if
+    /// the key is absent, [`WriteMode::Update`] only if it is present (and at `kvp.revision`
+    /// when set; the uid and create revision are kept), [`WriteMode::Apply`] either way.
+    /// Returns the stored pair with its new revision.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyExists`], [`Error::NotFound`], [`Error::Conflict`] as above;
+    /// [`Error::Invalid`] for a bad key or value (nothing is written); transport errors.
+    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair>;
+
     /// Creates a key that must not exist yet. `kvp.revision` is ignored.
     ///
     /// # Errors
     /// [`Error::AlreadyExists`] if the key exists; [`Error::Invalid`] for a bad key or value.
-    async fn create(&self, kvp: KVPair) -> Result<KVPair>;
+    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
+        self.write(kvp, WriteMode::Create).await
+    }
 
     /// Replaces the value of an existing key; when `kvp.revision` is set, only if it is the
     /// key's current revision. The uid and create revision are kept.
     ///
     /// # Errors
     /// [`Error::NotFound`] if the key is absent; [`Error::Conflict`] if the revision is stale.
-    async fn update(&self, kvp: KVPair) -> Result<KVPair>;
+    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
+        self.write(kvp, WriteMode::Update).await
+    }
 
     /// Creates or replaces a key unconditionally.
     ///
     /// # Errors
     /// [`Error::Invalid`] for a bad key or value; transport errors.
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair>;
+    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
+        self.write(kvp, WriteMode::Apply).await
+    }
 
     /// Deletes a key, only if it meets the preconditions of `opts` (its revision, its uid),
     /// and returns its last value, whose `revision` is the revision of the last write before
@@ -360,6 +399,14 @@ macro_rules! delegate_client {
             fn capabilities(&self) -> $crate::Capabilities {
                 let $this = self;
                 $crate::Client::capabilities($inner)
+            }
+            async fn write(
+                &self,
+                kvp: $crate::model::KVPair,
+                mode: $crate::WriteMode,
+            ) -> $crate::Result<$crate::model::KVPair> {
+                let $this = self;
+                $crate::Client::write($inner, kvp, mode).await
             }
             async fn create(&self, kvp: $crate::model::KVPair) -> $crate::Result<$crate::model::KVPair> {
                 let $this = self;

@@ -11,7 +11,7 @@ use kvsync_model::{
 };
 use tokio::sync::watch;
 
-use crate::client::{Capabilities, Client, ListPages};
+use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::fuse_after_error;
 use crate::watch::WatchStream;
@@ -196,19 +196,9 @@ impl<C: Client> Client for FaultyClient<C> {
         self.inner.capabilities()
     }
 
-    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
-        self.faults.check("create")?;
-        self.inner.create(kvp).await
-    }
-
-    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
-        self.faults.check("update")?;
-        self.inner.update(kvp).await
-    }
-
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
-        self.faults.check("apply")?;
-        self.inner.apply(kvp).await
+    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
+        self.faults.check(mode.as_str())?;
+        self.inner.write(kvp, mode).await
     }
 
     async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {

@@ -8,6 +8,7 @@ use kvsync_model::{
     ResourceKey, Revision,
 };
 
+use crate::client::WriteMode;
 use crate::watch::WatchEvent;
 
 use crate::error::{Error, Result};
@@ -56,6 +57,26 @@ pub(crate) fn check_delete(
         });
     }
     Ok(())
+}
+
+/// Checks a write against what it finds: create needs the key absent, update present (and at
+/// `expected` when given), apply either. `current` is the key's current revision, `None`
+/// when it is absent.
+///
+/// # Errors
+/// [`Error::AlreadyExists`], [`Error::NotFound`] or [`Error::Conflict`]; nothing is written.
+pub(crate) fn check_write(
+    key: &ResourceKey,
+    mode: WriteMode,
+    expected: Option<&Revision>,
+    current: Option<&Revision>,
+) -> Result<()> {
+    match (mode, current) {
+        (WriteMode::Create, Some(_)) => Err(Error::AlreadyExists { key: key.clone() }),
+        (WriteMode::Update, None) => Err(Error::NotFound { key: key.clone() }),
+        (WriteMode::Update, Some(current)) => check_update(key, expected, current),
+        _ => Ok(()),
+    }
 }
 
 /// Checks an update's revision precondition against the key's current revision.
@@ -165,14 +186,6 @@ pub(crate) fn parse_error(f: ParseFailure) -> Error {
         raw_value: f.raw_value,
         source: f.reason.into(),
     }
-}
-
-/// What a write may find: create needs the key absent, update present, apply either.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum WriteMode {
-    Create,
-    Update,
-    Apply,
 }
 
 /// A decoded entry, or why it does not decode.

@@ -46,7 +46,7 @@ pub mod memory;
 pub mod sqlite;
 mod watch;
 
-pub use client::{Api, Capabilities, Client, ListPages};
+pub use client::{Api, Capabilities, Client, ListPages, WriteMode};
 pub use error::{BoxError, Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdConfig};

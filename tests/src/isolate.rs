@@ -229,18 +229,6 @@ impl Isolated {
         }
         Ok(kvp)
     }
-
-    async fn write(
-        &self,
-        kvp: KVPair,
-        op: impl AsyncFnOnce(KVPair) -> Result<KVPair>,
-    ) -> Result<KVPair> {
-        let kvp = self.prepare_write(kvp).await?;
-        op(kvp)
-            .await
-            .map(|k| self.tags.shown_kvp(k))
-            .map_err(|e| self.tags.untag_error(e))
-    }
 }
 
 #[async_trait]
@@ -257,16 +245,13 @@ impl Client for Isolated {
         self.inner.capabilities()
     }
 
-    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, async |k| self.inner.create(k).await).await
-    }
-
-    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, async |k| self.inner.update(k).await).await
-    }
-
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, async |k| self.inner.apply(k).await).await
+    async fn write(&self, kvp: KVPair, mode: kvsync_backend::WriteMode) -> Result<KVPair> {
+        let kvp = self.prepare_write(kvp).await?;
+        self.inner
+            .write(kvp, mode)
+            .await
+            .map(|k| self.tags.shown_kvp(k))
+            .map_err(|e| self.tags.untag_error(e))
     }
 
     async fn delete(

@@ -48,11 +48,11 @@ use kvsync_model::{KVList, KVPair, ListOptions, PathCodec, ResourceKey, Revision
 pub use config::{EtcdConfig, EtcdListReads, EtcdTls};
 use convert::{Envelope, decode_kv, decode_owned_kv, map_err, rev_i64};
 
-use crate::client::{Capabilities, Client, ListPages};
+use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::{
-    WriteMode, check_delete, check_update, encode_for_write, fuse_after_error, parse_error,
-    push_listed, undecodable_last_value,
+    check_delete, check_write, encode_for_write, fuse_after_error, parse_error, push_listed,
+    undecodable_last_value,
 };
 use crate::watch::WatchStream;
 
@@ -340,7 +340,7 @@ impl EtcdBackend {
         Ok(Some(lease.id()))
     }
 
-    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
+    async fn write_kvp(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
         let (path, _) = encode_for_write(&self.codec, &kvp)?;
         let lease = self.lease_for(kvp.ttl).await?;
         let expected = match (&mode, &kvp.revision) {
@@ -349,22 +349,18 @@ impl EtcdBackend {
         };
         for _ in 0..MAX_WRITE_RETRIES {
             let current = self.read_current(&path).await?;
-            let (compare, uid, create_rev) = match (&mode, &current) {
-                (WriteMode::Create, Some(_)) => return Err(Error::AlreadyExists { key: kvp.key }),
-                (WriteMode::Update, None) => return Err(Error::NotFound { key: kvp.key }),
-                (_, None) => (
+            let current_rev = current
+                .as_ref()
+                .map(|c| Revision::from(c.mod_revision() as u64));
+            let precondition = expected.and(kvp.revision.as_ref());
+            check_write(&kvp.key, mode, precondition, current_rev.as_ref())?;
+            let (compare, uid, create_rev) = match &current {
+                None => (
                     Compare::create_revision(path.as_str(), CompareOp::Equal, 0),
                     uuid::Uuid::new_v4().to_string(),
                     None,
                 ),
-                (_, Some(cur)) => {
-                    if expected.is_some() {
-                        check_update(
-                            &kvp.key,
-                            kvp.revision.as_ref(),
-                            &Revision::from(cur.mod_revision() as u64),
-                        )?;
-                    }
+                Some(cur) => {
                     // Keep the uid of what is there; a stored value that no longer decodes
                     // is replaced under a new uid.
                     let uid = Envelope::uid_of(cur.value())
@@ -705,16 +701,8 @@ impl Client for EtcdBackend {
             .with_max_value_bytes(Some(1_572_864 - 4_096))
     }
 
-    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Create).await
-    }
-
-    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Update).await
-    }
-
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Apply).await
+    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
+        self.write_kvp(kvp, mode).await
     }
 
     async fn delete(

@@ -38,7 +38,7 @@ use kvsync_model::{
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-use crate::client::{Capabilities, Client, ListPages};
+use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::{
     Decoded, check_delete, encode_for_write, fuse_after_error, parse_error, push_listed, put_event,
@@ -360,6 +360,59 @@ impl KubernetesBackend {
         ))
     }
 
+    /// POST: 409 is AlreadyExists.
+    async fn create_object(&self, kvp: KVPair) -> Result<KVPair> {
+        let api = self.api(&kvp.key.kind, kvp.key.namespace.as_deref())?;
+        let obj = self.to_object(&kvp, None)?;
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(o) => self.to_kvp(&kvp.key.kind, o),
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::AlreadyExists { key: kvp.key }),
+            Err(e) => Err(map_err(e, Some(&kvp.key), None)),
+        }
+    }
+
+    /// PUT with the given resourceVersion, or with the current one (retried while others
+    /// write).
+    async fn update_object(&self, kvp: KVPair) -> Result<KVPair> {
+        if let Some(expected) = kvp.revision.clone() {
+            return match self.replace(&kvp, expected.to_string()).await? {
+                Ok(k) => Ok(k),
+                Err(_) => Err(self.conflict(&kvp, &expected).await),
+            };
+        }
+        for _ in 0..MAX_WRITE_RETRIES {
+            let Some(cur) = self.current(&kvp.key).await? else {
+                return Err(Error::NotFound { key: kvp.key });
+            };
+            let rv = cur.metadata.resource_version.unwrap_or_default();
+            if let Ok(k) = self.replace(&kvp, rv).await? {
+                return Ok(k);
+            }
+        }
+        Err(Error::unavailable(format!("{} kept changing", kvp.key)))
+    }
+
+    /// POST when absent, PUT over the current resourceVersion when present.
+    async fn apply_object(&self, kvp: KVPair) -> Result<KVPair> {
+        for _ in 0..MAX_WRITE_RETRIES {
+            match self.current(&kvp.key).await? {
+                None => match self.create_object(kvp.clone()).await {
+                    Err(Error::AlreadyExists { .. }) => continue,
+                    other => return other,
+                },
+                Some(cur) => {
+                    let rv = cur.metadata.resource_version.unwrap_or_default();
+                    match self.replace(&kvp, rv).await {
+                        Ok(Ok(k)) => return Ok(k),
+                        Ok(Err(_)) | Err(Error::NotFound { .. }) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(Error::unavailable(format!("{} kept changing", kvp.key)))
+    }
+
     async fn conflict(&self, kvp: &KVPair, expected: &Revision) -> Error {
         let actual = match self.current(&kvp.key).await {
             Ok(Some(o)) => o.metadata.resource_version.map(Revision::from),
@@ -390,56 +443,13 @@ impl Client for KubernetesBackend {
         Capabilities::none().with_max_value_bytes(Some(1_572_864 - 4_096))
     }
 
-    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
+    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
         self.check_writable(&kvp)?;
-        let api = self.api(&kvp.key.kind, kvp.key.namespace.as_deref())?;
-        let obj = self.to_object(&kvp, None)?;
-        match api.create(&PostParams::default(), &obj).await {
-            Ok(o) => self.to_kvp(&kvp.key.kind, o),
-            Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::AlreadyExists { key: kvp.key }),
-            Err(e) => Err(map_err(e, Some(&kvp.key), None)),
+        match mode {
+            WriteMode::Create => self.create_object(kvp).await,
+            WriteMode::Update => self.update_object(kvp).await,
+            WriteMode::Apply => self.apply_object(kvp).await,
         }
-    }
-
-    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
-        self.check_writable(&kvp)?;
-        if let Some(expected) = kvp.revision.clone() {
-            return match self.replace(&kvp, expected.to_string()).await? {
-                Ok(k) => Ok(k),
-                Err(_) => Err(self.conflict(&kvp, &expected).await),
-            };
-        }
-        for _ in 0..MAX_WRITE_RETRIES {
-            let Some(cur) = self.current(&kvp.key).await? else {
-                return Err(Error::NotFound { key: kvp.key });
-            };
-            let rv = cur.metadata.resource_version.unwrap_or_default();
-            if let Ok(k) = self.replace(&kvp, rv).await? {
-                return Ok(k);
-            }
-        }
-        Err(Error::unavailable(format!("{} kept changing", kvp.key)))
-    }
-
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
-        self.check_writable(&kvp)?;
-        for _ in 0..MAX_WRITE_RETRIES {
-            match self.current(&kvp.key).await? {
-                None => match self.create(kvp.clone()).await {
-                    Err(Error::AlreadyExists { .. }) => continue,
-                    other => return other,
-                },
-                Some(cur) => {
-                    let rv = cur.metadata.resource_version.unwrap_or_default();
-                    match self.replace(&kvp, rv).await {
-                        Ok(Ok(k)) => return Ok(k),
-                        Ok(Err(_)) | Err(Error::NotFound { .. }) => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-        }
-        Err(Error::unavailable(format!("{} kept changing", kvp.key)))
     }
 
     /// A real API server answers the DELETE of a custom resource with a `Status`, not the

@@ -22,11 +22,11 @@ use kvsync_model::{
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::client::{Capabilities, Client, ListPages};
+use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::{
-    WriteMode, check_delete, check_update, counter_revision, decode_entry, encode_for_write,
-    fuse_after_error, parse_error, push_listed, put_event, undecodable_last_value,
+    check_delete, check_write, counter_revision, decode_entry, encode_for_write, fuse_after_error,
+    parse_error, push_listed, put_event, undecodable_last_value,
 };
 use crate::watch::{WatchEvent, WatchStream};
 
@@ -375,19 +375,13 @@ impl MemoryBackend {
         })
     }
 
-    fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
+    fn write_now(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
         let (path, bytes) = encode_for_write(&self.inner.codec, &kvp)?;
         let expires_at = kvp.ttl.map(|t| Instant::now() + t);
         let mut store = self.lock();
         let prev = store.current.get(path.as_str()).cloned();
-        match (&mode, &prev) {
-            (WriteMode::Create, Some(_)) => return Err(Error::AlreadyExists { key: kvp.key }),
-            (WriteMode::Update, None) => return Err(Error::NotFound { key: kvp.key }),
-            (WriteMode::Update, Some(p)) => {
-                check_update(&kvp.key, kvp.revision.as_ref(), &p.mod_rev.into())?;
-            }
-            _ => {}
-        }
+        let current = prev.as_ref().map(|p| Revision::from(p.mod_rev));
+        check_write(&kvp.key, mode, kvp.revision.as_ref(), current.as_ref())?;
         let uid = prev.as_ref().map_or_else(new_uid, |p| p.uid.clone());
         let rec = Record {
             value: bytes.into(),
@@ -467,16 +461,8 @@ impl Client for MemoryBackend {
         Capabilities::revision_log()
     }
 
-    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Create)
-    }
-
-    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Update)
-    }
-
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Apply)
+    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
+        self.write_now(kvp, mode)
     }
 
     async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {

@@ -31,11 +31,11 @@ use kvsync_model::{
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::watch;
 
-use crate::client::{Capabilities, Client, ListPages};
+use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::{
-    WriteMode, check_delete, check_update, counter_revision, decode_entry, encode_for_write,
-    fuse_after_error, parse_error, push_listed, put_event, undecodable_last_value,
+    check_delete, check_write, counter_revision, decode_entry, encode_for_write, fuse_after_error,
+    parse_error, push_listed, put_event, undecodable_last_value,
 };
 use crate::watch::{WatchEvent, WatchStream};
 
@@ -530,7 +530,7 @@ impl SqliteBackend {
         })
     }
 
-    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
+    async fn write_kvp(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
         let (path, bytes) = encode_for_write(&self.inner.codec, &kvp)?;
         let KVPair {
             key,
@@ -555,14 +555,8 @@ impl SqliteBackend {
                 let prev = latest(&tx, &path, None)
                     .map_err(db_err)?
                     .filter(|r| !r.deleted);
-                match (&mode, &prev) {
-                    (WriteMode::Create, Some(_)) => return Err(Error::AlreadyExists { key: key2 }),
-                    (WriteMode::Update, None) => return Err(Error::NotFound { key: key2 }),
-                    (WriteMode::Update, Some(p)) => {
-                        check_update(&key2, expected.as_ref(), &rev(p.id))?;
-                    }
-                    _ => {}
-                }
+                let current = prev.as_ref().map(|p| rev(p.id));
+                check_write(&key2, mode, expected.as_ref(), current.as_ref())?;
                 let (id, uid) =
                     insert_over(&tx, &path, prev.as_ref(), ttl, &bytes).map_err(db_err)?;
                 tx.commit().map_err(db_err)?;
@@ -615,16 +609,8 @@ impl Client for SqliteBackend {
             .with_max_value_bytes(Some(1_000_000_000))
     }
 
-    async fn create(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Create).await
-    }
-
-    async fn update(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Update).await
-    }
-
-    async fn apply(&self, kvp: KVPair) -> Result<KVPair> {
-        self.write(kvp, WriteMode::Apply).await
+    async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
+        self.write_kvp(kvp, mode).await
     }
 
     async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {
