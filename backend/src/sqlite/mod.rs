@@ -267,6 +267,20 @@ fn compact_rev(conn: &Connection) -> rusqlite::Result<i64> {
 }
 
 /// The latest row of `name`, at or before `at` when given.
+/// Opens a write transaction that holds SQLite's write lock from the start, so that the
+/// check and the write it guards are one step for every thread and process.
+fn immediate(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)
+}
+
+/// The live row of `name` (its latest, unless that is a deletion).
+fn live(conn: &Connection, name: &str, at: Option<i64>) -> Result<Option<Row>> {
+    Ok(latest(conn, name, at)
+        .map_err(db_err)?
+        .filter(|r| !r.deleted))
+}
+
 fn latest(conn: &Connection, name: &str, at: Option<i64>) -> rusqlite::Result<Option<Row>> {
     let sql = format!(
         "SELECT {ROW_COLUMNS} FROM kvsync_log WHERE name = ?1 AND id <= ?2 ORDER BY id DESC LIMIT 1"
@@ -458,12 +472,8 @@ impl SqliteBackend {
     pub async fn put_raw(&self, path: &str, bytes: &[u8]) -> Result<i64> {
         let (path, bytes) = (path.to_owned(), bytes.to_vec());
         self.write_blocking(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            let prev = latest(&tx, &path, None)
-                .map_err(db_err)?
-                .filter(|r| !r.deleted);
+            let tx = immediate(conn)?;
+            let prev = live(&tx, &path, None)?;
             let (id, _) = insert_over(&tx, &path, prev.as_ref(), None, &bytes).map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             Ok(id)
@@ -549,12 +559,8 @@ impl SqliteBackend {
         let key2 = key.clone();
         let (id, create_revision, uid) = self
             .write_blocking(move |conn| {
-                let tx = conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(db_err)?;
-                let prev = latest(&tx, &path, None)
-                    .map_err(db_err)?
-                    .filter(|r| !r.deleted);
+                let tx = immediate(conn)?;
+                let prev = live(&tx, &path, None)?;
                 let current = prev.as_ref().map(|p| rev(p.id));
                 check_write(&key2, mode, expected.as_ref(), current.as_ref())?;
                 let (id, uid) =
@@ -621,13 +627,8 @@ impl Client for SqliteBackend {
         let (key2, opts2) = (key.clone(), opts.clone());
         let prev = self
             .write_blocking(move |conn| {
-                let tx = conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(db_err)?;
-                let Some(prev) = latest(&tx, &path, None)
-                    .map_err(db_err)?
-                    .filter(|r| !r.deleted)
-                else {
+                let tx = immediate(conn)?;
+                let Some(prev) = live(&tx, &path, None)? else {
                     return Err(Error::NotFound { key: key2 });
                 };
                 check_delete(&key2, &opts2, &rev(prev.id), Some(&prev.uid))?;
@@ -656,10 +657,7 @@ impl Client for SqliteBackend {
             if let Some(at) = at {
                 Self::check_at(conn, at)?;
             }
-            let row = latest(conn, &path, at)
-                .map_err(db_err)?
-                .filter(|r| !r.deleted)
-                .ok_or(Error::NotFound { key: key2 })?;
+            let row = live(conn, &path, at)?.ok_or(Error::NotFound { key: key2 })?;
             Self::to_kvp(&codec, &row).map_err(|f| parse_error(*f))
         })
         .await
@@ -742,9 +740,7 @@ impl Client for SqliteBackend {
     async fn clean(&self) -> Result<()> {
         let prefix = format!("{}/", self.inner.codec.prefix());
         self.write_blocking(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
+            let tx = immediate(conn)?;
             let live: Vec<Row> = {
                 let sql = format!(
                     "SELECT {ROW_COLUMNS} FROM kvsync_log WHERE id IN (SELECT MAX(id) FROM kvsync_log \
@@ -768,9 +764,7 @@ impl Client for SqliteBackend {
     async fn compact(&self, revision: &Revision) -> Result<()> {
         let at = rev_of(revision)?;
         self.write_blocking(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
+            let tx = immediate(conn)?;
             let current = current_rev(&tx).map_err(db_err)?;
             if at > current {
                 return Err(Error::invalid(
