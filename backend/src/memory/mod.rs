@@ -7,7 +7,7 @@
 //!
 //! Use it for tests, examples and single-process programs; nothing is persisted.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -19,22 +19,25 @@ use kvsync_model::{
     DEFAULT_PREFIX, DeleteOptions, GetOptions, KVList, KVPair, ListOptions, PathCodec, Registry,
     ResourceKey, Revision,
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::{
-    check_delete, check_write, counter_revision, decode_entry, encode_for_write, fuse_after_error,
-    parse_error, push_listed, put_event, undecodable_last_value,
+    check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, parse_error,
+    push_listed, undecodable_last_value,
 };
-use crate::watch::{WatchEvent, WatchStream};
+use crate::watch::WatchStream;
+
+mod store;
+mod watch;
+
+use store::{LogEntry, Record, Store, parse_rev};
+use watch::WatchState;
 
 /// How many writes the history keeps by default before compacting automatically.
 pub const DEFAULT_HISTORY_LIMIT: usize = 100_000;
-
-/// How many history entries a watch reads per lock.
-const WATCH_CHUNK: usize = 512;
 
 /// The in-memory MVCC backend. Cheap to clone: clones share the store.
 ///
@@ -64,132 +67,10 @@ pub struct MemoryBackend {
 struct Inner {
     codec: PathCodec,
     store: Mutex<Store>,
-    rev_tx: watch::Sender<u64>,
+    rev_tx: tokio::sync::watch::Sender<u64>,
     ttl_notify: Arc<Notify>,
     sweeper_started: AtomicBool,
     history_limit: usize,
-}
-
-#[derive(Clone)]
-struct Record {
-    value: Arc<[u8]>,
-    create_rev: u64,
-    mod_rev: u64,
-    uid: Arc<str>,
-    ttl: Option<Duration>,
-    expires_at: Option<Instant>,
-}
-
-struct LogEntry {
-    rev: u64,
-    path: Arc<str>,
-    new: Option<Record>,
-    prev: Option<Record>,
-}
-
-#[derive(Default)]
-struct Store {
-    rev: u64,
-    compacted: u64,
-    current: BTreeMap<Arc<str>, Record>,
-    log: VecDeque<LogEntry>,
-    expiries: BTreeSet<(Instant, Arc<str>)>,
-}
-
-impl Store {
-    /// Records a write (or a delete when `new` is `None`) at the next revision.
-    fn commit(&mut self, path: Arc<str>, new: Option<Record>, history_limit: usize) -> u64 {
-        self.rev += 1;
-        let rev = self.rev;
-        let new = new.map(|mut r| {
-            r.mod_rev = rev;
-            if r.create_rev == 0 {
-                r.create_rev = rev;
-            }
-            r
-        });
-        let prev = match &new {
-            Some(r) => self.current.insert(path.clone(), r.clone()),
-            None => self.current.remove(&path),
-        };
-        if let Some(t) = prev.as_ref().and_then(|p| p.expires_at) {
-            self.expiries.remove(&(t, path.clone()));
-        }
-        if let Some(t) = new.as_ref().and_then(|r| r.expires_at) {
-            self.expiries.insert((t, path.clone()));
-        }
-        self.log.push_back(LogEntry {
-            rev,
-            path,
-            new,
-            prev,
-        });
-        while self.log.len() > history_limit.max(1) {
-            if let Some(e) = self.log.pop_front() {
-                self.compacted = self.compacted.max(e.rev + 1);
-            }
-        }
-        rev
-    }
-
-    /// Deletes every key whose TTL ran out by `now`, each at its own revision.
-    fn expire_due(&mut self, now: Instant, history_limit: usize) -> bool {
-        let mut any = false;
-        while let Some((t, path)) = self.expiries.first().cloned() {
-            if t > now {
-                break;
-            }
-            self.expiries.pop_first();
-            self.commit(path, None, history_limit);
-            any = true;
-        }
-        any
-    }
-
-    fn check_revision(&self, requested: u64) -> Result<()> {
-        if requested < self.compacted {
-            return Err(Error::Compacted {
-                requested: requested.into(),
-                compacted: Some(self.compacted.into()),
-            });
-        }
-        if requested > self.rev {
-            return Err(Error::invalid(
-                "revision",
-                format!(
-                    "{requested} is newer than the store's revision {}",
-                    self.rev
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The log entries after revision `after`, oldest first.
-    fn log_after(&self, after: u64) -> impl Iterator<Item = &LogEntry> {
-        let skip = match self.log.front() {
-            Some(front) => {
-                usize::try_from((after + 1).saturating_sub(front.rev)).unwrap_or(usize::MAX)
-            }
-            None => 0,
-        };
-        self.log.iter().skip(skip)
-    }
-
-    /// The record of `path` as of revision `at`.
-    fn record_at(&self, path: &str, at: u64) -> Option<Record> {
-        let mut rec = self.current.get(path).cloned();
-        for e in self.log_after(at).collect::<Vec<_>>().into_iter().rev() {
-            if &*e.path == path {
-                rec = e.prev.clone();
-            }
-        }
-        rec
-    }
-}
-
-fn parse_rev(r: &Revision) -> Result<u64> {
-    counter_revision(r, "memory")
 }
 
 impl fmt::Debug for MemoryBackend {
@@ -237,7 +118,7 @@ impl MemoryBackendBuilder {
             inner: Arc::new(Inner {
                 codec,
                 store: Mutex::new(Store::default()),
-                rev_tx: watch::Sender::new(0),
+                rev_tx: tokio::sync::watch::Sender::new(0),
                 ttl_notify: Arc::new(Notify::new()),
                 sweeper_started: AtomicBool::new(false),
                 history_limit: self.history_limit,
@@ -253,7 +134,7 @@ impl MemoryBackend {
             inner: Arc::new(Inner {
                 codec: PathCodec::with_registry(registry),
                 store: Mutex::new(Store::default()),
-                rev_tx: watch::Sender::new(0),
+                rev_tx: tokio::sync::watch::Sender::new(0),
                 ttl_notify: Arc::new(Notify::new()),
                 sweeper_started: AtomicBool::new(false),
                 history_limit: DEFAULT_HISTORY_LIMIT,
@@ -580,192 +461,5 @@ impl Client for MemoryBackend {
     }
 }
 
-struct WatchState {
-    backend: MemoryBackend,
-    rx: watch::Receiver<u64>,
-    opts: ListOptions,
-    prefix: String,
-    after: u64,
-    buf: VecDeque<WatchEvent>,
-}
-
-impl WatchState {
-    async fn next(mut self) -> Option<(Result<WatchEvent>, Self)> {
-        loop {
-            if let Some(ev) = self.buf.pop_front() {
-                return Some((Ok(ev), self));
-            }
-            self.rx.borrow_and_update();
-            if let Err(e) = self.fill() {
-                // The stream ends after it (fuse_after_error).
-                return Some((Err(e), self));
-            }
-            if self.buf.is_empty() && self.rx.changed().await.is_err() {
-                return None;
-            }
-        }
-    }
-
-    /// Reads the next chunk of history into the buffer.
-    fn fill(&mut self) -> Result<()> {
-        let store = self.backend.lock();
-        if self.after + 1 < store.compacted {
-            return Err(Error::Compacted {
-                requested: self.after.into(),
-                compacted: Some(store.compacted.into()),
-            });
-        }
-        let entries: Vec<&LogEntry> = store.log_after(self.after).take(WATCH_CHUNK).collect();
-        let scanned = !entries.is_empty();
-        let buffered = self.buf.len();
-        for e in entries {
-            self.after = e.rev;
-            if !e.path.starts_with(self.prefix.as_str()) {
-                continue;
-            }
-            if let Some(ev) = self.event(e) {
-                self.buf.push_back(ev);
-            }
-        }
-        // Writes outside the watch moved the revision on: say so, so that a watcher's resume
-        // point stays fresh (etcd's progress notifications).
-        if scanned && self.buf.len() == buffered {
-            self.buf.push_back(WatchEvent::Bookmark(self.after.into()));
-        }
-        Ok(())
-    }
-
-    fn event(&self, e: &LogEntry) -> Option<WatchEvent> {
-        let old = e
-            .prev
-            .as_ref()
-            .and_then(|p| self.backend.to_kvp(&e.path, p).ok());
-        match &e.new {
-            Some(rec) => put_event(
-                &self.opts,
-                self.backend.to_kvp(&e.path, rec),
-                e.prev.is_none(),
-                old,
-            ),
-            None => {
-                let key = self.backend.inner.codec.from_path(&e.path).ok()?;
-                self.opts.matches(&key).then(|| WatchEvent::Deleted {
-                    key,
-                    revision: e.rev.into(),
-                    old,
-                })
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn node(name: &str) -> KVPair {
-        KVPair::new(ResourceKey::cluster("Node", name), json!({}))
-    }
-
-    #[tokio::test]
-    async fn history_limit_compacts_automatically() {
-        let store = MemoryBackend::builder(kvsync_model::demo::registry())
-            .history_limit(3)
-            .build()
-            .unwrap();
-        for i in 0..5 {
-            store.create(node(&format!("n{i}"))).await.unwrap();
-        }
-        assert_eq!(store.revision(), 5);
-        // Entries 3, 4 and 5 are kept: a watch from 2 still works, from 1 does not.
-        assert!(
-            store
-                .watch(
-                    &ListOptions::new("Node")
-                        .with_revision(kvsync_model::Revision::from(2u64).clone())
-                )
-                .await
-                .is_ok()
-        );
-        let err = store
-            .watch(
-                &ListOptions::new("Node").with_revision(kvsync_model::Revision::from(1u64).clone()),
-            )
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, Error::Compacted { .. }), "{err}");
-    }
-
-    #[tokio::test]
-    async fn a_watcher_that_falls_behind_the_history_gets_compacted() {
-        let store = MemoryBackend::builder(kvsync_model::demo::registry())
-            .history_limit(10)
-            .build()
-            .unwrap();
-        let mut w = store.watch(&ListOptions::new("Node")).await.unwrap();
-        for i in 0..50 {
-            store.create(node(&format!("n{i}"))).await.unwrap();
-        }
-        let first = w.next().await.unwrap();
-        assert!(matches!(first, Err(Error::Compacted { .. })), "{first:?}");
-        assert!(w.next().await.is_none(), "the stream ends after Compacted");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writers_get_distinct_increasing_revisions() {
-        let store = MemoryBackend::new(kvsync_model::demo::registry());
-        let mut w = store.watch(&ListOptions::new("Node")).await.unwrap();
-        let tasks: Vec<_> = (0..8)
-            .map(|t| {
-                let s = store.clone();
-                tokio::spawn(async move {
-                    for i in 0..100 {
-                        s.apply(node(&format!("t{t}-{}", i % 10))).await.unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let mut last = 0;
-        for _ in 0..800 {
-            let ev = w.next().await.unwrap().unwrap();
-            let r = ev.revision().and_then(Revision::as_u64).unwrap();
-            assert_eq!(r, last + 1, "no gap and no reordering");
-            last = r;
-        }
-        assert_eq!(last, 800);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn expired_keys_vanish_from_reads_without_a_sweeper_tick() {
-        let store = MemoryBackend::new(kvsync_model::demo::registry());
-        store
-            .create(node("n").with_ttl(Duration::from_secs(5)))
-            .await
-            .unwrap();
-        tokio::time::advance(Duration::from_secs(4)).await;
-        assert!(
-            store
-                .get(
-                    &ResourceKey::cluster("Node", "n"),
-                    &kvsync_model::GetOptions::new()
-                )
-                .await
-                .is_ok()
-        );
-        tokio::time::advance(Duration::from_secs(2)).await;
-        let err = store
-            .get(
-                &ResourceKey::cluster("Node", "n"),
-                &kvsync_model::GetOptions::new(),
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::NotFound { .. }));
-        assert_eq!(store.revision(), 2, "the expiry is a write of its own");
-    }
-}
+mod tests;
