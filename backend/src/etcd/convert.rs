@@ -1,16 +1,13 @@
 //! Conversions between etcd's types and kvsync's.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use etcd_client::{EventType, KeyValue, WatchResponse};
-use kvsync_model::{Json, KVPair, ListOptions, ParseFailure, PathCodec, Revision};
+use etcd_client::KeyValue;
+use kvsync_model::{Json, KVPair, ParseFailure, PathCodec, Revision};
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 
 use crate::error::{Error, Result};
-use crate::kernel::put_event;
-use crate::watch::WatchEvent;
 
 /// The stored form of a value: metadata kvsync keeps beside the resource.
 #[derive(Serialize)]
@@ -186,141 +183,5 @@ pub(super) fn map_err(e: etcd_client::Error) -> Error {
             message: other.to_string(),
             source: Some(Box::new(other)),
         },
-    }
-}
-
-/// A running watch: the etcd stream, events not yet taken, and a progress timer.
-pub(super) struct WatchState {
-    codec: PathCodec,
-    opts: ListOptions,
-    stream: etcd_client::WatchStream,
-    buf: VecDeque<Result<WatchEvent>>,
-    last: i64,
-    /// The revision the watch follows on from: events at or before it are not reported.
-    from: i64,
-    /// How long to idle before requesting progress; `None` where requested progress cannot be
-    /// trusted.
-    progress_every: Option<Duration>,
-}
-
-impl WatchState {
-    pub(super) fn new(
-        codec: PathCodec,
-        opts: ListOptions,
-        stream: etcd_client::WatchStream,
-        first: WatchResponse,
-        from: i64,
-        progress_every: Option<Duration>,
-    ) -> Self {
-        let mut s = WatchState {
-            codec,
-            opts,
-            stream,
-            buf: VecDeque::new(),
-            last: from,
-            from,
-            progress_every,
-        };
-        s.absorb(first);
-        s
-    }
-
-    /// Turns one response into events (or a final error).
-    fn absorb(&mut self, resp: WatchResponse) {
-        if resp.compact_revision() > 0 {
-            self.buf.push_back(Err(Error::Compacted {
-                requested: Revision::from(self.last.max(0) as u64),
-                compacted: Some(Revision::from(resp.compact_revision() as u64)),
-            }));
-            return;
-        }
-        if resp.canceled() {
-            self.buf.push_back(Err(Error::unavailable(format!(
-                "etcd cancelled the watch: {}",
-                resp.cancel_reason()
-            ))));
-            return;
-        }
-        let events = resp.events();
-        if events.is_empty() {
-            // A progress notification: everything up to the header's revision was sent. An
-            // answer to a progress request (watch id -1) counts only where such answers are
-            // in order with events.
-            let requested = resp.watch_id() == -1;
-            if !resp.created()
-                && (!requested || self.progress_every.is_some())
-                && let Some(rev) = resp.header().map(|h| h.revision())
-                && rev > self.last
-            {
-                self.last = rev;
-                self.buf
-                    .push_back(Ok(WatchEvent::Bookmark(Revision::from(rev as u64))));
-            }
-            return;
-        }
-        for ev in events {
-            let Some(kv) = ev.kv() else { continue };
-            // The watch starts at the revision it was asked to follow, which was seen already.
-            if kv.mod_revision() <= self.from {
-                continue;
-            }
-            self.last = self.last.max(kv.mod_revision());
-            let converted = match ev.event_type() {
-                EventType::Put => put_event(
-                    &self.opts,
-                    decode_kv(&self.codec, kv),
-                    kv.create_revision() == kv.mod_revision(),
-                    None,
-                ),
-                EventType::Delete => {
-                    let path = String::from_utf8_lossy(kv.key());
-                    match self.codec.from_path(&path) {
-                        Ok(key) if self.opts.matches(&key) => Some(WatchEvent::Deleted {
-                            key,
-                            revision: Revision::from(kv.mod_revision() as u64),
-                            old: ev.prev_kv().and_then(|p| decode_kv(&self.codec, p).ok()),
-                        }),
-                        _ => None,
-                    }
-                }
-            };
-            if let Some(c) = converted {
-                self.buf.push_back(Ok(c));
-            }
-        }
-    }
-
-    pub(super) async fn next(mut self) -> Option<(Result<WatchEvent>, Self)> {
-        loop {
-            // After an error the stream ends (fuse_after_error): nothing more is read.
-            if let Some(item) = self.buf.pop_front() {
-                return Some((item, self));
-            }
-            let next = self.stream.message();
-            let msg = match self.progress_every {
-                None => Ok(next.await),
-                Some(every) => tokio::time::timeout(every, next).await,
-            };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(_) => {
-                    // Idle: ask for a progress notification to keep the resume point fresh.
-                    if let Err(e) = self.stream.request_progress().await {
-                        return Some((Err(map_err(e)), self));
-                    }
-                    continue;
-                }
-            };
-            match msg {
-                Ok(Some(resp)) => self.absorb(resp),
-                Ok(None) => {
-                    return Some((
-                        Err(Error::unavailable("etcd closed the watch stream")),
-                        self,
-                    ));
-                }
-                Err(e) => return Some((Err(map_err(e)), self)),
-            }
-        }
     }
 }
