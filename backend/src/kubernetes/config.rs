@@ -1,0 +1,68 @@
+//! Where the API server is, and the kinds kept there.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvsync_model::Registry;
+
+/// Where the Kubernetes API server is, and the kinds kept there.
+///
+/// ```
+/// use kvsync_backend::KubernetesConfig;
+///
+/// let config = KubernetesConfig::new(kvsync_model::Registry::new())
+///     .with_kubeconfig("/etc/kvsync/kubeconfig")
+///     .with_watch_list(true);
+/// assert!(config.watch_list);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; `None` infers the configuration as kube does (`KUBECONFIG`,
+    /// `~/.kube/config`, then the in-cluster service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: the current one).
+    pub context: Option<String>,
+    /// The kinds, each stored as a CustomResource of its group.
+    pub registry: Arc<Registry>,
+    /// Read the initial state with a streaming "watch-list" request (`sendInitialEvents`)
+    /// instead of paged LISTs: the API server serves it from its watch cache, sparing etcd.
+    /// Needs Kubernetes 1.27+ with the WatchList feature, and etcd 3.4.31+ under the API
+    /// server, so it is off by default.
+    pub watch_list: bool,
+}
+
+impl KubernetesConfig {
+    /// The kinds of `registry`, on the API server kube infers (`KUBECONFIG`,
+    /// `~/.kube/config`, then the in-cluster service account), read with paged lists.
+    pub fn new(registry: impl Into<Arc<Registry>>) -> Self {
+        KubernetesConfig {
+            kubeconfig: None,
+            context: None,
+            registry: registry.into(),
+            watch_list: false,
+        }
+    }
+
+    /// Reads this kubeconfig file instead of inferring the configuration.
+    #[must_use]
+    pub fn with_kubeconfig(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kubeconfig = Some(path.into());
+        self
+    }
+
+    /// Uses this kubeconfig context instead of the current one.
+    #[must_use]
+    pub fn with_context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into());
+        self
+    }
+
+    /// Reads the initial state with streaming watch-list requests (see
+    /// [`KubernetesConfig::watch_list`]).
+    #[must_use]
+    pub fn with_watch_list(mut self, yes: bool) -> Self {
+        self.watch_list = yes;
+        self
+    }
+}

@@ -1,0 +1,64 @@
+//! Conversions between the API server's answers and kvsync's: errors and resources.
+
+use kube::api::{ApiResource, GroupVersionKind};
+use kube::core::Status;
+use kvsync_model::{KindInfo, ResourceKey, Revision};
+
+use crate::error::Error;
+
+/// Maps an API status onto the crate's kinds; `at` is the resourceVersion the request asked
+/// for, which a `410 Gone` names as compacted.
+pub(super) fn status_err(s: &Status, key: Option<&ResourceKey>, at: Option<&Revision>) -> Error {
+    let message = if s.message.is_empty() {
+        s.reason.clone()
+    } else {
+        s.message.clone()
+    };
+    match (s.code, key) {
+        (404, Some(k)) => Error::NotFound { key: k.clone() },
+        (409, Some(k)) if s.reason == "AlreadyExists" => Error::AlreadyExists { key: k.clone() },
+        (410, _) => match at {
+            Some(at) => Error::Compacted {
+                requested: at.clone(),
+                compacted: None,
+            },
+            // A continue token of a list that expired: list again from the start.
+            None => Error::Unavailable {
+                message: format!("kubernetes: {message} (410 Gone): list again"),
+                source: Some(Box::new(s.clone())),
+            },
+        },
+        (401 | 403, _) => Error::Unauthorized { message },
+        (400 | 422, _) => Error::Invalid {
+            field: "object".into(),
+            reason: format!("the API server refused it: {message}"),
+        },
+        (code, _) => Error::Unavailable {
+            message: format!("kubernetes: {message} ({code})"),
+            source: Some(Box::new(s.clone())),
+        },
+    }
+}
+
+/// Maps a kube error onto the crate's kinds (see [`status_err`]).
+pub(super) fn map_err(e: kube::Error, key: Option<&ResourceKey>, at: Option<&Revision>) -> Error {
+    match e {
+        kube::Error::Api(s) => status_err(&s, key, at),
+        kube::Error::SerdeError(e) => Error::Parse {
+            raw_key: key.map(ToString::to_string).unwrap_or_default(),
+            raw_value: Vec::new(),
+            source: Box::new(e),
+        },
+        other => Error::Unavailable {
+            message: format!("kubernetes: {other}"),
+            source: Some(Box::new(other)),
+        },
+    }
+}
+
+pub(super) fn api_resource(info: &KindInfo) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(&info.group, &info.version, &info.kind),
+        &info.plural,
+    )
+}
