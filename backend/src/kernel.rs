@@ -114,6 +114,11 @@ pub(crate) fn fuse_after_error<T: Send + 'static>(
         .boxed()
 }
 
+/// A list delivered as one page (for backends that read a list in one go).
+pub(crate) fn one_page(list: KVList) -> crate::client::ListPages {
+    futures::stream::iter([Ok(list)]).boxed()
+}
+
 /// The value a delete returns when the last value no longer decodes: the key with its
 /// metadata and a `null` value (the entry is gone either way).
 pub(crate) fn undecodable_last_value(

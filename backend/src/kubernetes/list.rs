@@ -9,7 +9,7 @@ use super::KubernetesBackend;
 use super::convert::{map_err, status_err};
 use crate::client::ListPages;
 use crate::error::{Error, Result};
-use crate::kernel::push_listed;
+use crate::kernel::{one_page, push_listed};
 
 /// How many objects a list page asks for.
 const PAGE_LIMIT: u32 = 500;
@@ -79,7 +79,7 @@ impl KubernetesBackend {
             };
             self.stream_list(&api, opts, &mut list).await?;
             sort_items(&mut list);
-            return Ok(futures::stream::iter([Ok(list)]).boxed());
+            return Ok(one_page(list));
         }
         let this = self.clone();
         let opts = opts.clone();

@@ -197,8 +197,9 @@ impl Client for KubernetesBackend {
             WriteMode::Apply => self.apply_object(kvp).await,
         }
     }
-    /// See [`KubernetesBackend::delete_kvp`]: the object is read first, then deleted with
-    /// its resourceVersion and uid as preconditions, so the last value is always returned.
+
+    /// The object is read first, then deleted with its resourceVersion and uid as
+    /// preconditions, so the last value is always returned.
     async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {
         self.delete_kvp(key, opts).await
     }

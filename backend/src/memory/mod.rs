@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use kvsync_model::{
     DEFAULT_PREFIX, DeleteOptions, GetOptions, KVList, KVPair, ListOptions, PathCodec, Registry,
     ResourceKey, Revision,
@@ -25,8 +24,8 @@ use tokio::time::Instant;
 use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::{
-    check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, parse_error,
-    push_listed, undecodable_last_value,
+    check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, one_page,
+    parse_error, push_listed, undecodable_last_value,
 };
 use crate::watch::WatchStream;
 
@@ -385,7 +384,7 @@ impl Client for MemoryBackend {
 
     async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages> {
         let list = self.list_now(opts)?;
-        Ok(futures::stream::once(async move { Ok(list) }).boxed())
+        Ok(one_page(list))
     }
 
     async fn list(&self, opts: &ListOptions) -> Result<KVList> {

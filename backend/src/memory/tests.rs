@@ -1,4 +1,5 @@
 use super::*;
+use futures::StreamExt;
 use serde_json::json;
 
 fn node(name: &str) -> KVPair {

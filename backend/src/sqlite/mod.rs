@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use kvsync_model::{
     DeleteOptions, GetOptions, KVList, KVPair, ListOptions, ParseFailure, PathCodec, ResourceKey,
     Revision,
@@ -33,8 +32,8 @@ use rusqlite::{Connection, params};
 use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::{
-    check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, parse_error,
-    push_listed, undecodable_last_value,
+    check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, one_page,
+    parse_error, push_listed, undecodable_last_value,
 };
 use crate::watch::WatchStream;
 
@@ -327,7 +326,7 @@ impl Client for SqliteBackend {
 
     async fn list_pages(&self, opts: &ListOptions) -> Result<ListPages> {
         let list = self.list(opts).await?;
-        Ok(futures::stream::once(async move { Ok(list) }).boxed())
+        Ok(one_page(list))
     }
 
     async fn list(&self, opts: &ListOptions) -> Result<KVList> {
