@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kvsync_backend::{Client, Error, WatchEvent, WatchStream};
+use kvsync_backend::{Capabilities, Client, Error, WatchEvent, WatchStream};
 use kvsync_model::{KVPair, ListOptions, ResourceKey, Revision};
 use serde_json::{Value, json};
 
@@ -295,9 +295,6 @@ pub async fn delete_returns_last_value_and_checks_revision(b: &dyn TestBackend) 
 
 /// Old revisions can be read until compacted.
 pub async fn get_and_list_read_at_old_revisions(b: &dyn TestBackend) {
-    if !b.supports_historical_reads() {
-        return;
-    }
     let c = b.client().await.client;
     let v1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
     c.create(pool("b", "10.1.0.0/16")).await.unwrap();
@@ -520,10 +517,6 @@ pub async fn watch_from_revision_replays_the_gap_with_deletions(b: &dyn TestBack
 
 /// After compaction, reads and watches from before it fail with Compacted.
 pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
-    if !b.can_compact() {
-        println!("skipped: this datastore's history cannot be compacted from a test");
-        return;
-    }
     let tc = b.isolated_client().await;
     let c = tc.client.clone();
     let old = c
@@ -558,7 +551,7 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
     );
     assert!(!first_error.is_retryable());
 
-    if b.supports_historical_reads() {
+    if c.capabilities().historical_reads {
         let err = c
             .get(
                 &pool_key("a"),
@@ -585,10 +578,6 @@ pub async fn watch_after_compaction_reports_compacted(b: &dyn TestBackend) {
 /// covered reports the deletion or Compacted, never nothing (etcd drops tombstones at the
 /// compaction revision).
 pub async fn watch_from_just_before_a_compacted_deletion_never_misses_it(b: &dyn TestBackend) {
-    if !b.can_compact() {
-        println!("skipped: this datastore's history cannot be compacted from a test");
-        return;
-    }
     let tc = b.isolated_client().await;
     let c = tc.client.clone();
     c.create(pool("a", "10.0.0.0/16")).await.unwrap();
@@ -624,7 +613,7 @@ pub async fn watch_from_just_before_a_compacted_deletion_never_misses_it(b: &dyn
 /// A key with a TTL disappears after it, with a Deleted event.
 pub async fn ttl_expires_keys_with_a_deleted_event(b: &dyn TestBackend) {
     let c = b.client().await.client;
-    if !b.supports_ttl() {
+    if !c.capabilities().ttl {
         let err = c
             .create(pool("a", "10.0.0.0/16").with_ttl(Duration::from_secs(1)))
             .await
@@ -858,10 +847,6 @@ pub async fn invalid_keys_and_values_are_rejected_and_nothing_is_written(b: &dyn
 
 /// Stored bytes that do not decode surface as Parse with the key, from get, list and watch.
 pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) {
-    if !b.can_store_undecodable() {
-        println!("skipped: this datastore refuses entries its clients cannot decode");
-        return;
-    }
     let tc = b.client().await;
     let c = tc.client.clone();
     c.create(pool("good", "10.0.0.0/16")).await.unwrap();
@@ -869,7 +854,7 @@ pub async fn stored_garbage_surfaces_as_parse_with_the_key(b: &dyn TestBackend) 
     let path = c.codec().to_path(&pool_key("bad")).unwrap();
     tc.raw.put_raw(&path, b"{not json").await;
 
-    let raw_bytes = b.stores_raw_bytes();
+    let raw_bytes = c.capabilities().raw_bytes;
     let err = c
         .get(&pool_key("bad"), &kvsync_model::GetOptions::new())
         .await
@@ -971,55 +956,169 @@ pub async fn client_is_shareable_across_tasks(b: &dyn TestBackend) {
 macro_rules! with_conformance_checks {
     ($callback:ident ! ($($args:tt)*)) => {
         $crate::$callback!($($args)*;
-            create_assigns_revision_and_uid_and_refuses_duplicates,
-            update_checks_existence_and_revision,
-            apply_creates_then_replaces,
-            delete_returns_last_value_and_checks_revision,
-            delete_with_a_uid_removes_only_that_object,
-            get_opt_says_absent_with_none,
-            get_and_list_read_at_old_revisions,
-            list_filters_by_kind_namespace_name_and_prefix,
-            watch_from_list_revision_sees_every_change_in_order,
-            watch_from_revision_replays_the_gap_with_deletions,
-            watch_after_compaction_reports_compacted,
-            watch_from_just_before_a_compacted_deletion_never_misses_it,
-            ttl_expires_keys_with_a_deleted_event,
-            racing_writers_with_preconditions_never_lose_an_update,
-            large_values_round_trip,
-            invalid_keys_and_values_are_rejected_and_nothing_is_written,
-            stored_garbage_surfaces_as_parse_with_the_key,
-            clean_removes_only_the_clients_keys,
-            client_is_shareable_across_tasks,
-        );
+            create_assigns_revision_and_uid_and_refuses_duplicates: Nothing,
+            update_checks_existence_and_revision: Nothing,
+            apply_creates_then_replaces: Nothing,
+            delete_returns_last_value_and_checks_revision: Nothing,
+            delete_with_a_uid_removes_only_that_object: Nothing,
+            get_opt_says_absent_with_none: Nothing,
+            get_and_list_read_at_old_revisions: HistoricalReads,
+            list_filters_by_kind_namespace_name_and_prefix: Nothing,
+            watch_from_list_revision_sees_every_change_in_order: Nothing,
+            watch_from_revision_replays_the_gap_with_deletions: Nothing,
+            watch_after_compaction_reports_compacted: Compaction,
+            watch_from_just_before_a_compacted_deletion_never_misses_it: Compaction,
+            ttl_expires_keys_with_a_deleted_event: Nothing,
+            racing_writers_with_preconditions_never_lose_an_update: Nothing,
+            large_values_round_trip: Nothing,
+            invalid_keys_and_values_are_rejected_and_nothing_is_written: Nothing,
+            stored_garbage_surfaces_as_parse_with_the_key: UndecodableEntries,
+            clean_removes_only_the_clients_keys: Nothing,
+            client_is_shareable_across_tasks: Nothing,
+        )
     };
 }
 
 /// Runs every conformance check named after `;` one after another against `$b` (a
-/// `&dyn TestBackend`), printing each name; for [`with_conformance_checks!`].
+/// `&dyn TestBackend`), printing each name, and skipping (with a line saying so) the checks
+/// whose [`Needs`] the backend does not meet; for [`with_conformance_checks!`].
 #[macro_export]
 macro_rules! conformance_sequence {
-    ($b:expr; $($name:ident),* $(,)?) => {
+    ($b:expr; $($name:ident: $needs:ident),* $(,)?) => {
+        let caps = $crate::TestBackend::client($b).await.client.capabilities();
         $(
-            println!("conformance: {}", stringify!($name));
-            $crate::conformance::$name($b).await;
+            match $crate::conformance::Needs::$needs.unmet($b, &caps) {
+                Some(why) => println!("conformance: {} skipped: {why}", stringify!($name)),
+                None => {
+                    println!("conformance: {}", stringify!($name));
+                    $crate::conformance::$name($b).await;
+                }
+            }
         )*
     };
 }
 
-/// Generates one `#[tokio::test]` per conformance check, each calling it with the backend
-/// that `$make` evaluates to (a value implementing [`TestBackend`]).
+/// The conformance checks as a list: name, what each needs, and the check.
+#[macro_export]
+macro_rules! conformance_list {
+    (; $($name:ident: $needs:ident),* $(,)?) => {
+        vec![$(
+            $crate::conformance::Check {
+                name: stringify!($name),
+                needs: $crate::conformance::Needs::$needs,
+                run: |b| Box::pin($crate::conformance::$name(b)),
+            },
+        )*]
+    };
+}
+
+/// The conformance suite as a test binary's `main` (a `[[test]]` with `harness = false`):
+/// one test per check against the backend `make` builds, run on a runtime of its own. A
+/// check whose [`Needs`] the backend does not meet is reported as ignored, with the reason,
+/// never counted as passed. Takes the usual test-harness arguments (filters, `--list`, ...).
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:expr) => {
-        $crate::with_conformance_checks!(conformance_tests!(@each $make));
+        fn main() -> std::process::ExitCode {
+            $crate::conformance::run_suite(|| $make)
+        }
     };
-    (@each $make:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let backend = $make;
-                $crate::conformance::$name(&backend).await;
+}
+
+/// One conformance check: see [`conformance_tests!`].
+pub struct Check {
+    /// The check's name (its function's).
+    pub name: &'static str,
+    /// What the backend must be able to do for the check to apply.
+    pub needs: Needs,
+    /// The check.
+    pub run: for<'a> fn(&'a dyn TestBackend) -> futures::future::BoxFuture<'a, ()>,
+}
+
+/// What a conformance check needs beyond the contract every backend keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// Nothing more.
+    Nothing,
+    /// Reads at old revisions ([`kvsync_backend::Capabilities::historical_reads`]).
+    HistoricalReads,
+    /// History that a test can drop ([`TestBackend::can_compact`]: the client's compaction,
+    /// or the datastore's own, as the API server double forgetting its watch window).
+    Compaction,
+    /// Raw access that can store entries the client cannot decode
+    /// ([`TestBackend::can_store_undecodable`]).
+    UndecodableEntries,
+}
+
+impl Needs {
+    /// Why `b` (whose clients can do `caps`) cannot run a check that needs this, or `None`
+    /// when it can.
+    pub fn unmet(self, b: &dyn TestBackend, caps: &Capabilities) -> Option<&'static str> {
+        match self {
+            Needs::Nothing => None,
+            Needs::HistoricalReads if !caps.historical_reads => {
+                Some("the backend cannot read at old revisions")
             }
-        )*
+            // Through the backend's raw access (the API server double forgets its watch window
+            // instead of compacting), not only through the client.
+            Needs::Compaction if !b.can_compact() => {
+                Some("this datastore's history cannot be compacted from a test")
+            }
+            Needs::UndecodableEntries if !b.can_store_undecodable() => {
+                Some("this datastore refuses entries its clients cannot decode")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Every conformance check.
+pub fn checks() -> Vec<Check> {
+    crate::with_conformance_checks!(conformance_list!())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Runs the conformance suite against the backends `make` builds: see
+/// [`conformance_tests!`].
+pub fn run_suite<B, F>(make: F) -> std::process::ExitCode
+where
+    B: TestBackend + 'static,
+    F: Fn() -> B + Send + Sync + 'static,
+{
+    let args = libtest_mimic::Arguments::from_args();
+    let make = Arc::new(make);
+    // Which checks apply is decided once, from a backend like the ones the checks get.
+    let unmet: Vec<Option<&'static str>> = {
+        let probe = make();
+        let caps = runtime().block_on(probe.client()).client.capabilities();
+        checks()
+            .iter()
+            .map(|c| c.needs.unmet(&probe, &caps))
+            .collect()
     };
+    let trials = checks()
+        .into_iter()
+        .zip(unmet)
+        .map(|(check, unmet)| {
+            let make = make.clone();
+            let name = match unmet {
+                Some(why) => format!("{} (skipped: {why})", check.name),
+                None => check.name.to_owned(),
+            };
+            libtest_mimic::Trial::test(name, move || {
+                let backend = make();
+                runtime().block_on((check.run)(&backend));
+                Ok(())
+            })
+            .with_ignored_flag(unmet.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
 }

@@ -75,22 +75,6 @@ pub trait TestBackend: Send + Sync {
         self.client().await
     }
 
-    /// Whether keys can be given a TTL.
-    fn supports_ttl(&self) -> bool {
-        true
-    }
-
-    /// Whether stored bytes come back as they were written (not so on Kubernetes, whose API
-    /// stores only JSON objects).
-    fn stores_raw_bytes(&self) -> bool {
-        true
-    }
-
-    /// Whether `get` and `list` can read at an old revision.
-    fn supports_historical_reads(&self) -> bool {
-        true
-    }
-
     /// Whether [`RawAccess::put_raw`] can store an entry the client cannot decode (not so on
     /// a real Kubernetes cluster, whose CRD schemas refuse objects without a valid spec).
     fn can_store_undecodable(&self) -> bool {

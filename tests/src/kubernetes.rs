@@ -87,18 +87,6 @@ impl TestBackend for KubeDoubleTestBackend {
             raw: Arc::new(DoubleRaw { double, codec }),
         }
     }
-
-    fn supports_ttl(&self) -> bool {
-        false
-    }
-
-    fn supports_historical_reads(&self) -> bool {
-        false
-    }
-
-    fn stores_raw_bytes(&self) -> bool {
-        false
-    }
 }
 
 /// The Kubernetes backend against a cluster other users may share: a real one named by
@@ -340,18 +328,6 @@ impl TestBackend for ClusterTestBackend {
             client: Arc::new(Isolated::new(Arc::new(backend), &tag, Some(ensure))),
             raw: Arc::new(NoRaw),
         }
-    }
-
-    fn supports_ttl(&self) -> bool {
-        false
-    }
-
-    fn supports_historical_reads(&self) -> bool {
-        false
-    }
-
-    fn stores_raw_bytes(&self) -> bool {
-        false
     }
 
     fn can_store_undecodable(&self) -> bool {
