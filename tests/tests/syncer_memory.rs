@@ -43,7 +43,7 @@ async fn in_sync_with(consumer: &CheckingConsumer, store: &dyn Client) -> bool {
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn initial_sync_goes_wait_resync_in_sync_with_every_key_new() {
     let store = MemoryBackend::new(kvsync_model::demo::registry());
     for i in 0..50 {
@@ -76,7 +76,7 @@ async fn initial_sync_goes_wait_resync_in_sync_with_every_key_new() {
     assert!(seen.violations.is_empty(), "{:?}", seen.violations);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn watch_broken_mid_stream_resumes_without_a_resync() {
     let store = MemoryBackend::new(kvsync_model::demo::registry());
     let faulty = Arc::new(FaultyClient::new(store.clone()));
@@ -176,7 +176,7 @@ async fn compaction_during_a_gap_relists_and_sends_exactly_the_difference() {
     assert!(seen.violations.is_empty(), "{:?}", seen.violations);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn outage_returns_to_wait_for_datastore_then_resyncs_the_gap() {
     let store = MemoryBackend::new(kvsync_model::demo::registry());
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
@@ -219,7 +219,7 @@ async fn outage_returns_to_wait_for_datastore_then_resyncs_the_gap() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn datastore_unavailable_at_start_waits_then_syncs() {
     let store = MemoryBackend::new(kvsync_model::demo::registry());
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
@@ -239,7 +239,7 @@ async fn datastore_unavailable_at_start_waits_then_syncs() {
     assert!(seen.violations.is_empty(), "{:?}", seen.violations);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn parse_failures_are_reported_and_the_syncer_keeps_going() {
     let store = MemoryBackend::new(kvsync_model::demo::registry());
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
@@ -260,7 +260,7 @@ async fn parse_failures_are_reported_and_the_syncer_keeps_going() {
     assert!(seen.violations.is_empty(), "{:?}", seen.violations);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn stop_during_resync_returns_and_leaves_no_task() {
     use futures::StreamExt;
     let store = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
@@ -306,7 +306,7 @@ async fn stop_during_resync_returns_and_leaves_no_task() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
     use kvsync_syncer::{SyncerCallbacks, Update};
     use std::sync::Mutex;
@@ -353,7 +353,7 @@ async fn callbacks_receive_statuses_and_updates_and_stop_ends_them() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn dropping_the_handle_or_the_stream_ends_every_task() {
     let store = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
     store.create(pool("a", "10.0.0.0/16")).await.unwrap();
@@ -384,7 +384,7 @@ async fn dropping_the_handle_or_the_stream_ends_every_task() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn outage_recovery_resumes_short_gaps_and_relists_long_ones() {
     kvsync_tests::scenarios::outage_recovery_resumes_short_gaps_and_relists_long_ones(
         &MemoryTestBackend,
@@ -404,7 +404,7 @@ async fn randomized_model_holds_the_consumer_invariant() {
 /// The watch that follows a list is opened while the list is still being read (from the
 /// list's revision), is the one used once the list is done, and delivers what was written
 /// during the list.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
     use futures::StreamExt;
     use kvsync_syncer::SyncerEvent;
