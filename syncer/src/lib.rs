@@ -26,14 +26,15 @@
 //!   exactly the difference against what it sent: `Updated`, `New`, `Deleted` for keys that
 //!   vanished meanwhile, nothing for unchanged keys.
 //! - While the datastore is unreachable the status is `WaitForDatastore` and the Syncer
-//!   retries as its [`RetryPolicy`] says (capped exponential [`Backoff`] with jitter by default). When it answers again, each type
-//!   weighs its gap: with `g` revisions missed (the datastore's current revision minus the
+//!   retries as its [`RetryPolicy`] says (capped exponential [`Backoff`] with jitter by
+//!   default). When it answers again, each type weighs its gap: with `g` revisions missed (the datastore's current revision minus the
 //!   last one seen) and `n` keys tracked, it resumes its watch when `g <= n / 20` (replaying an
 //!   event costs about 20 times listing a key on etcd) and stays `ResyncInProgress` until the
 //!   watch reaches the current revision (confirmed by an event or a progress notification
 //!   within [`Syncer::with_catch_up_timeout`], else it relists); otherwise it relists and
 //!   sends the difference.
-//!   Backends without comparable revisions always relist. See [`Syncer::with_gap_ratio`].
+//!   Backends whose [`capabilities`](kvsync_backend::Client::capabilities) say revisions are
+//!   not one global counter always relist. See [`Syncer::with_gap_ratio`].
 //! - Batches hold at most [`Syncer::with_max_batch`] updates. The Syncer runs inside the
 //!   stream it returns (or the callbacks' task): the datastore is read as the consumer takes
 //!   events, so a slow consumer slows the reading instead of growing a queue, and no task hop
@@ -48,15 +49,21 @@
 //! use std::collections::BTreeMap;
 //! use std::sync::Arc;
 //! use futures::StreamExt;
-//! use kvsync_backend::{Client, MemoryBackend};
-//! use kvsync_model::{KVPair, ListOptions, ResourceKey};
+//! use kvsync_backend::{Api, Client, MemoryBackend};
+//! use kvsync_model::{Registry, Resource};
 //! use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent, UpdateType};
+//! use serde::{Deserialize, Serialize};
 //!
-//! let client: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
-//! client.create(KVPair::new(ResourceKey::cluster("IPPool", "a"), serde_json::json!({"cidr": "10.0.0.0/16"}))).await.unwrap();
+//! /// Your own kind.
+//! #[derive(Clone, Debug, Serialize, Deserialize, Resource)]
+//! #[resource(group = "example.com", kind = "Tenant", plural = "tenants")]
+//! struct Tenant { owner: String }
+//!
+//! let client: Arc<dyn Client> = Arc::new(MemoryBackend::new(Registry::new().with::<Tenant>()));
+//! Api::<Tenant>::all(client.clone()).create("acme", Tenant { owner: "ann".into() }).await.unwrap();
 //!
 //! let mut events = Syncer::new(client.clone())
-//!     .with_resource(ResourceType::new(ListOptions::new("IPPool")))
+//!     .with_resource(ResourceType::of::<Tenant>())
 //!     .stream();
 //! let mut cache = BTreeMap::new();
 //! while let Some(ev) = events.next().await {
@@ -64,7 +71,10 @@
 //!         SyncerEvent::Updates(batch) => for u in batch {
 //!             match u.update_type {
 //!                 UpdateType::Deleted => { cache.remove(&u.kvp.key); }
-//!                 _ => { cache.insert(u.kvp.key.clone(), u.kvp.value); }
+//!                 _ => {
+//!                     let tenant: Tenant = u.kvp.value.decode().unwrap();
+//!                     cache.insert(u.kvp.key.clone(), tenant);
+//!                 }
 //!             }
 //!         },
 //!         SyncerEvent::Status(SyncStatus::InSync) => break,

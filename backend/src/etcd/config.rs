@@ -83,7 +83,9 @@ pub struct EtcdConfig {
     pub tls: Option<EtcdTls>,
     /// User name and password.
     pub user: Option<(String, String)>,
-    /// How long one request may take (default 10 s).
+    /// How long etcd may take to answer one request: a write, a read, one page of a list, or
+    /// the opening of a watch (not the watch's stream, which runs as long as it is read).
+    /// Default 10 s.
     pub request_timeout: Duration,
     /// How long connecting may take (default 5 s).
     pub connect_timeout: Duration,
@@ -198,7 +200,8 @@ impl EtcdConfig {
         self
     }
 
-    /// Sets the per-request timeout.
+    /// Sets how long etcd may take to answer one request (see
+    /// [`EtcdConfig::request_timeout`]).
     #[must_use]
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
