@@ -115,5 +115,104 @@ fn upper(field: &str) -> String {
 
 /// YAML text of a value.
 pub fn yaml(v: &Value) -> anyhow::Result<String> {
-    Ok(serde_yaml_ng::to_string(v)?)
+    Ok(quote_yaml11_words(&serde_yaml_ng::to_string(v)?))
+}
+
+/// The words a YAML 1.1 reader (kubectl's, PyYAML) takes for booleans or null. A YAML 1.2
+/// writer leaves them plain as strings, so `shortNames: [no]` reached the API server as
+/// `[false]` and was refused.
+const YAML11_WORDS: &[&str] = &[
+    "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+    "OFF", "~",
+];
+
+/// Single-quotes every plain scalar (key, value or sequence item) of block-style YAML that a
+/// YAML 1.1 reader would not read as a string; block scalars (`|`, `>`) are left as they are.
+fn quote_yaml11_words(yaml: &str) -> String {
+    let quote = |s: &str| {
+        if YAML11_WORDS.contains(&s) {
+            format!("'{s}'")
+        } else {
+            s.to_owned()
+        }
+    };
+    let mut out = String::with_capacity(yaml.len() + 16);
+    // While inside a block scalar: the indentation of the line that opened it.
+    let mut block: Option<usize> = None;
+    for line in yaml.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(opened) = block {
+            if line.trim().is_empty() || indent > opened {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            }
+            block = None;
+        }
+        // Leading `- ` markers, then `key: value`, `key:` or a plain item.
+        let mut rest = &line[indent..];
+        let mut fixed = " ".repeat(indent);
+        while let Some(r) = rest.strip_prefix("- ") {
+            fixed.push_str("- ");
+            rest = r;
+        }
+        if rest == "-" {
+            fixed.push('-');
+            rest = "";
+        }
+        match rest.split_once(": ") {
+            Some((key, value)) if !key.starts_with(['\'', '"']) => {
+                fixed.push_str(&quote(key));
+                fixed.push_str(": ");
+                fixed.push_str(&quote(value));
+                if value.starts_with(['|', '>']) {
+                    block = Some(indent);
+                }
+            }
+            _ => match rest.strip_suffix(':') {
+                Some(key) if !key.is_empty() && !key.contains(": ") => {
+                    fixed.push_str(&quote(key));
+                    fixed.push(':');
+                }
+                _ => {
+                    fixed.push_str(&quote(rest));
+                    if rest.starts_with(['|', '>']) {
+                        block = Some(indent);
+                    }
+                }
+            },
+        }
+        out.push_str(&fixed);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod yaml_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn words_a_yaml_1_1_reader_takes_for_booleans_are_quoted() {
+        let v = json!({
+            "shortNames": ["no", "n", "pool"],
+            "on": "off",
+            "nested": [{"y": "yes", "flag": true, "text": "no\nno\n"}],
+            "plain": "nothing to quote",
+        });
+        let text = yaml(&v).unwrap();
+        assert!(text.contains("- 'no'"), "{text}");
+        assert!(text.contains("- 'n'"), "{text}");
+        assert!(text.contains("- pool"), "{text}");
+        assert!(text.contains("'on': 'off'"), "{text}");
+        assert!(text.contains("'y': 'yes'"), "{text}");
+        assert!(
+            text.contains("flag: true"),
+            "real booleans stay booleans: {text}"
+        );
+        // The YAML still reads back as the same value.
+        let back: Value = serde_yaml_ng::from_str(&text).unwrap();
+        assert_eq!(back, v);
+    }
 }

@@ -181,3 +181,37 @@ fn every_yaml_file_parses_and_rbac_covers_every_crd_exactly() {
         "{sa} exists and is bound"
     );
 }
+
+/// kubectl reads YAML 1.1, where a plain `no`, `yes`, `on`, `off`, `y` or `n` is a boolean:
+/// a real API server refused `shortNames: [no]` as `[false]`. Every such word in deploy/ is
+/// quoted.
+#[test]
+fn no_plain_word_that_yaml_1_1_reads_as_a_boolean_is_left_in_deploy() {
+    const WORDS: &[&str] = &[
+        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+        "OFF",
+    ];
+    let mut checked = 0;
+    for dir in [deploy_dir(), deploy_dir().join("crds")] {
+        for path in yaml_files(&dir) {
+            let text = std::fs::read_to_string(&path).expect("read");
+            for (n, line) in text.lines().enumerate() {
+                let item = line.trim_start().trim_start_matches("- ");
+                let (key, value) = match item.split_once(": ") {
+                    Some((k, v)) => (Some(k), v),
+                    None => (item.strip_suffix(':'), item),
+                };
+                for scalar in [key.unwrap_or(""), value] {
+                    assert!(
+                        !WORDS.contains(&scalar.trim()),
+                        "{}:{}: plain {scalar:?} reads as a boolean in YAML 1.1: {line:?}",
+                        path.display(),
+                        n + 1
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "the CRDs and the manifests were read");
+}
