@@ -131,6 +131,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A closed stdout (`kvsync crds | head -1`) ends the process as it ends `cat`: by
+    // SIGPIPE, quietly, instead of a panic on the write that fails.
+    sigpipe::reset();
     let cli = Cli::parse();
     if std::env::var_os("KVSYNC_LOG").is_some() {
         tracing_subscriber::fmt()

@@ -559,3 +559,25 @@ fn version_prints_the_client_and_the_datastore_s_capabilities() {
     assert!(text.contains("Datastore: memory"), "{text}");
     assert!(text.contains("TTL:                    yes"), "{text}");
 }
+
+#[test]
+fn a_closed_stdout_ends_the_process_quietly_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    for args in [&["crds"][..], &["--datastore", "memory", "version"][..]] {
+        let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("kvsync"))
+            .args(args)
+            .env("KVSYNC_DB", env.db())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kvsync");
+        // The reader goes away before kvsync writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let quiet = out.status.success() || out.status.signal() == Some(13);
+        assert!(quiet, "{args:?}: {:?}", out.status);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
