@@ -278,6 +278,22 @@ mod tests {
             .validate(&v(json!({"cidr": "10.0.0.0/16", "blockSize": 8})))
             .unwrap_err();
         assert!(err.to_string().contains("spec.blockSize"), "{err}");
+        // A spec is an object: serde's derive alone would take an array for the struct.
+        let err = pool
+            .validate(&v(json!(["10.0.0.0/8", 24, true])))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid spec: must be an object, not an array"
+        );
+        let text = crate::Json::from_json_text(" [1] ".into()).unwrap();
+        assert!(
+            pool.validate(&text).is_err(),
+            "checked on the stored text too"
+        );
+        let untyped = crate::KindInfo::untyped("example.com", "Thing", "things", false);
+        assert!(untyped.validate(&v(json!("a string"))).is_err());
+        assert!(untyped.validate(&v(json!({"any": "thing"}))).is_ok());
         let err = pool.validate(&v(json!({"cidr": 5}))).unwrap_err();
         assert!(err.to_string().contains("spec"), "{err}");
 

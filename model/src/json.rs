@@ -171,6 +171,41 @@ impl Json {
         }
     }
 
+    /// Whether the value is a JSON object (read from the text's first character when the
+    /// value was never parsed).
+    pub fn is_object(&self) -> bool {
+        match (self.value.get(), self.json_text()) {
+            (Some(v), _) => v.is_object(),
+            (None, Some(text)) => text.trim_start().starts_with('{'),
+            (None, None) => false,
+        }
+    }
+
+    /// What kind of JSON value this is, for messages: `an object`, `an array`, `a string`,
+    /// `a number`, `a boolean` or `null`.
+    pub fn kind_name(&self) -> &'static str {
+        let first = match (self.value.get(), self.json_text()) {
+            (Some(v), _) => match v {
+                Value::Object(_) => '{',
+                Value::Array(_) => '[',
+                Value::String(_) => '"',
+                Value::Number(_) => '0',
+                Value::Bool(_) => 't',
+                Value::Null => 'n',
+            },
+            (None, Some(text)) => text.trim_start().chars().next().unwrap_or('n'),
+            (None, None) => 'n',
+        };
+        match first {
+            '{' => "an object",
+            '[' => "an array",
+            '"' => "a string",
+            't' | 'f' => "a boolean",
+            'n' => "null",
+            _ => "a number",
+        }
+    }
+
     /// The stored JSON text, when the value came from one.
     pub fn json_text(&self) -> Option<&str> {
         self.raw.as_ref().map(Text::get)

@@ -175,6 +175,14 @@ impl KindInfo {
     /// # Errors
     /// [`Error::Invalid`] naming the field and the rule.
     pub fn validate(&self, value: &Json) -> Result<()> {
+        // Every kind's value is a spec object; serde's derive alone would also take an array
+        // for a struct.
+        if !value.is_object() {
+            return Err(Error::invalid(
+                "spec",
+                format!("must be an object, not {}", value.kind_name()),
+            ));
+        }
         match self.validator {
             Some(v) => v(value),
             None => Ok(()),

@@ -151,9 +151,22 @@ pub fn parse_cidr(field: &str, cidr: &str) -> Result<(u8, bool)> {
     let ip: std::net::IpAddr = addr
         .parse()
         .map_err(|_| Error::invalid(field, format!("{addr:?} is not an IP address")))?;
-    let len: u8 = len
-        .parse()
-        .map_err(|_| Error::invalid(field, format!("{len:?} is not a prefix length")))?;
+    // Canonical decimal only: Rust's integer parser would also take `+8`.
+    let canonical = !len.is_empty()
+        && len.len() <= 3
+        && len.bytes().all(|b| b.is_ascii_digit())
+        && (len == "0" || !len.starts_with('0'));
+    let len: u8 = canonical
+        .then(|| len.parse().ok())
+        .flatten()
+        .ok_or_else(|| {
+            Error::invalid(
+                field,
+                format!(
+                    "{len:?} is not a prefix length (a decimal number without sign or leading zero)"
+                ),
+            )
+        })?;
     let (bits, value): (u8, u128) = match ip {
         std::net::IpAddr::V4(v4) => (32, u32::from(v4) as u128),
         std::net::IpAddr::V6(v6) => (128, u128::from(v6)),
@@ -255,5 +268,17 @@ mod tests {
         assert!(parse_cidr("cidr", "10.0.0.0/33").is_err());
         assert!(parse_cidr("cidr", "10.0.0.0").is_err());
         assert!(parse_cidr("cidr", "nope/8").is_err());
+        // The prefix length is canonical decimal: no sign, no leading zero, no spaces.
+        for bad in [
+            "10.0.0.0/+8",
+            "10.0.0.0/08",
+            "10.0.0.0/ 8",
+            "10.0.0.0/-8",
+            "10.0.0.0/",
+        ] {
+            let err = parse_cidr("spec.cidr", bad).unwrap_err();
+            assert!(err.to_string().contains("spec.cidr"), "{bad}: {err}");
+        }
+        assert_eq!(parse_cidr("cidr", "0.0.0.0/0").unwrap(), (0, false));
     }
 }
