@@ -98,30 +98,68 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// A usage error: the command line names something wrong (a kind, a name, a namespace, a
+/// missing argument). `main` exits with 2 for it, as clap does for its own, and 1 for the
+/// rest.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A [`Usage`] error.
+fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(message.into()))
+}
+
+/// Checks list options built from flags against the kind (namespace rules, DNS names).
+fn check_flags(client: &dyn Client, opts: &ListOptions) -> Result<()> {
+    client
+        .codec()
+        .list_prefix(opts)
+        .map(|_| ())
+        .map_err(|e| usage(e.to_string()))
+}
+
 /// The kind a user named (`ippools`, `ippool`, `pool`, `IPPool`).
 fn resolve<'a>(registry: &'a Registry, name: &str) -> Result<&'a KindInfo> {
     registry.resolve(name).ok_or_else(|| {
         let known: Vec<&str> = registry.kinds().iter().map(|k| k.plural.as_str()).collect();
-        anyhow!(
+        usage(format!(
             "the server doesn't have a resource type {name:?} (known: {})",
             known.join(", ")
-        )
+        ))
     })
 }
 
-fn key_for(info: &KindInfo, name: &str, namespace: Option<String>) -> Result<ResourceKey> {
-    match (info.namespaced, namespace) {
-        (true, ns) => Ok(ResourceKey::namespaced(
-            &info.kind,
-            ns.unwrap_or_else(|| "default".into()),
-            name,
-        )),
-        (false, None) => Ok(ResourceKey::cluster(&info.kind, name)),
-        (false, Some(_)) => bail!(
-            "kind {} is cluster-scoped: it takes no namespace",
-            info.kind
-        ),
-    }
+fn key_for(
+    client: &dyn Client,
+    info: &KindInfo,
+    name: &str,
+    namespace: Option<String>,
+) -> Result<ResourceKey> {
+    let key = match (info.namespaced, namespace) {
+        (true, ns) => {
+            ResourceKey::namespaced(&info.kind, ns.unwrap_or_else(|| "default".into()), name)
+        }
+        (false, None) => ResourceKey::cluster(&info.kind, name),
+        (false, Some(_)) => {
+            return Err(usage(format!(
+                "kind {} is cluster-scoped: it takes no namespace",
+                info.kind
+            )));
+        }
+    };
+    client
+        .codec()
+        .validate(&key)
+        .map_err(|e| usage(e.to_string()))?;
+    Ok(key)
 }
 
 /// `ippool/pool-a`, as kubectl names resources in its messages.
@@ -146,14 +184,14 @@ async fn get(
 ) -> Result<()> {
     let info = resolve(client.codec().registry(), kind)?.clone();
     if !info.namespaced && namespace.is_some() {
-        bail!(
+        return Err(usage(format!(
             "kind {} is cluster-scoped: it takes no namespace",
             info.kind
-        );
+        )));
     }
     let items = match &name {
         Some(name) => {
-            let key = key_for(&info, name, namespace)?;
+            let key = key_for(&**client, &info, name, namespace)?;
             match client.get(&key, &kvsync_model::GetOptions::new()).await {
                 Ok(kvp) => vec![kvp],
                 Err(Error::NotFound { .. }) => bail!("{} {name:?} not found", info.plural),
@@ -165,6 +203,7 @@ async fn get(
             if info.namespaced && !all_namespaces {
                 opts.namespace = Some(namespace.unwrap_or_else(|| "default".into()));
             }
+            check_flags(&**client, &opts)?;
             client.list(&opts).await?.items
         }
     };
@@ -266,10 +305,10 @@ async fn delete(
 ) -> Result<()> {
     let keys: Vec<ResourceKey> = if files.is_empty() {
         let (Some(kind), Some(name)) = (kind, name) else {
-            bail!("give KIND NAME or -f FILE");
+            return Err(usage("give KIND NAME or -f FILE"));
         };
         let info = resolve(client.codec().registry(), &kind)?;
-        vec![key_for(info, &name, namespace)?]
+        vec![key_for(&**client, info, &name, namespace)?]
     } else {
         manifest::load(client.codec(), files)?
             .into_iter()
@@ -315,9 +354,19 @@ async fn watch(
     for k in kinds {
         let info = resolve(&registry, k)?;
         let mut opts = ListOptions::new(&info.kind);
-        if info.namespaced {
-            opts.namespace = namespace.clone();
+        match (info.namespaced, &namespace) {
+            (true, ns) => opts.namespace = ns.clone(),
+            (false, Some(_)) if kinds.len() == 1 => {
+                return Err(usage(format!(
+                    "kind {} is cluster-scoped: it takes no namespace",
+                    info.kind
+                )));
+            }
+            // With several kinds, -n narrows the namespaced ones.
+            (false, _) => {}
         }
+        // Checked before the Syncer starts: it would retry options that can never work.
+        check_flags(&*client, &opts)?;
         syncer = syncer.with_resource(ResourceType::new(opts));
     }
     let mut events = syncer.stream();

@@ -165,7 +165,11 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("{}", line.replace('\n', " "));
-            ExitCode::FAILURE
+            if e.downcast_ref::<commands::Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -289,8 +289,9 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["items"], serde_json::json!([]));
 
+    // An unknown kind on the command line is a usage error (2), as a bad flag is.
     let out = env.kvsync().args(["get", "gizmos"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("gizmos"));
     let out = env
         .kvsync()
@@ -304,7 +305,7 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
         .args(["get", "ippool", "Bad_Name"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a bad name on the command line is usage");
     assert!(stderr(&out).contains("invalid name"), "{}", stderr(&out));
     let out = env
         .kvsync()
@@ -334,6 +335,44 @@ fn usage_errors_exit_2() {
         let out = env.kvsync().args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
+    // What the command line names wrong is a usage error too, reported at once with what
+    // was wrong; a watch never starts on options that can never work.
+    for (args, says) in [
+        (vec!["delete", "ippool"], "give KIND NAME"),
+        (vec!["get", "frobs"], "resource type \"frobs\""),
+        (vec!["get", "ippool", "Bad_Name"], "invalid name"),
+        (vec!["get", "ippools", "-n", "prod"], "cluster-scoped"),
+        (
+            vec!["watch", "networkpolicies", "-n", "BAD", "--once"],
+            "invalid namespace",
+        ),
+        (
+            vec!["watch", "ippools", "-n", "prod", "--once"],
+            "cluster-scoped",
+        ),
+    ] {
+        let started = Instant::now();
+        let out = env
+            .kvsync()
+            .args(["--datastore", "memory"])
+            .args(&args)
+            .timeout(Duration::from_secs(20))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{args:?} did not fail at once"
+        );
+    }
+    // A resource that is not there is a runtime failure: 1.
+    let out = env
+        .kvsync()
+        .args(["--datastore", "memory", "get", "ippool", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
 #[test]
