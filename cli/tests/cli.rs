@@ -305,7 +305,11 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
         .args(["get", "ippool", "Bad_Name"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "a bad name on the command line is usage");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad name on the command line is usage"
+    );
     assert!(stderr(&out).contains("invalid name"), "{}", stderr(&out));
     let out = env
         .kvsync()
@@ -619,4 +623,30 @@ fn a_closed_stdout_ends_the_process_quietly_without_a_panic() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn an_ipv6_pool_without_a_block_size_gets_calico_s_default_of_122() {
+    let env = Env::new();
+    let manifest = env.file(
+        "v6.yaml",
+        "apiVersion: kvsync.dev/v1\nkind: IPPool\nmetadata:\n  name: v6\nspec:\n  cidr: fd00:10::/64\n",
+    );
+    let out = env
+        .kvsync()
+        .args(["apply", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env
+        .kvsync()
+        .args(["get", "ippool", "v6", "-o", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // Stored as written; read as the type, the default follows the family.
+    let pool: kvsync_model::demo::IPPool =
+        serde_json::from_value(v["spec"].clone()).expect("an IPPool");
+    assert_eq!(pool.block_size, 122, "{v}");
 }

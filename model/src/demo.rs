@@ -44,13 +44,13 @@ pub fn register(registry: &mut Registry) {
 /// assert!(pool.validate().is_ok());
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, from = "IPPoolFields")]
 pub struct IPPool {
     /// The pool's network, e.g. `10.1.0.0/16`.
     #[schemars(regex(pattern = CIDR_PATTERN))]
     pub cidr: String,
-    /// The prefix length of the blocks handed to nodes (26 for IPv4, 122 for IPv6 by default).
-    #[serde(default = "default_block_size")]
+    /// The prefix length of the blocks handed to nodes (default 26 for IPv4, 122 for IPv6, as
+    /// Calico's).
     #[schemars(range(min = 0, max = 128))]
     pub block_size: u8,
     /// Whether traffic leaving the pool is masqueraded.
@@ -61,13 +61,40 @@ pub struct IPPool {
     pub disabled: bool,
 }
 
+/// An IPPool as written: `blockSize` may be left out, and its default depends on the
+/// family of the CIDR.
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct IPPoolFields {
+    /// The pool's network, e.g. `10.1.0.0/16`.
+    #[schemars(regex(pattern = CIDR_PATTERN))]
+    cidr: String,
+    /// The prefix length of the blocks handed to nodes (default 26 for IPv4, 122 for IPv6).
+    #[schemars(range(min = 0, max = 128))]
+    block_size: Option<u8>,
+    /// Whether traffic leaving the pool is masqueraded.
+    #[serde(default)]
+    nat_outgoing: bool,
+    /// Whether new addresses may not be taken from the pool.
+    #[serde(default)]
+    disabled: bool,
+}
+
+impl From<IPPoolFields> for IPPool {
+    fn from(f: IPPoolFields) -> Self {
+        let v6 = f.cidr.contains(':');
+        IPPool {
+            block_size: f.block_size.unwrap_or(if v6 { 122 } else { 26 }),
+            cidr: f.cidr,
+            nat_outgoing: f.nat_outgoing,
+            disabled: f.disabled,
+        }
+    }
+}
+
 /// What a CIDR looks like, for the CRD schemas (the exact check is in `validate`).
 pub const CIDR_PATTERN: &str =
     r"^(([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*/[0-9]{1,3})$";
-
-fn default_block_size() -> u8 {
-    26
-}
 
 impl Resource for IPPool {
     fn schema() -> serde_json::Value {
@@ -294,6 +321,12 @@ mod tests {
         let untyped = crate::KindInfo::untyped("example.com", "Thing", "things", false);
         assert!(untyped.validate(&v(json!("a string"))).is_err());
         assert!(untyped.validate(&v(json!({"any": "thing"}))).is_ok());
+        // The default block size follows the family, as Calico's: 26 for IPv4, 122 for IPv6.
+        assert!(pool.validate(&v(json!({"cidr": "fd00:10::/64"}))).is_ok());
+        let v6: IPPool = serde_json::from_value(json!({"cidr": "fd00:10::/64"})).unwrap();
+        assert_eq!(v6.block_size, 122);
+        let v4: IPPool = serde_json::from_value(json!({"cidr": "10.0.0.0/16"})).unwrap();
+        assert_eq!(v4.block_size, 26);
         let err = pool.validate(&v(json!({"cidr": 5}))).unwrap_err();
         assert!(err.to_string().contains("spec"), "{err}");
 
