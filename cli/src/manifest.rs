@@ -61,20 +61,32 @@ fn read(path: &Path) -> Result<String> {
 /// Splits a file's text into documents (YAML streams, a JSON object, a JSON array, or a
 /// `kind: List`).
 fn documents(name: &str, text: &str) -> Result<Vec<Value>> {
+    // A UTF-8 byte-order mark, as some editors write, is not part of the document (kubectl
+    // skips it too).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let trimmed = text.trim_start();
     let mut docs = Vec::new();
-    if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        let v: Value =
-            serde_json::from_str(text).map_err(|e| anyhow!("{name}: invalid JSON: {e}"))?;
-        match v {
-            Value::Array(items) => docs.extend(items),
-            other => docs.push(other),
+    let looks_like_json = trimmed.starts_with('{') || trimmed.starts_with('[');
+    // Text that starts like JSON is JSON, or else YAML in flow style (`{kind: IPPool, ...}`),
+    // which kubectl takes too; a broken JSON file is reported as JSON.
+    let json = looks_like_json.then(|| serde_json::from_str::<Value>(text));
+    match json {
+        Some(Ok(Value::Array(items))) => docs.extend(items),
+        Some(Ok(other)) => docs.push(other),
+        Some(Err(json_err)) => {
+            let yaml: Value = serde_yaml_ng::from_str(text)
+                .map_err(|_| anyhow!("{name}: invalid JSON: {json_err}"))?;
+            match yaml {
+                Value::Array(items) => docs.extend(items),
+                other => docs.push(other),
+            }
         }
-    } else {
-        for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let v = serde::Deserialize::deserialize(de)
-                .map_err(|e| anyhow!("{name}: document {}: invalid YAML: {e}", i + 1))?;
-            docs.push(v);
+        None => {
+            for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+                let v = serde::Deserialize::deserialize(de)
+                    .map_err(|e| anyhow!("{name}: document {}: invalid YAML: {e}", i + 1))?;
+                docs.push(v);
+            }
         }
     }
     // A `kind: List` holds its documents in `items`.
@@ -207,6 +219,24 @@ mod tests {
         );
         let json = r#"{"kind": "List", "items": [{"apiVersion": "kvsync.dev/v1", "kind": "Node", "metadata": {"name": "n"}, "spec": {}}]}"#;
         assert_eq!(documents("x.json", json).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_byte_order_mark_and_yaml_flow_mappings_are_read_as_kubectl_reads_them() {
+        let bom = "\u{feff}apiVersion: kvsync.dev/v1\nkind: Node\nmetadata:\n  name: n\nspec: {}\n";
+        let docs = documents("bom.yaml", bom).unwrap();
+        assert_eq!(to_kvp(&codec(), &docs[0]).unwrap().key.name, "n");
+        let bom_json = "\u{feff}{\"apiVersion\": \"kvsync.dev/v1\", \"kind\": \"Node\", \"metadata\": {\"name\": \"j\"}, \"spec\": {}}";
+        assert_eq!(documents("bom.json", bom_json).unwrap().len(), 1);
+
+        let flow = "{apiVersion: kvsync.dev/v1, kind: IPPool, metadata: {name: f}, spec: {cidr: 10.0.0.0/16}}\n";
+        let docs = documents("flow.yaml", flow).unwrap();
+        let kvp = to_kvp(&codec(), &docs[0]).unwrap();
+        assert_eq!(kvp.key, ResourceKey::cluster("IPPool", "f"));
+
+        // Broken JSON is still reported as JSON, with serde_json's position.
+        let err = documents("bad.json", "{\"kind\": \"Node\",, }").unwrap_err();
+        assert!(err.to_string().contains("bad.json: invalid JSON"), "{err}");
     }
 
     #[test]
