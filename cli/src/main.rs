@@ -7,6 +7,7 @@ mod commands;
 mod datastore;
 mod manifest;
 mod output;
+mod strict;
 
 use std::process::ExitCode;
 

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use kvsync_model::{KVPair, PathCodec, ResourceKey};
+use serde::de::DeserializeSeed;
 use serde_json::Value;
+
+use crate::strict::Strict;
 
 /// One document of a manifest, validated and turned into a KVPair.
 #[derive(Debug)]
@@ -69,12 +72,13 @@ fn documents(name: &str, text: &str) -> Result<Vec<Value>> {
     let looks_like_json = trimmed.starts_with('{') || trimmed.starts_with('[');
     // Text that starts like JSON is JSON, or else YAML in flow style (`{kind: IPPool, ...}`),
     // which kubectl takes too; a broken JSON file is reported as JSON.
-    let json = looks_like_json.then(|| serde_json::from_str::<Value>(text));
+    let json = looks_like_json.then(|| strict_json(text));
     match json {
         Some(Ok(Value::Array(items))) => docs.extend(items),
         Some(Ok(other)) => docs.push(other),
         Some(Err(json_err)) => {
-            let yaml: Value = serde_yaml_ng::from_str(text)
+            let yaml: Value = Strict::yaml_document()
+                .deserialize(serde_yaml_ng::Deserializer::from_str(text))
                 .map_err(|_| anyhow!("{name}: invalid JSON: {json_err}"))?;
             match yaml {
                 Value::Array(items) => docs.extend(items),
@@ -83,7 +87,8 @@ fn documents(name: &str, text: &str) -> Result<Vec<Value>> {
         }
         None => {
             for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-                let v = serde::Deserialize::deserialize(de)
+                let v = Strict::yaml_document()
+                    .deserialize(de)
                     .map_err(|e| anyhow!("{name}: document {}: invalid YAML: {e}", i + 1))?;
                 docs.push(v);
             }
@@ -105,9 +110,29 @@ fn documents(name: &str, text: &str) -> Result<Vec<Value>> {
     Ok(out)
 }
 
+/// Reads JSON text strictly (see [`Strict`]), the whole text one value.
+fn strict_json(text: &str) -> serde_json::Result<Value> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let v = Strict::json_document().deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
+/// The fields a manifest may have at its top level.
+const TOP_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
+/// The fields of `metadata` that kvsync reads (`name`, `namespace`) or writes itself and
+/// ignores on the way in (`resourceVersion`, `uid`: `kvsync get -o yaml` prints them).
+const METADATA_FIELDS: &[&str] = &["name", "namespace", "resourceVersion", "uid"];
+
 /// Turns one document into a KVPair, checking every field.
 fn to_kvp(codec: &PathCodec, doc: &Value) -> Result<KVPair, String> {
     let obj = doc.as_object().ok_or("a document must be a mapping")?;
+    if let Some(field) = obj.keys().find(|k| !TOP_FIELDS.contains(&k.as_str())) {
+        return Err(format!(
+            "unknown field {field:?} at the top level (expected {})",
+            TOP_FIELDS.join(", ")
+        ));
+    }
     let kind = obj
         .get("kind")
         .and_then(Value::as_str)
@@ -127,11 +152,21 @@ fn to_kvp(codec: &PathCodec, doc: &Value) -> Result<KVPair, String> {
         .get("metadata")
         .and_then(Value::as_object)
         .ok_or("missing field metadata")?;
-    let name = meta
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or("missing field metadata.name")?;
-    let namespace = meta.get("namespace").and_then(Value::as_str);
+    if let Some(field) = meta.keys().find(|k| !METADATA_FIELDS.contains(&k.as_str())) {
+        return Err(format!(
+            "unknown field metadata.{field} (kvsync reads {})",
+            METADATA_FIELDS.join(", ")
+        ));
+    }
+    let text_field = |field: &str| match meta.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(other) => Err(format!(
+            "invalid metadata.{field}: must be a string, not {other}"
+        )),
+    };
+    let name = text_field("name")?.ok_or("missing field metadata.name")?;
+    let namespace = text_field("namespace")?;
     let key = match (info.namespaced, namespace) {
         (true, ns) => ResourceKey::namespaced(kind, ns.unwrap_or("default"), name),
         (false, None) => ResourceKey::cluster(kind, name),

@@ -254,6 +254,54 @@ fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
             r#"{"apiVersion": "kvsync.dev/v1", "kind": "Node", "metadata": {"name": "n"}}"#.into(),
             "missing field spec",
         ),
+        // Strict decoding, as kubectl's --validate=strict: nothing the user wrote is
+        // silently dropped or replaced.
+        (
+            "dupkey.yaml",
+            POOLS.replace("name: pool-b", "name: pool-b
+  name: pool-c"),
+            "duplicate key \"name\"",
+        ),
+        (
+            "dupkey.json",
+            r#"{"apiVersion": "kvsync.dev/v1", "kind": "Node", "metadata": {"name": "n"}, "spec": {"asn": 1, "asn": 2}}"#.into(),
+            "spec: duplicate key \"asn\"",
+        ),
+        (
+            "topfield.yaml",
+            POOLS.replace("kind: IPPool\nmetadata:\n  name: pool-b", "kind: IPPool\ncolour: red\nmetadata:\n  name: pool-b"),
+            "unknown field \"colour\" at the top level",
+        ),
+        (
+            "metafield.yaml",
+            POOLS.replace("name: pool-b", "name: pool-b\n  labels: {a: b}"),
+            "unknown field metadata.labels",
+        ),
+        (
+            "arrayspec.json",
+            r#"{"apiVersion": "kvsync.dev/v1", "kind": "IPPool", "metadata": {"name": "p"}, "spec": ["10.0.0.0/8", 24, true]}"#.into(),
+            "spec: must be an object, not an array",
+        ),
+        (
+            "plus.yaml",
+            POOLS.replace("10.2.0.0/16", "10.0.0.0/+8"),
+            "spec.cidr",
+        ),
+        (
+            "nan.yaml",
+            "apiVersion: kvsync.dev/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\nspec:\n  selector: all()\n  order: .nan\n".into(),
+            "spec.order: NaN is not a number JSON can represent",
+        ),
+        (
+            "nsnumber.yaml",
+            "apiVersion: kvsync.dev/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: 5\nspec:\n  selector: all()\n".into(),
+            "metadata.namespace: must be a string",
+        ),
+        (
+            "clusterns.yaml",
+            POOLS.replace("name: pool-b", "name: pool-b\n  namespace: prod"),
+            "cluster-scoped",
+        ),
     ];
     for (name, text, expected) in cases {
         let path = env.file(name, &text);
