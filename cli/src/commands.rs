@@ -117,6 +117,11 @@ fn usage(message: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(Usage(message.into()))
 }
 
+/// A [`Usage`] error, for the other modules.
+pub(crate) fn usage_error(message: impl Into<String>) -> anyhow::Error {
+    usage(message)
+}
+
 /// Checks list options built from flags against the kind (namespace rules, DNS names).
 fn check_flags(client: &dyn Client, opts: &ListOptions) -> Result<()> {
     client

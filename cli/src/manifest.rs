@@ -8,7 +8,7 @@ use kvsync_model::{KVPair, PathCodec, ResourceKey};
 use serde::de::DeserializeSeed;
 use serde_json::Value;
 
-use crate::strict::Strict;
+use crate::strict::{Budget, Strict};
 
 /// One document of a manifest, validated and turned into a KVPair.
 #[derive(Debug)]
@@ -50,34 +50,126 @@ fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn read(path: &Path) -> Result<String> {
-    if path.as_os_str() == "-" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .context("cannot read standard input")?;
-        return Ok(s);
+/// The limits on what a manifest may hold, each checked before the work it bounds, with a
+/// default no legitimate manifest reaches and an environment variable to raise it.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The largest file, in bytes (`KVSYNC_MAX_MANIFEST_BYTES`, default 32 MiB).
+    pub file_bytes: u64,
+    /// The most documents in one file (`KVSYNC_MAX_DOCUMENTS`, default 10,000).
+    pub documents: usize,
+    /// The deepest nesting of collections (`KVSYNC_MAX_DEPTH`, default 64).
+    pub depth: usize,
+    /// The most a file may expand to as values, in bytes of text and nodes, aliases
+    /// included (`KVSYNC_MAX_EXPANDED_BYTES`, default 64 MiB).
+    pub expanded_bytes: usize,
+}
+
+impl Limits {
+    /// The limits, with the environment's overrides.
+    pub fn from_env() -> Result<Self> {
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+            match std::env::var(name) {
+                Ok(v) => v.trim().parse().map_err(|_| {
+                    crate::commands::usage_error(format!("{name}={v:?} is not a number"))
+                }),
+                Err(_) => Ok(default),
+            }
+        }
+        Ok(Limits {
+            file_bytes: var("KVSYNC_MAX_MANIFEST_BYTES", 32 << 20)?,
+            documents: var("KVSYNC_MAX_DOCUMENTS", 10_000)?,
+            depth: var("KVSYNC_MAX_DEPTH", 64)?,
+            expanded_bytes: var("KVSYNC_MAX_EXPANDED_BYTES", 64 << 20)?,
+        })
     }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Reads a file, or standard input for `-`, refusing one over the size limit without reading
+/// more than the limit.
+fn read(path: &Path, limits: &Limits) -> Result<String> {
+    let name = if path.as_os_str() == "-" {
+        "<stdin>".to_owned()
+    } else {
+        path.display().to_string()
+    };
+    let source: Box<dyn Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| format!("cannot read {name}"))?)
+    };
+    let mut bytes = Vec::new();
+    source
+        .take(limits.file_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {name}"))?;
+    if bytes.len() as u64 > limits.file_bytes {
+        bail!(
+            "{name}: larger than the limit of {} bytes (KVSYNC_MAX_MANIFEST_BYTES raises it)",
+            limits.file_bytes
+        );
+    }
+    String::from_utf8(bytes).map_err(|e| anyhow!("{name}: not UTF-8 text: {e}"))
+}
+
+/// Refuses text whose flow collections (`[`, `{`) nest deeper than the limit, before a
+/// parser spends its time on them. Brackets inside quoted strings do not count.
+fn check_depth(name: &str, text: &str, limit: usize) -> Result<()> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in text.chars() {
+        if c == '\n' {
+            line += 1;
+        }
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' && q == '"' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '"' | '\'' => quote = Some(c),
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > limit {
+                        bail!(
+                            "{name}: line {line}: collections nest deeper than the limit of {limit} \
+                             (KVSYNC_MAX_DEPTH raises it)"
+                        );
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    Ok(())
 }
 
 /// Splits a file's text into documents (YAML streams, a JSON object, a JSON array, or a
 /// `kind: List`).
-fn documents(name: &str, text: &str) -> Result<Vec<Value>> {
+fn documents(name: &str, text: &str, limits: &Limits) -> Result<Vec<Value>> {
     // A UTF-8 byte-order mark, as some editors write, is not part of the document (kubectl
     // skips it too).
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    check_depth(name, text, limits.depth)?;
+    let budget = Budget::new(limits.expanded_bytes);
     let trimmed = text.trim_start();
     let mut docs = Vec::new();
     let looks_like_json = trimmed.starts_with('{') || trimmed.starts_with('[');
     // Text that starts like JSON is JSON, or else YAML in flow style (`{kind: IPPool, ...}`),
     // which kubectl takes too; a broken JSON file is reported as JSON.
-    let json = looks_like_json.then(|| strict_json(text));
+    let json = looks_like_json.then(|| strict_json(text, &budget));
     match json {
         Some(Ok(Value::Array(items))) => docs.extend(items),
         Some(Ok(other)) => docs.push(other),
         Some(Err(json_err)) => {
-            let yaml: Value = Strict::yaml_document()
+            let yaml: Value = Strict::yaml_document(&budget)
                 .deserialize(serde_yaml_ng::Deserializer::from_str(text))
                 .map_err(|_| anyhow!("{name}: invalid JSON: {json_err}"))?;
             match yaml {
@@ -87,7 +179,13 @@ fn documents(name: &str, text: &str) -> Result<Vec<Value>> {
         }
         None => {
             for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-                let v = Strict::yaml_document()
+                if i >= limits.documents {
+                    bail!(
+                        "{name}: more than the limit of {} documents (KVSYNC_MAX_DOCUMENTS raises it)",
+                        limits.documents
+                    );
+                }
+                let v = Strict::yaml_document(&budget)
                     .deserialize(de)
                     .map_err(|e| anyhow!("{name}: document {}: invalid YAML: {e}", i + 1))?;
                 docs.push(v);
@@ -111,9 +209,9 @@ fn documents(name: &str, text: &str) -> Result<Vec<Value>> {
 }
 
 /// Reads JSON text strictly (see [`Strict`]), the whole text one value.
-fn strict_json(text: &str) -> serde_json::Result<Value> {
+fn strict_json(text: &str, budget: &Budget) -> serde_json::Result<Value> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let v = Strict::json_document().deserialize(&mut de)?;
+    let v = Strict::json_document(budget).deserialize(&mut de)?;
     de.end()?;
     Ok(v)
 }
@@ -189,6 +287,7 @@ fn to_kvp(codec: &PathCodec, doc: &Value) -> Result<KVPair, String> {
 
 /// Reads and validates every document of every file before anything is written.
 pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
+    let limits = Limits::from_env()?;
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for path in expand(args)? {
@@ -197,8 +296,15 @@ pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
         } else {
             path.display().to_string()
         };
-        let text = read(&path)?;
-        for (i, doc) in documents(&name, &text)?.iter().enumerate() {
+        let text = read(&path, &limits)?;
+        let docs = documents(&name, &text, &limits)?;
+        if docs.len() > limits.documents {
+            bail!(
+                "{name}: more than the limit of {} documents (KVSYNC_MAX_DOCUMENTS raises it)",
+                limits.documents
+            );
+        }
+        for (i, doc) in docs.iter().enumerate() {
             let label = describe(doc);
             match to_kvp(codec, doc) {
                 Ok(kvp) => out.push(Doc {
@@ -245,7 +351,7 @@ mod tests {
     fn yaml_streams_json_arrays_and_lists_all_parse() {
         let yaml = "apiVersion: kvsync.dev/v1\nkind: IPPool\nmetadata: {name: a}\nspec: {cidr: 10.0.0.0/16}\n---\n\
                     apiVersion: kvsync.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {selector: all()}\n";
-        let docs = documents("x.yaml", yaml).unwrap();
+        let docs = documents("x.yaml", yaml, &Limits::from_env().unwrap()).unwrap();
         assert_eq!(docs.len(), 2);
         let kvp = to_kvp(&codec(), &docs[1]).unwrap();
         assert_eq!(
@@ -253,24 +359,39 @@ mod tests {
             ResourceKey::namespaced("NetworkPolicy", "default", "p")
         );
         let json = r#"{"kind": "List", "items": [{"apiVersion": "kvsync.dev/v1", "kind": "Node", "metadata": {"name": "n"}, "spec": {}}]}"#;
-        assert_eq!(documents("x.json", json).unwrap().len(), 1);
+        assert_eq!(
+            documents("x.json", json, &Limits::from_env().unwrap())
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn a_byte_order_mark_and_yaml_flow_mappings_are_read_as_kubectl_reads_them() {
         let bom = "\u{feff}apiVersion: kvsync.dev/v1\nkind: Node\nmetadata:\n  name: n\nspec: {}\n";
-        let docs = documents("bom.yaml", bom).unwrap();
+        let docs = documents("bom.yaml", bom, &Limits::from_env().unwrap()).unwrap();
         assert_eq!(to_kvp(&codec(), &docs[0]).unwrap().key.name, "n");
         let bom_json = "\u{feff}{\"apiVersion\": \"kvsync.dev/v1\", \"kind\": \"Node\", \"metadata\": {\"name\": \"j\"}, \"spec\": {}}";
-        assert_eq!(documents("bom.json", bom_json).unwrap().len(), 1);
+        assert_eq!(
+            documents("bom.json", bom_json, &Limits::from_env().unwrap())
+                .unwrap()
+                .len(),
+            1
+        );
 
         let flow = "{apiVersion: kvsync.dev/v1, kind: IPPool, metadata: {name: f}, spec: {cidr: 10.0.0.0/16}}\n";
-        let docs = documents("flow.yaml", flow).unwrap();
+        let docs = documents("flow.yaml", flow, &Limits::from_env().unwrap()).unwrap();
         let kvp = to_kvp(&codec(), &docs[0]).unwrap();
         assert_eq!(kvp.key, ResourceKey::cluster("IPPool", "f"));
 
         // Broken JSON is still reported as JSON, with serde_json's position.
-        let err = documents("bad.json", "{\"kind\": \"Node\",, }").unwrap_err();
+        let err = documents(
+            "bad.json",
+            "{\"kind\": \"Node\",, }",
+            &Limits::from_env().unwrap(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("bad.json: invalid JSON"), "{err}");
     }
 

@@ -3,13 +3,53 @@
 //! and a number JSON cannot represent (`.nan`, `.inf`) are errors naming the field path,
 //! never a silent last-one-wins or `null`.
 
+use std::cell::Cell;
 use std::fmt;
+use std::rc::Rc;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
+/// How much a file may expand to: each value read costs its text's bytes plus a node's
+/// (aliases make a small YAML file expand to any size; this stops it before the memory is
+/// spent).
+#[derive(Clone)]
+pub struct Budget {
+    left: Rc<Cell<usize>>,
+    limit: usize,
+}
+
+impl Budget {
+    /// `limit` bytes for the whole file.
+    pub fn new(limit: usize) -> Self {
+        Budget {
+            left: Rc::new(Cell::new(limit)),
+            limit,
+        }
+    }
+
+    fn spend<E: de::Error>(&self, bytes: usize) -> Result<(), E> {
+        let cost = bytes.saturating_add(NODE_BYTES);
+        match self.left.get().checked_sub(cost) {
+            Some(left) => {
+                self.left.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(format!(
+                "the values expand past the limit of {} bytes (aliases?); \
+                 KVSYNC_MAX_EXPANDED_BYTES raises it",
+                self.limit
+            ))),
+        }
+    }
+}
+
+/// What one value costs beyond its text: about a `serde_json::Value`'s size.
+const NODE_BYTES: usize = 32;
+
 /// Reads one value strictly; `path` names where it is (`spec.order`), empty at the top.
 pub struct Strict {
+    budget: Budget,
     path: String,
     /// Whether messages start with the path (serde_yaml_ng puts it there itself).
     says_path: bool,
@@ -17,16 +57,18 @@ pub struct Strict {
 
 impl Strict {
     /// A reader of a whole JSON document: messages name the field path.
-    pub fn json_document() -> Self {
+    pub fn json_document(budget: &Budget) -> Self {
         Strict {
+            budget: budget.clone(),
             path: String::new(),
             says_path: true,
         }
     }
 
     /// A reader of a whole YAML document (serde_yaml_ng's errors name the path).
-    pub fn yaml_document() -> Self {
+    pub fn yaml_document(budget: &Budget) -> Self {
         Strict {
+            budget: budget.clone(),
             path: String::new(),
             says_path: false,
         }
@@ -34,6 +76,7 @@ impl Strict {
 
     fn child(&self, key: &str) -> Strict {
         Strict {
+            budget: self.budget.clone(),
             path: if self.path.is_empty() {
                 key.to_owned()
             } else {
@@ -45,6 +88,7 @@ impl Strict {
 
     fn item(&self, i: usize) -> Strict {
         Strict {
+            budget: self.budget.clone(),
             path: format!("{}[{i}]", self.path),
             says_path: self.says_path,
         }
@@ -84,36 +128,44 @@ impl<'de> Visitor<'de> for Strict {
     }
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        self.budget.spend(0)?;
         Ok(Value::Bool(v))
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        self.budget.spend(0)?;
         Ok(Value::Number(v.into()))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        self.budget.spend(0)?;
         Ok(Value::Number(v.into()))
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        self.budget.spend(0)?;
         Number::from_f64(v)
             .map(Value::Number)
             .ok_or_else(|| self.error(format!("{v} is not a number JSON can represent")))
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.budget.spend(v.len())?;
         Ok(Value::String(v.to_owned()))
     }
 
     fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        self.budget.spend(v.len())?;
         Ok(Value::String(v))
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.budget.spend(0)?;
         Ok(Value::Null)
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.budget.spend(0)?;
         Ok(Value::Null)
     }
 
@@ -122,6 +174,7 @@ impl<'de> Visitor<'de> for Strict {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.budget.spend(0)?;
         let mut items = Vec::new();
         while let Some(v) = seq.next_element_seed(self.item(items.len()))? {
             items.push(v);
@@ -130,8 +183,10 @@ impl<'de> Visitor<'de> for Strict {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.budget.spend(0)?;
         let mut out = Map::new();
         while let Some(key) = map.next_key_seed(Strict {
+            budget: self.budget.clone(),
             path: self.path.clone(),
             says_path: self.says_path,
         })? {
@@ -154,14 +209,14 @@ mod tests {
     use serde_json::json;
 
     fn yaml(text: &str) -> Result<Value, String> {
-        Strict::yaml_document()
+        Strict::yaml_document(&Budget::new(1 << 20))
             .deserialize(serde_yaml_ng::Deserializer::from_str(text))
             .map_err(|e| e.to_string())
     }
 
     fn json_text(text: &str) -> Result<Value, String> {
         let mut de = serde_json::Deserializer::from_str(text);
-        Strict::json_document()
+        Strict::json_document(&Budget::new(1 << 20))
             .deserialize(&mut de)
             .map_err(|e| e.to_string())
     }
@@ -195,6 +250,24 @@ mod tests {
             );
             assert!(err.contains("spec."), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn aliases_that_expand_past_the_budget_stop_before_the_memory_is_spent() {
+        let long = "x".repeat(10_000);
+        let text = format!(
+            "a0: &a0 \"{long}\"\na1: &a1 [{}]\na2: [{}]\n",
+            vec!["*a0"; 50].join(","),
+            vec!["*a1"; 50].join(",")
+        );
+        let err = Strict::yaml_document(&Budget::new(1 << 20))
+            .deserialize(serde_yaml_ng::Deserializer::from_str(&text))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expand past the limit of 1048576 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

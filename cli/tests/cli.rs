@@ -698,3 +698,69 @@ fn an_ipv6_pool_without_a_block_size_gets_calico_s_default_of_122() {
         serde_json::from_value(v["spec"].clone()).expect("an IPPool");
     assert_eq!(pool.block_size, 122, "{v}");
 }
+
+#[test]
+fn manifests_past_a_limit_fail_fast_naming_the_file_and_the_limit_and_write_nothing() {
+    let env = Env::new();
+    let laughs = {
+        let long = "x".repeat(20_000);
+        let a1 = vec!["*a0"; 300].join(",");
+        let a2 = vec!["*a1"; 300].join(",");
+        format!(
+            "apiVersion: kvsync.dev/v1\nkind: Node\nmetadata:\n  name: n\nspec:\n  a0: &a0 \"{long}\"\n  a1: &a1 [{a1}]\n  a2: [{a2}]\n"
+        )
+    };
+    let deep = format!(
+        "apiVersion: kvsync.dev/v1\nkind: Node\nmetadata:\n  name: n\nspec:\n  labels: {}{}\n",
+        "[".repeat(50_000),
+        "]".repeat(50_000)
+    );
+    let cases: Vec<(&str, String, Vec<(&str, &str)>, &str)> = vec![
+        ("laughs.yaml", laughs, vec![], "KVSYNC_MAX_EXPANDED_BYTES"),
+        (
+            "deep.yaml",
+            deep,
+            vec![],
+            "nest deeper than the limit of 64",
+        ),
+        (
+            "big.yaml",
+            POOLS.into(),
+            vec![("KVSYNC_MAX_MANIFEST_BYTES", "100")],
+            "larger than the limit of 100 bytes",
+        ),
+        (
+            "many.yaml",
+            POOLS.into(),
+            vec![("KVSYNC_MAX_DOCUMENTS", "1")],
+            "more than the limit of 1 documents",
+        ),
+    ];
+    for (name, text, vars, says) in cases {
+        let path = env.file(name, &text);
+        let started = Instant::now();
+        let out = env
+            .kvsync()
+            .envs(vars)
+            .args(["apply", "-f"])
+            .arg(&path)
+            .timeout(Duration::from_secs(30))
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(says) && err.contains(name), "{name}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{name} took {:?}",
+            started.elapsed()
+        );
+    }
+    let out = env
+        .kvsync()
+        .args(["get", "nodes", "-o", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["items"], serde_json::json!([]), "nothing was written");
+}
