@@ -715,7 +715,9 @@ fn manifests_past_a_limit_fail_fast_naming_the_file_and_the_limit_and_write_noth
         "[".repeat(50_000),
         "]".repeat(50_000)
     );
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, &str)> = vec![
+    /// File name, text, environment, what the error says.
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("laughs.yaml", laughs, vec![], "KVSYNC_MAX_EXPANDED_BYTES"),
         (
             "deep.yaml",
