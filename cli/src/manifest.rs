@@ -41,7 +41,8 @@ fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
                 .collect();
             entries.sort();
             out.extend(entries);
-        } else if p.is_file() {
+        } else if p.exists() {
+            // A file, or what a shell hands over as one: /dev/stdin, a pipe from `<(...)`.
             out.push(p);
         } else {
             bail!("{arg}: no such file or directory");

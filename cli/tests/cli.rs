@@ -766,3 +766,35 @@ fn manifests_past_a_limit_fail_fast_naming_the_file_and_the_limit_and_write_noth
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["items"], serde_json::json!([]), "nothing was written");
 }
+
+#[test]
+fn dev_stdin_and_a_pipe_are_read_as_files() {
+    let env = Env::new();
+    let node = "apiVersion: kvsync.dev/v1\nkind: Node\nmetadata:\n  name: piped\nspec: {}\n";
+    let out = env
+        .kvsync()
+        .args(["apply", "-f", "/dev/stdin"])
+        .write_stdin(node)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // What `-f <(...)` hands over: a pipe's path under /dev/fd.
+    let script = format!(
+        "{} apply -f <(printf '{}')",
+        assert_cmd::cargo::cargo_bin("kvsync").display(),
+        node.replace("piped", "substituted").replace('\n', "\\n")
+    );
+    let out = StdCommand::new("bash")
+        .args(["-c", &script])
+        .env("KVSYNC_DB", env.db())
+        .env_remove("KVSYNC_DATASTORE_TYPE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.kvsync().args(["get", "nodes"]).output().unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("piped") && text.contains("substituted"),
+        "{text}"
+    );
+}
