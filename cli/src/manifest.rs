@@ -412,3 +412,49 @@ mod tests {
         assert!(to_kvp(&codec(), &bad).unwrap_err().contains("unknown kind"));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn limits() -> Limits {
+        Limits {
+            file_bytes: 1 << 20,
+            documents: 100,
+            depth: 64,
+            expanded_bytes: 1 << 20,
+        }
+    }
+
+    /// Reads `text` as `load` does: documents, then each document's checks.
+    fn read_all(text: &str) {
+        let codec = PathCodec::with_registry(kvsync_model::demo::registry());
+        if let Ok(docs) = documents("prop.yaml", text, &limits()) {
+            for doc in &docs {
+                let _ = to_kvp(&codec, doc);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn any_text_is_read_or_refused_never_a_panic(text in "\\PC{0,300}") {
+            read_all(&text);
+        }
+
+        #[test]
+        fn manifest_like_text_is_read_or_refused_never_a_panic(
+            text in "(apiVersion: kvsync.dev/v1\nkind: (IPPool|Node|NetworkPolicy)\n)?(metadata:\n  name: [a-zA-Z_-]{0,8}\n(  namespace: [a-z0-9]{0,5}\n)?)?(spec:\n  [a-zA-Z]{1,8}: [-\\[\\]{}a-z0-9.&*!:,\"' ]{0,20}\n){0,3}(---\n)?"
+        ) {
+            read_all(&text);
+        }
+
+        #[test]
+        fn any_bytes_as_json_are_read_or_refused_never_a_panic(text in "[\\[\\]{}\":,0-9a-z .eE+-]{0,200}") {
+            read_all(&text);
+        }
+    }
+}

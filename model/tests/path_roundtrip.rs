@@ -55,6 +55,22 @@ proptest! {
     }
 
     #[test]
+    fn arbitrary_cidrs_never_panic_and_what_parses_is_canonical(s in "\\PC{0,50}") {
+        if let Ok((len, v6)) = kvsync_model::validation::parse_cidr("spec.cidr", &s) {
+            let (addr, l) = s.split_once('/').unwrap();
+            prop_assert_eq!(l, len.to_string(), "canonical decimal prefix length");
+            prop_assert_eq!(v6, addr.contains(':'));
+        }
+    }
+
+    #[test]
+    fn cidr_like_strings_never_panic(
+        s in "[0-9a-f:.]{0,20}/[+0-9 -]{0,4}"
+    ) {
+        let _ = kvsync_model::validation::parse_cidr("spec.cidr", &s);
+    }
+
+    #[test]
     fn paths_under_the_prefix_never_panic_the_parser(s in "[a-zA-Z0-9./_-]{0,40}") {
         let c = codec();
         let path = format!("/test/prefix/{s}");
