@@ -220,123 +220,9 @@ fn a_directory_applies_every_manifest_in_it() {
 
 #[test]
 fn bad_input_fails_with_one_clear_line_and_writes_nothing() {
+    // The manifests themselves: tests/corpus/bad (the_corpus_of_bad_manifests_...). Here:
+    // the command line's own mistakes.
     let env = Env::new();
-    let cases: Vec<(&str, String, &str)> = vec![
-        ("malformed.yaml", "apiVersion: [\n".into(), "invalid YAML"),
-        (
-            "unknown.yaml",
-            POOLS.replace(
-                "kind: IPPool\nmetadata:\n  name: pool-b",
-                "kind: Gizmo\nmetadata:\n  name: pool-b",
-            ),
-            "unknown kind \"Gizmo\"",
-        ),
-        (
-            "badname.yaml",
-            POOLS.replace("name: pool-b", "name: Pool_B"),
-            "metadata.name",
-        ),
-        (
-            "badcidr.yaml",
-            POOLS.replace("10.2.0.0/16", "10.2.0.1/16"),
-            "spec.cidr",
-        ),
-        (
-            "noversion.yaml",
-            POOLS.replace(
-                "apiVersion: kvsync.dev/v1\nkind: IPPool\nmetadata:\n  name: pool-b",
-                "apiVersion: v9\nkind: IPPool\nmetadata:\n  name: pool-b",
-            ),
-            "apiVersion",
-        ),
-        (
-            "nospec.json",
-            r#"{"apiVersion": "kvsync.dev/v1", "kind": "Node", "metadata": {"name": "n"}}"#.into(),
-            "missing field spec",
-        ),
-        // Strict decoding, as kubectl's --validate=strict: nothing the user wrote is
-        // silently dropped or replaced.
-        (
-            "dupkey.yaml",
-            POOLS.replace("name: pool-b", "name: pool-b
-  name: pool-c"),
-            "duplicate key \"name\"",
-        ),
-        (
-            "dupkey.json",
-            r#"{"apiVersion": "kvsync.dev/v1", "kind": "Node", "metadata": {"name": "n"}, "spec": {"asn": 1, "asn": 2}}"#.into(),
-            "spec: duplicate key \"asn\"",
-        ),
-        (
-            "topfield.yaml",
-            POOLS.replace("kind: IPPool\nmetadata:\n  name: pool-b", "kind: IPPool\ncolour: red\nmetadata:\n  name: pool-b"),
-            "unknown field \"colour\" at the top level",
-        ),
-        (
-            "metafield.yaml",
-            POOLS.replace("name: pool-b", "name: pool-b\n  labels: {a: b}"),
-            "unknown field metadata.labels",
-        ),
-        (
-            "arrayspec.json",
-            r#"{"apiVersion": "kvsync.dev/v1", "kind": "IPPool", "metadata": {"name": "p"}, "spec": ["10.0.0.0/8", 24, true]}"#.into(),
-            "spec: must be an object, not an array",
-        ),
-        (
-            "plus.yaml",
-            POOLS.replace("10.2.0.0/16", "10.0.0.0/+8"),
-            "spec.cidr",
-        ),
-        (
-            "nan.yaml",
-            "apiVersion: kvsync.dev/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\nspec:\n  selector: all()\n  order: .nan\n".into(),
-            "spec.order: NaN is not a number JSON can represent",
-        ),
-        (
-            "nsnumber.yaml",
-            "apiVersion: kvsync.dev/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: 5\nspec:\n  selector: all()\n".into(),
-            "metadata.namespace: must be a string",
-        ),
-        (
-            "clusterns.yaml",
-            POOLS.replace("name: pool-b", "name: pool-b\n  namespace: prod"),
-            "cluster-scoped",
-        ),
-    ];
-    for (name, text, expected) in cases {
-        let path = env.file(name, &text);
-        let out = env
-            .kvsync()
-            .args(["apply", "-f"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
-        assert!(
-            err.contains(expected),
-            "{name}: expected {expected:?} in {err:?}"
-        );
-        assert!(
-            err.contains(name),
-            "{name}: the error names the file: {err:?}"
-        );
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "{name}: one line: {err:?}"
-        );
-        assert!(!err.contains("panicked"), "{err}");
-    }
-    // The valid first document of each file was not written either.
-    let out = env
-        .kvsync()
-        .args(["get", "ippools", "-o", "json"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["items"], serde_json::json!([]));
-
     // An unknown kind on the command line is a usage error (2), as a bad flag is.
     let out = env.kvsync().args(["get", "gizmos"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -797,4 +683,110 @@ fn dev_stdin_and_a_pipe_are_read_as_files() {
         text.contains("piped") && text.contains("substituted"),
         "{text}"
     );
+}
+
+fn corpus(kind: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/corpus")
+        .join(kind)
+}
+
+/// Every resource of every kind, with revisions and uids, as `kvsync get` prints them.
+fn dump(env: &Env) -> String {
+    let mut all = String::new();
+    for args in [
+        &["get", "ippools", "-o", "json"][..],
+        &["get", "nodes", "-o", "json"][..],
+        &["get", "networkpolicies", "-A", "-o", "json"][..],
+    ] {
+        let out = env.kvsync().args(args).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        all.push_str(&stdout(&out));
+    }
+    all
+}
+
+#[test]
+fn the_corpus_of_bad_manifests_fails_as_listed_and_changes_nothing() {
+    let env = Env::new();
+    let seed = env.file("seed.yaml", POOLS);
+    assert!(
+        env.kvsync()
+            .args(["apply", "-f"])
+            .arg(&seed)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let before = dump(&env);
+    let expect = std::fs::read_to_string(corpus("bad").join("EXPECT")).expect("EXPECT");
+    let mut listed = Vec::new();
+    for line in expect
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let mut fields = line.splitn(3, '\t');
+        let (file, code, says) = (
+            fields.next().unwrap(),
+            fields.next().unwrap().parse::<i32>().unwrap(),
+            fields.next().unwrap(),
+        );
+        listed.push(file.to_owned());
+        let out = env
+            .kvsync()
+            .args(["apply", "-f"])
+            .arg(corpus("bad").join(file))
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{file}: {err}");
+        assert!(err.contains(says), "{file}: expected {says:?} in {err:?}");
+        assert!(
+            err.contains(file),
+            "{file}: the error names the file: {err:?}"
+        );
+        assert!(!err.contains("panicked"), "{file}: {err}");
+        assert_eq!(dump(&env), before, "{file} changed the datastore");
+    }
+    let mut files: Vec<String> = std::fs::read_dir(corpus("bad"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f != "EXPECT")
+        .collect();
+    files.sort();
+    listed.sort();
+    assert_eq!(
+        files, listed,
+        "every file of the corpus is listed in EXPECT"
+    );
+}
+
+#[test]
+fn the_corpus_of_manifests_kubectl_accepts_is_accepted() {
+    let env = Env::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus("good"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6);
+    for file in files {
+        let out = env
+            .kvsync()
+            .args(["apply", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", file.display(), stderr(&out));
+    }
+    let all = dump(&env);
+    for name in [
+        "bom", "flow", "v6", "json-a", "json-b", "listed", "pool-b", "pool-c",
+    ] {
+        assert!(
+            all.contains(&format!("\"{name}\"")),
+            "{name} missing: {all}"
+        );
+    }
 }
