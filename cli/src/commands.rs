@@ -258,7 +258,8 @@ fn progress(total: usize) -> Option<indicatif::ProgressBar> {
 
 async fn write(client: &Arc<dyn Client>, files: &[String], create_only: bool) -> Result<()> {
     let docs: Vec<Doc> = manifest::load(client.codec(), files)?;
-    let bar = progress(docs.len());
+    let total = docs.len();
+    let bar = progress(total);
     let mut failures = Vec::new();
     let mut stdout = std::io::stdout().lock();
     for doc in docs {
@@ -285,7 +286,15 @@ async fn write(client: &Arc<dyn Client>, files: &[String], create_only: bool) ->
             Err(e) if e.is_retryable() => {
                 return Err(anyhow!(e)).with_context(|| format!("{}: {what}", doc.origin));
             }
-            Err(e) => failures.push(format!("{}: {what}: {e}", doc.origin)),
+            // Each document says what happened to it, and the others go on, as with kubectl.
+            Err(e) => {
+                let line = format!("error: {}: {what}: {e}", doc.origin);
+                match &bar {
+                    Some(b) => b.println(&line),
+                    None => eprintln!("{line}"),
+                }
+                failures.push(line);
+            }
         }
         if let Some(b) = &bar {
             b.inc(1);
@@ -296,8 +305,7 @@ async fn write(client: &Arc<dyn Client>, files: &[String], create_only: bool) ->
     }
     match failures.len() {
         0 => Ok(()),
-        1 => bail!("{}", failures[0]),
-        n => bail!("{} (and {} more failures)", failures[0], n - 1),
+        n => bail!("{n} of {total} documents failed"),
     }
 }
 

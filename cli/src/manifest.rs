@@ -64,6 +64,11 @@ pub struct Limits {
     /// The most a file may expand to as values, in bytes of text and nodes, aliases
     /// included (`KVSYNC_MAX_EXPANDED_BYTES`, default 64 MiB).
     pub expanded_bytes: usize,
+    /// The longest string (`KVSYNC_MAX_STRING_BYTES`, default 1 MiB).
+    pub string_bytes: usize,
+    /// The largest spec of one resource, as JSON (`KVSYNC_MAX_VALUE_BYTES`, default 1.5 MiB,
+    /// etcd's default request limit).
+    pub value_bytes: usize,
 }
 
 impl Limits {
@@ -82,6 +87,8 @@ impl Limits {
             documents: var("KVSYNC_MAX_DOCUMENTS", 10_000)?,
             depth: var("KVSYNC_MAX_DEPTH", 64)?,
             expanded_bytes: var("KVSYNC_MAX_EXPANDED_BYTES", 64 << 20)?,
+            string_bytes: var("KVSYNC_MAX_STRING_BYTES", 1 << 20)?,
+            value_bytes: var("KVSYNC_MAX_VALUE_BYTES", 1_572_864)?,
         })
     }
 }
@@ -159,7 +166,7 @@ fn documents(name: &str, text: &str, limits: &Limits) -> Result<Vec<Value>> {
     // skips it too).
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     check_depth(name, text, limits.depth)?;
-    let budget = Budget::new(limits.expanded_bytes);
+    let budget = Budget::new(limits.expanded_bytes, limits.string_bytes);
     let trimmed = text.trim_start();
     let mut docs = Vec::new();
     let looks_like_json = trimmed.starts_with('{') || trimmed.starts_with('[');
@@ -286,6 +293,18 @@ fn to_kvp(codec: &PathCodec, doc: &Value) -> Result<KVPair, String> {
     Ok(KVPair::new(key, spec))
 }
 
+/// The pair, if its spec is within the value limit.
+fn fits(kvp: KVPair, limits: &Limits) -> Result<KVPair, String> {
+    let bytes = kvp.value.to_string().len();
+    if bytes > limits.value_bytes {
+        return Err(format!(
+            "spec is {bytes} bytes as JSON, over the limit of {} (KVSYNC_MAX_VALUE_BYTES raises it)",
+            limits.value_bytes
+        ));
+    }
+    Ok(kvp)
+}
+
 /// Reads and validates every document of every file before anything is written.
 pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
     let limits = Limits::from_env()?;
@@ -307,7 +326,7 @@ pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
         }
         for (i, doc) in docs.iter().enumerate() {
             let label = describe(doc);
-            match to_kvp(codec, doc) {
+            match to_kvp(codec, doc).and_then(|kvp| fits(kvp, &limits)) {
                 Ok(kvp) => out.push(Doc {
                     origin: format!("{name}: document {}", i + 1),
                     kvp,
@@ -424,6 +443,8 @@ mod props {
             documents: 100,
             depth: 64,
             expanded_bytes: 1 << 20,
+            string_bytes: 1 << 16,
+            value_bytes: 1 << 20,
         }
     }
 

@@ -17,15 +17,28 @@ use serde_json::{Map, Number, Value};
 pub struct Budget {
     left: Rc<Cell<usize>>,
     limit: usize,
+    max_string: usize,
 }
 
 impl Budget {
-    /// `limit` bytes for the whole file.
-    pub fn new(limit: usize) -> Self {
+    /// `limit` bytes for the whole file, strings of at most `max_string` bytes.
+    pub fn new(limit: usize, max_string: usize) -> Self {
         Budget {
             left: Rc::new(Cell::new(limit)),
             limit,
+            max_string,
         }
+    }
+
+    fn string<E: de::Error>(&self, bytes: usize) -> Result<(), E> {
+        if bytes > self.max_string {
+            return Err(E::custom(format!(
+                "a string of {bytes} bytes is over the limit of {} \
+                 (KVSYNC_MAX_STRING_BYTES raises it)",
+                self.max_string
+            )));
+        }
+        self.spend(bytes)
     }
 
     fn spend<E: de::Error>(&self, bytes: usize) -> Result<(), E> {
@@ -150,12 +163,12 @@ impl<'de> Visitor<'de> for Strict {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        self.budget.spend(v.len())?;
+        self.budget.string(v.len())?;
         Ok(Value::String(v.to_owned()))
     }
 
     fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-        self.budget.spend(v.len())?;
+        self.budget.string(v.len())?;
         Ok(Value::String(v))
     }
 
@@ -209,14 +222,14 @@ mod tests {
     use serde_json::json;
 
     fn yaml(text: &str) -> Result<Value, String> {
-        Strict::yaml_document(&Budget::new(1 << 20))
+        Strict::yaml_document(&Budget::new(1 << 20, 1 << 20))
             .deserialize(serde_yaml_ng::Deserializer::from_str(text))
             .map_err(|e| e.to_string())
     }
 
     fn json_text(text: &str) -> Result<Value, String> {
         let mut de = serde_json::Deserializer::from_str(text);
-        Strict::json_document(&Budget::new(1 << 20))
+        Strict::json_document(&Budget::new(1 << 20, 1 << 20))
             .deserialize(&mut de)
             .map_err(|e| e.to_string())
     }
@@ -260,7 +273,7 @@ mod tests {
             vec!["*a0"; 50].join(","),
             vec!["*a1"; 50].join(",")
         );
-        let err = Strict::yaml_document(&Budget::new(1 << 20))
+        let err = Strict::yaml_document(&Budget::new(1 << 20, 1 << 20))
             .deserialize(serde_yaml_ng::Deserializer::from_str(&text))
             .unwrap_err()
             .to_string();

@@ -623,6 +623,18 @@ fn manifests_past_a_limit_fail_fast_naming_the_file_and_the_limit_and_write_noth
             vec![("KVSYNC_MAX_DOCUMENTS", "1")],
             "more than the limit of 1 documents",
         ),
+        (
+            "long.yaml",
+            POOLS.into(),
+            vec![("KVSYNC_MAX_STRING_BYTES", "8")],
+            "over the limit of 8 (KVSYNC_MAX_STRING_BYTES",
+        ),
+        (
+            "value.yaml",
+            POOLS.into(),
+            vec![("KVSYNC_MAX_VALUE_BYTES", "20")],
+            "over the limit of 20 (KVSYNC_MAX_VALUE_BYTES",
+        ),
     ];
     for (name, text, vars, says) in cases {
         let path = env.file(name, &text);
@@ -789,4 +801,42 @@ fn the_corpus_of_manifests_kubectl_accepts_is_accepted() {
             "{name} missing: {all}"
         );
     }
+}
+
+#[test]
+fn a_document_that_fails_to_write_does_not_stop_the_others_and_says_so() {
+    let env = Env::new();
+    let first = env.file(
+        "a.yaml",
+        "apiVersion: kvsync.dev/v1\nkind: IPPool\nmetadata:\n  name: pool-a\nspec:\n  cidr: 10.1.0.0/16\n",
+    );
+    assert!(
+        env.kvsync()
+            .args(["create", "-f"])
+            .arg(&first)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    // pool-a exists: `create` fails for it, and still creates pool-b after it.
+    let both = env.file("both.yaml", POOLS);
+    let out = env
+        .kvsync()
+        .args(["create", "-f"])
+        .arg(&both)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("document 1: ippool/pool-a: IPPool(pool-a) already exists"),
+        "{err}"
+    );
+    assert!(err.contains("1 of 2 documents failed"), "{err}");
+    assert!(
+        stdout(&out).contains("ippool/pool-b created"),
+        "{}",
+        stdout(&out)
+    );
 }
