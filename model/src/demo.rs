@@ -327,6 +327,23 @@ mod tests {
         assert_eq!(v6.block_size, 122);
         let v4: IPPool = serde_json::from_value(json!({"cidr": "10.0.0.0/16"})).unwrap();
         assert_eq!(v4.block_size, 26);
+        // A value of the wrong type names its field.
+        let err = pool
+            .validate(&v(json!({"cidr": "10.0.0.0/16", "natOutgoing": "yes"})))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid spec.natOutgoing: invalid type"),
+            "{err}"
+        );
+        let stored =
+            crate::Json::from_json_text(r#"{"cidr": "10.0.0.0/16", "blockSize": "x"}"#.into())
+                .unwrap();
+        let err = pool.validate(&stored).unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid spec.blockSize"),
+            "{err}"
+        );
         let err = pool.validate(&v(json!({"cidr": 5}))).unwrap_err();
         assert!(err.to_string().contains("spec"), "{err}");
 

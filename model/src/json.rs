@@ -206,6 +206,23 @@ impl Json {
         }
     }
 
+    /// Decodes the value into `T` like [`Json::decode`], and on failure says where: the path
+    /// of the field that failed (`natOutgoing`, `ingress[0].ports`; `.` for the value itself).
+    ///
+    /// # Errors
+    /// The path and the serde error when the value is not a `T`.
+    pub fn decode_at_path<T: DeserializeOwned>(&self) -> Result<T, (String, serde_json::Error)> {
+        let result = match (self.value.get(), &self.raw) {
+            (None, Some(raw)) => {
+                let mut de = serde_json::Deserializer::from_str(raw.get());
+                serde_path_to_error::deserialize(&mut de)
+            }
+            (Some(v), _) => serde_path_to_error::deserialize(v),
+            (None, None) => serde_path_to_error::deserialize(&Value::Null),
+        };
+        result.map_err(|e| (e.path().to_string(), e.into_inner()))
+    }
+
     /// The stored JSON text, when the value came from one.
     pub fn json_text(&self) -> Option<&str> {
         self.raw.as_ref().map(Text::get)

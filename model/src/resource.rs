@@ -114,9 +114,14 @@ impl fmt::Debug for KindInfo {
 }
 
 fn validate_as<R: Resource>(value: &Json) -> Result<()> {
-    let typed: R = value
-        .decode()
-        .map_err(|e| Error::invalid("spec", e.to_string()))?;
+    let typed: R = value.decode_at_path().map_err(|(path, e)| {
+        // The field that failed, as `spec.<path>`: `spec.natOutgoing`, `spec.ingress[0].ports`.
+        let field = match path.as_str() {
+            "" | "." => "spec".to_owned(),
+            p => format!("spec.{p}"),
+        };
+        Error::invalid(field, e.to_string())
+    })?;
     typed.validate()
 }
 

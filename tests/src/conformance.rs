@@ -811,7 +811,8 @@ pub async fn invalid_keys_and_values_are_rejected_and_nothing_is_written(b: &dyn
                 ResourceKey::cluster("IPPool", "a"),
                 json!({"cidr": "10.0.0.0/8", "bogus": 1}),
             ),
-            "spec",
+            // The field that failed, by its path.
+            "spec.bogus",
         ),
         (
             KVPair::new(ResourceKey::cluster("IPPool", "a"), json!("not an object")),
