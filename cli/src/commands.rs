@@ -12,9 +12,10 @@ use kvsync_model::{KVPair, KindInfo, ListOptions, Registry, ResourceKey, Revisio
 use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent, UpdateType};
 use serde_json::{Value, json};
 
-use crate::manifest::{self, Doc};
 use crate::output;
 use crate::{Cli, Command, Output, WatchOutput};
+use kvsync_cli::manifest::{self, Doc};
+use kvsync_cli::usage;
 
 /// Prints the client's version and, with a client, the datastore's backend and capabilities.
 fn version(client: Option<&dyn Client>, output: Output) -> Result<()> {
@@ -96,30 +97,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Crds { .. } => unreachable!("handled above"),
         Command::Version { output, .. } => version(Some(&*client), output),
     }
-}
-
-/// A usage error: the command line names something wrong (a kind, a name, a namespace, a
-/// missing argument). `main` exits with 2 for it, as clap does for its own, and 1 for the
-/// rest.
-#[derive(Debug)]
-pub struct Usage(pub String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
-
-/// A [`Usage`] error.
-fn usage(message: impl Into<String>) -> anyhow::Error {
-    anyhow::Error::new(Usage(message.into()))
-}
-
-/// A [`Usage`] error, for the other modules.
-pub(crate) fn usage_error(message: impl Into<String>) -> anyhow::Error {
-    usage(message)
 }
 
 /// Checks list options built from flags against the kind (namespace rules, DNS names).

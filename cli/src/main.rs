@@ -5,9 +5,7 @@
 
 mod commands;
 mod datastore;
-mod manifest;
 mod output;
-mod strict;
 
 use std::process::ExitCode;
 
@@ -166,7 +164,7 @@ fn main() -> ExitCode {
                 }
             }
             eprintln!("{}", line.replace('\n', " "));
-            if e.downcast_ref::<commands::Usage>().is_some() {
+            if e.downcast_ref::<kvsync_cli::Usage>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

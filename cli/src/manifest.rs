@@ -73,12 +73,16 @@ pub struct Limits {
 
 impl Limits {
     /// The limits, with the environment's overrides.
+    ///
+    /// # Errors
+    /// A [`Usage`](crate::Usage) error for a variable that is not a number.
     pub fn from_env() -> Result<Self> {
         fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
             match std::env::var(name) {
-                Ok(v) => v.trim().parse().map_err(|_| {
-                    crate::commands::usage_error(format!("{name}={v:?} is not a number"))
-                }),
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| crate::usage(format!("{name}={v:?} is not a number"))),
                 Err(_) => Ok(default),
             }
         }
@@ -305,7 +309,43 @@ fn fits(kvp: KVPair, limits: &Limits) -> Result<KVPair, String> {
     Ok(kvp)
 }
 
+/// Reads the documents of one file's `text` (named `name` in messages) within `limits`: the
+/// valid ones as [`Doc`]s, and a message for each invalid one.
+///
+/// # Errors
+/// When the text as a whole cannot be read (malformed, past a limit).
+pub fn parse(
+    codec: &PathCodec,
+    name: &str,
+    text: &str,
+    limits: &Limits,
+) -> Result<(Vec<Doc>, Vec<String>)> {
+    let docs = documents(name, text, limits)?;
+    if docs.len() > limits.documents {
+        bail!(
+            "{name}: more than the limit of {} documents (KVSYNC_MAX_DOCUMENTS raises it)",
+            limits.documents
+        );
+    }
+    let (mut good, mut bad) = (Vec::new(), Vec::new());
+    for (i, doc) in docs.iter().enumerate() {
+        let label = describe(doc);
+        match to_kvp(codec, doc).and_then(|kvp| fits(kvp, limits)) {
+            Ok(kvp) => good.push(Doc {
+                origin: format!("{name}: document {}", i + 1),
+                kvp,
+            }),
+            Err(e) => bad.push(format!("{name}: document {}{label}: {e}", i + 1)),
+        }
+    }
+    Ok((good, bad))
+}
+
 /// Reads and validates every document of every file before anything is written.
+///
+/// # Errors
+/// The first invalid document (and how many more there are), a file that cannot be read,
+/// or no documents at all.
 pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
     let limits = Limits::from_env()?;
     let mut out = Vec::new();
@@ -317,23 +357,9 @@ pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
             path.display().to_string()
         };
         let text = read(&path, &limits)?;
-        let docs = documents(&name, &text, &limits)?;
-        if docs.len() > limits.documents {
-            bail!(
-                "{name}: more than the limit of {} documents (KVSYNC_MAX_DOCUMENTS raises it)",
-                limits.documents
-            );
-        }
-        for (i, doc) in docs.iter().enumerate() {
-            let label = describe(doc);
-            match to_kvp(codec, doc).and_then(|kvp| fits(kvp, &limits)) {
-                Ok(kvp) => out.push(Doc {
-                    origin: format!("{name}: document {}", i + 1),
-                    kvp,
-                }),
-                Err(e) => errors.push(format!("{name}: document {}{label}: {e}", i + 1)),
-            }
-        }
+        let (docs, invalid) = parse(codec, &name, &text, &limits)?;
+        out.extend(docs);
+        errors.extend(invalid);
     }
     if !errors.is_empty() {
         let more = if errors.len() > 1 {
