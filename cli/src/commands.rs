@@ -233,10 +233,34 @@ fn progress(total: usize) -> Option<indicatif::ProgressBar> {
     })
 }
 
+/// Reports the invalid documents of `loaded` as kubectl does (a line each, the others go
+/// on), and says how many of the documents failed in all. A single document's own error is
+/// the whole message.
+fn invalid_first(loaded: &manifest::Loaded) -> Result<()> {
+    if loaded.docs.is_empty() && loaded.invalid.len() == 1 {
+        bail!("{}", loaded.invalid[0]);
+    }
+    for message in &loaded.invalid {
+        eprintln!("error: {message}");
+    }
+    Ok(())
+}
+
+/// The end of a multi-document command: success, or how many documents failed.
+fn outcome(failed: usize, total: usize) -> Result<()> {
+    match failed {
+        0 => Ok(()),
+        n => bail!("{n} of {total} documents failed"),
+    }
+}
+
 async fn write(client: &Arc<dyn Client>, files: &[String], create_only: bool) -> Result<()> {
-    let docs: Vec<Doc> = manifest::load(client.codec(), files)?;
-    let total = docs.len();
-    let bar = progress(total);
+    let loaded = manifest::load(client.codec(), files)?;
+    invalid_first(&loaded)?;
+    let total = loaded.docs.len() + loaded.invalid.len();
+    let docs: Vec<Doc> = loaded.docs;
+    let invalid = loaded.invalid.len();
+    let bar = progress(docs.len());
     let mut failures = Vec::new();
     let mut stdout = std::io::stdout().lock();
     for doc in docs {
@@ -280,10 +304,7 @@ async fn write(client: &Arc<dyn Client>, files: &[String], create_only: bool) ->
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    match failures.len() {
-        0 => Ok(()),
-        n => bail!("{n} of {total} documents failed"),
-    }
+    outcome(failures.len() + invalid, total)
 }
 
 async fn delete(
@@ -293,6 +314,7 @@ async fn delete(
     namespace: Option<String>,
     files: &[String],
 ) -> Result<()> {
+    let mut invalid = 0;
     let keys: Vec<ResourceKey> = if files.is_empty() {
         let (Some(kind), Some(name)) = (kind, name) else {
             return Err(usage("give KIND NAME or -f FILE"));
@@ -300,11 +322,13 @@ async fn delete(
         let info = resolve(client.codec().registry(), &kind)?;
         vec![key_for(&**client, info, &name, namespace)?]
     } else {
-        manifest::load(client.codec(), files)?
-            .into_iter()
-            .map(|d| d.kvp.key)
-            .collect()
+        let loaded = manifest::load(client.codec(), files)?;
+        invalid_first(&loaded)?;
+        invalid = loaded.invalid.len();
+        loaded.docs.into_iter().map(|d| d.kvp.key).collect()
     };
+    let total = keys.len() + invalid;
+    let mut failed = invalid;
     let mut stdout = std::io::stdout().lock();
     for key in keys {
         match client
@@ -312,11 +336,21 @@ async fn delete(
             .await
         {
             Ok(_) => writeln!(stdout, "{} deleted", display(&key))?,
-            Err(Error::NotFound { .. }) => bail!("{} not found", display(&key)),
-            Err(e) => return Err(e.into()),
+            // One resource named on the command line: its error is the whole message.
+            Err(Error::NotFound { .. }) if total == 1 => bail!("{} not found", display(&key)),
+            Err(e) if e.is_retryable() => return Err(e.into()),
+            // Each document says what happened to it, and the others go on.
+            Err(Error::NotFound { .. }) => {
+                eprintln!("error: {} not found", display(&key));
+                failed += 1;
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", display(&key));
+                failed += 1;
+            }
         }
     }
-    Ok(())
+    outcome(failed, total)
 }
 
 fn update_json(u: &kvsync_syncer::Update, registry: &Registry) -> Value {

@@ -341,12 +341,22 @@ pub fn parse(
     Ok((good, bad))
 }
 
-/// Reads and validates every document of every file before anything is written.
+/// What the files of a command hold: the valid documents, and a message for each invalid one
+/// (which the command reports, as kubectl does, while it goes on with the others).
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The valid documents, in order.
+    pub docs: Vec<Doc>,
+    /// One message per invalid document, naming the file, the document and the field.
+    pub invalid: Vec<String>,
+}
+
+/// Reads and checks every document of every file before anything is written.
 ///
 /// # Errors
-/// The first invalid document (and how many more there are), a file that cannot be read,
-/// or no documents at all.
-pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
+/// A file that cannot be read as a whole (missing, malformed, past a limit: then nothing is
+/// written at all), or no documents at all.
+pub fn load(codec: &PathCodec, args: &[String]) -> Result<Loaded> {
     let limits = Limits::from_env()?;
     let mut out = Vec::new();
     let mut errors = Vec::new();
@@ -361,18 +371,13 @@ pub fn load(codec: &PathCodec, args: &[String]) -> Result<Vec<Doc>> {
         out.extend(docs);
         errors.extend(invalid);
     }
-    if !errors.is_empty() {
-        let more = if errors.len() > 1 {
-            format!(" (and {} more invalid documents)", errors.len() - 1)
-        } else {
-            String::new()
-        };
-        bail!("{}{more}; nothing was written", errors[0]);
-    }
-    if out.is_empty() {
+    if out.is_empty() && errors.is_empty() {
         bail!("no resources found in {}", args.join(", "));
     }
-    Ok(out)
+    Ok(Loaded {
+        docs: out,
+        invalid: errors,
+    })
 }
 
 fn describe(doc: &Value) -> String {

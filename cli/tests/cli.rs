@@ -840,3 +840,56 @@ fn a_document_that_fails_to_write_does_not_stop_the_others_and_says_so() {
         stdout(&out)
     );
 }
+
+#[test]
+fn an_invalid_document_is_reported_and_the_valid_ones_are_still_written() {
+    // As kubectl: each document says what happened to it; the command exits 1 if any failed.
+    let env = Env::new();
+    let mixed = env.file(
+        "mixed.yaml",
+        &format!(
+            "{POOLS}---\napiVersion: kvsync.dev/v1\nkind: IPPool\nmetadata:\n  name: Bad_Name\nspec:\n  cidr: 10.3.0.0/16\n"
+        ),
+    );
+    let out = env
+        .kvsync()
+        .args(["apply", "-f"])
+        .arg(&mixed)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("document 3 (IPPool Bad_Name): invalid metadata.name"),
+        "{err}"
+    );
+    assert!(err.contains("1 of 3 documents failed"), "{err}");
+    let text = stdout(&out);
+    assert!(
+        text.contains("ippool/pool-a created") && text.contains("ippool/pool-b created"),
+        "{text}"
+    );
+
+    // delete -f goes on past a resource that is not there.
+    let gone = env.file(
+        "gone.yaml",
+        "apiVersion: kvsync.dev/v1\nkind: IPPool\nmetadata:\n  name: never-made\nspec:\n  cidr: 10.9.0.0/16\n",
+    );
+    let out = env
+        .kvsync()
+        .args(["delete", "-f"])
+        .arg(&gone)
+        .arg("-f")
+        .arg(&mixed)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("ippool/never-made not found"), "{err}");
+    assert!(err.contains("2 of 4 documents failed"), "{err}");
+    assert!(
+        stdout(&out).contains("ippool/pool-b deleted"),
+        "{}",
+        stdout(&out)
+    );
+}
