@@ -71,6 +71,20 @@ pub struct Limits {
     pub value_bytes: usize,
 }
 
+impl Default for Limits {
+    /// The documented defaults.
+    fn default() -> Self {
+        Limits {
+            file_bytes: 32 << 20,
+            documents: 10_000,
+            depth: 64,
+            expanded_bytes: 64 << 20,
+            string_bytes: 1 << 20,
+            value_bytes: 1_572_864,
+        }
+    }
+}
+
 impl Limits {
     /// The limits, with the environment's overrides.
     ///
@@ -86,13 +100,14 @@ impl Limits {
                 Err(_) => Ok(default),
             }
         }
+        let d = Limits::default();
         Ok(Limits {
-            file_bytes: var("KVSYNC_MAX_MANIFEST_BYTES", 32 << 20)?,
-            documents: var("KVSYNC_MAX_DOCUMENTS", 10_000)?,
-            depth: var("KVSYNC_MAX_DEPTH", 64)?,
-            expanded_bytes: var("KVSYNC_MAX_EXPANDED_BYTES", 64 << 20)?,
-            string_bytes: var("KVSYNC_MAX_STRING_BYTES", 1 << 20)?,
-            value_bytes: var("KVSYNC_MAX_VALUE_BYTES", 1_572_864)?,
+            file_bytes: var("KVSYNC_MAX_MANIFEST_BYTES", d.file_bytes)?,
+            documents: var("KVSYNC_MAX_DOCUMENTS", d.documents)?,
+            depth: var("KVSYNC_MAX_DEPTH", d.depth)?,
+            expanded_bytes: var("KVSYNC_MAX_EXPANDED_BYTES", d.expanded_bytes)?,
+            string_bytes: var("KVSYNC_MAX_STRING_BYTES", d.string_bytes)?,
+            value_bytes: var("KVSYNC_MAX_VALUE_BYTES", d.value_bytes)?,
         })
     }
 }
@@ -469,14 +484,7 @@ mod props {
     use proptest::prelude::*;
 
     fn limits() -> Limits {
-        Limits {
-            file_bytes: 1 << 20,
-            documents: 100,
-            depth: 64,
-            expanded_bytes: 1 << 20,
-            string_bytes: 1 << 16,
-            value_bytes: 1 << 20,
-        }
+        Limits::default()
     }
 
     /// Reads `text` as `load` does: documents, then each document's checks.

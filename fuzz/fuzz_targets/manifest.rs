@@ -10,14 +10,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let codec = PathCodec::with_registry(kvsync_model::demo::registry());
-    let limits = Limits {
-        file_bytes: 1 << 20,
-        documents: 100,
-        depth: 64,
-        expanded_bytes: 1 << 20,
-        string_bytes: 1 << 16,
-        value_bytes: 1 << 20,
-    };
+    let limits = Limits::default();
     if let Ok((docs, _)) = parse(&codec, "fuzz.yaml", text, &limits) {
         for doc in docs {
             // What was accepted is a valid key and a JSON object.
