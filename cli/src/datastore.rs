@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use kvsync_backend::etcd::{EtcdBackend, EtcdConfig, EtcdTls};
 use kvsync_backend::kubernetes::{KubernetesBackend, KubernetesConfig};
@@ -92,8 +92,26 @@ fn default_db() -> PathBuf {
 }
 
 impl DatastoreArgs {
-    /// Connects to the chosen datastore.
+    /// Connects to the chosen datastore. Settings that can never work (a bad prefix,
+    /// endpoint, kubeconfig or TLS file) are [`Usage`](kvsync_cli::Usage) errors.
     pub async fn connect(&self) -> Result<Arc<dyn Client>> {
+        self.open().await.map_err(|e| {
+            let bad_setting = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<kvsync_backend::Error>(),
+                    Some(kvsync_backend::Error::Invalid { .. })
+                )
+            });
+            if bad_setting {
+                let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+                kvsync_cli::usage(chain.join(": "))
+            } else {
+                e
+            }
+        })
+    }
+
+    async fn open(&self) -> Result<Arc<dyn Client>> {
         let timeout = Duration::from_secs(self.timeout.max(1));
         Ok(match self.datastore_type {
             DatastoreType::Memory => Arc::new(
@@ -130,7 +148,11 @@ impl DatastoreArgs {
                 match (&self.etcd_username, &self.etcd_password) {
                     (Some(u), Some(p)) => config = config.with_user(u.clone(), p.clone()),
                     (None, None) => {}
-                    _ => bail!("--etcd-username and --etcd-password go together"),
+                    _ => {
+                        return Err(kvsync_cli::usage(
+                            "--etcd-username and --etcd-password go together",
+                        ));
+                    }
                 }
                 let endpoints = self.etcd_endpoints.join(",");
                 let backend = tokio::time::timeout(timeout, EtcdBackend::connect(config))

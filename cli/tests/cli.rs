@@ -289,20 +289,35 @@ fn usage_errors_exit_2() {
             "cluster-scoped",
         ),
     ] {
-        let started = Instant::now();
-        let out = env
-            .kvsync()
-            .args(["--datastore", "memory"])
-            .args(&args)
-            .timeout(Duration::from_secs(20))
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{args:?} did not fail at once"
-        );
+        check_usage(&env, &["--datastore", "memory"], &args, says);
+    }
+    // Datastore settings that can never work are usage errors too.
+    for (args, says) in [
+        (vec!["--prefix", "nope", "get", "ippools"], "invalid prefix"),
+        (
+            vec![
+                "--datastore",
+                "etcd",
+                "--etcd-endpoints",
+                "foo",
+                "get",
+                "ippools",
+            ],
+            "invalid endpoints",
+        ),
+        (
+            vec![
+                "--datastore",
+                "etcd",
+                "--etcd-username",
+                "u",
+                "get",
+                "ippools",
+            ],
+            "go together",
+        ),
+    ] {
+        check_usage(&env, &[], &args, says);
     }
     // A resource that is not there is a runtime failure: 1.
     let out = env
@@ -311,6 +326,25 @@ fn usage_errors_exit_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+/// Runs `kvsync` with `global` then `args`, and checks it fails at once with exit 2 saying
+/// `says`.
+fn check_usage(env: &Env, global: &[&str], args: &[&str], says: &str) {
+    let started = Instant::now();
+    let out = env
+        .kvsync()
+        .args(global)
+        .args(args)
+        .timeout(Duration::from_secs(20))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{args:?} did not fail at once"
+    );
 }
 
 #[test]
@@ -372,7 +406,11 @@ fn the_cli_works_against_the_kubernetes_api_server_double() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a kubeconfig that cannot be read is usage"
+    );
     assert!(stderr(&out).contains("kubeconfig"), "{}", stderr(&out));
     drop(double);
 }
