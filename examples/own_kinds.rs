@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use kvsync_backend::etcd::{EtcdBackend, EtcdConfig};
@@ -62,7 +63,7 @@ struct Project {
 
 /// Writes, reads, updates and deletes through the typed API, then follows both kinds with a
 /// Syncer into a map and checks the map against the datastore.
-async fn exercise(client: Arc<dyn Client>) -> Result<(), Error> {
+async fn exercise(client: Arc<dyn Client>) -> Result<(), Box<dyn std::error::Error>> {
     println!("== {} ==", client.backend_name());
     let tenants = Api::<Tenant>::all(client.clone());
     let projects = Api::<Project>::namespaced(client.clone(), "acme");
@@ -120,9 +121,21 @@ async fn exercise(client: Arc<dyn Client>) -> Result<(), Error> {
     ));
     projects.delete("api").await?;
 
-    // Apply every batch to a map until the Syncer is in sync with what was written.
+    // Apply every batch to a map. The writes above raced the Syncer's first list, so InSync may
+    // come before all of them are seen: after InSync, wait for the map to hold what was written.
     let mut cache: BTreeMap<ResourceKey, serde_json::Value> = BTreeMap::new();
-    while let Some(ev) = events.next().await {
+    let mut in_sync = false;
+    let caught_up = |cache: &BTreeMap<ResourceKey, serde_json::Value>| {
+        cache.len() == 2
+            && cache
+                .iter()
+                .any(|(k, v)| k.name == "web" && v["replicas"] == 5)
+    };
+    while !(in_sync && caught_up(&cache)) {
+        let ev = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .map_err(|_| "the Syncer did not catch up within 30 s")?
+            .ok_or("the Syncer stopped")?;
         match ev {
             SyncerEvent::Updates(batch) => {
                 for u in batch {
@@ -131,13 +144,13 @@ async fn exercise(client: Arc<dyn Client>) -> Result<(), Error> {
                             cache.remove(&u.kvp.key);
                         }
                         UpdateType::New | UpdateType::Updated => {
-                            let value = u.kvp.value.into_value().expect("stored JSON reads");
+                            let value = u.kvp.value.into_value()?;
                             cache.insert(u.kvp.key, value);
                         }
                     }
                 }
             }
-            SyncerEvent::Status(SyncStatus::InSync) if cache.len() == 2 => break,
+            SyncerEvent::Status(SyncStatus::InSync) => in_sync = true,
             _ => {}
         }
     }

@@ -12,6 +12,7 @@ use kvsync_model::{
 };
 
 use crate::error::{Error, Result};
+use crate::txn::{Txn, TxnResponse};
 use crate::watch::WatchStream;
 
 /// A list delivered page by page: see [`Client::list_pages`].
@@ -66,6 +67,12 @@ pub struct Capabilities {
     pub raw_bytes: bool,
     /// The largest value the datastore accepts by default, in bytes, where it has a limit.
     pub max_value_bytes: Option<usize>,
+    /// [`Client::txn`] applies compares and writes across keys atomically.
+    pub transactions: bool,
+    /// The most compares, operations in one branch, or keys a transaction may have, where
+    /// the datastore has a limit (etcd's `--max-txn-ops`, 128 by default). A larger
+    /// transaction is refused with [`Error::Invalid`] before anything is sent.
+    pub max_txn_ops: Option<usize>,
 }
 
 impl Capabilities {
@@ -79,12 +86,15 @@ impl Capabilities {
             global_revision: false,
             raw_bytes: false,
             max_value_bytes: None,
+            transactions: false,
+            max_txn_ops: None,
         }
     }
 
     /// A store that keeps a revision log as etcd's mvcc does (memory, SQLite, etcd): TTLs,
-    /// reads at old revisions, compaction, one global revision, bytes kept as written, and
-    /// no limit on values (set one with [`Capabilities::with_max_value_bytes`]).
+    /// reads at old revisions, compaction, one global revision, bytes kept as written,
+    /// transactions, and no limit on values or transactions (set them with
+    /// [`Capabilities::with_max_value_bytes`] and [`Capabilities::with_max_txn_ops`]).
     pub fn revision_log() -> Self {
         Capabilities {
             ttl: true,
@@ -93,6 +103,8 @@ impl Capabilities {
             global_revision: true,
             raw_bytes: true,
             max_value_bytes: None,
+            transactions: true,
+            max_txn_ops: None,
         }
     }
 
@@ -135,6 +147,20 @@ impl Capabilities {
     #[must_use]
     pub fn with_max_value_bytes(mut self, max: Option<usize>) -> Self {
         self.max_value_bytes = max;
+        self
+    }
+
+    /// Sets [`Capabilities::transactions`].
+    #[must_use]
+    pub fn with_transactions(mut self, yes: bool) -> Self {
+        self.transactions = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::max_txn_ops`].
+    #[must_use]
+    pub fn with_max_txn_ops(mut self, max: Option<usize>) -> Self {
+        self.max_txn_ops = max;
         self
     }
 }
@@ -348,6 +374,25 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Checks the compares of `txn`, then applies the operations of the branch they choose,
+    /// atomically across keys ([`Capabilities::transactions`]). On etcd the whole transaction
+    /// is one Txn at one revision; on SQLite one database transaction and on memory one step
+    /// under the store's lock, where each operation takes the next revision and no other
+    /// write comes between them. A transaction is never split: one larger than
+    /// [`Capabilities::max_txn_ops`] is refused.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad key or value, a key written twice in one branch, or a
+    /// transaction over the backend's limits; [`Error::Unsupported`] where the datastore has
+    /// no multi-key transactions (Kubernetes). In both cases nothing is sent.
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        let _ = txn;
+        Err(Error::Unsupported {
+            op: "txn".into(),
+            backend: self.backend_name(),
+        })
+    }
+
     /// Drops the history before `revision` ([`Capabilities::compaction`]): reads and watches
     /// from older revisions then fail with [`Error::Compacted`].
     ///
@@ -471,6 +516,10 @@ macro_rules! delegate_client {
             async fn compact(&self, revision: &$crate::model::Revision) -> $crate::Result<()> {
                 let $this = self;
                 $crate::Client::compact($inner, revision).await
+            }
+            async fn txn(&self, txn: $crate::Txn) -> $crate::Result<$crate::TxnResponse> {
+                let $this = self;
+                $crate::Client::txn($inner, txn).await
             }
         }
     };

@@ -302,4 +302,9 @@ impl<C: Client> Client for FaultyClient<C> {
         self.faults.check("current_revision")?;
         self.inner.current_revision().await
     }
+
+    async fn txn(&self, txn: crate::Txn) -> Result<crate::TxnResponse> {
+        self.faults.check("txn")?;
+        self.inner.txn(txn).await
+    }
 }

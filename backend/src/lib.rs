@@ -44,6 +44,7 @@ pub mod kubernetes;
 pub mod memory;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod txn;
 mod watch;
 
 pub use client::{Api, Capabilities, Client, ListPages, WriteMode};
@@ -57,6 +58,7 @@ pub use kubernetes::{KubernetesBackend, KubernetesConfig};
 pub use memory::MemoryBackend;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteBackend, SqliteConfig};
+pub use txn::{Compare, Txn, TxnOp, TxnResponse, TxnResult};
 pub use watch::{WatchEvent, WatchStream};
 
 pub use kvsync_model as model;

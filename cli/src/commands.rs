@@ -51,6 +51,14 @@ fn version(client: Option<&dyn Client>, output: Output) -> Result<()> {
                     caps.max_value_bytes
                         .map_or_else(|| "no limit".to_owned(), |n| format!("{n} bytes"))
                 );
+                println!(
+                    "  transactions:           {}",
+                    match (caps.transactions, caps.max_txn_ops) {
+                        (false, _) => "no".to_owned(),
+                        (true, None) => "yes".to_owned(),
+                        (true, Some(n)) => format!("yes, up to {n} operations"),
+                    }
+                );
             }
         }
     }

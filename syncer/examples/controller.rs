@@ -62,12 +62,20 @@ async fn main() {
         .stream();
 
     let mut cache: BTreeMap<ResourceKey, kvsync_model::Json> = BTreeMap::new();
-    let mut writer = Some(writer);
+    let mut writer_done = false;
+    // An example must end: give up loudly rather than wait forever.
+    let deadline = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(writer, deadline);
     loop {
         let ev = tokio::select! {
             ev = events.next() => ev,
+            res = &mut writer, if !writer_done => {
+                res.expect("writer");
+                writer_done = true;
+                continue;
+            }
             // Once the writer is done and the cache has caught up, stop.
-            () = tokio::time::sleep(Duration::from_millis(200)), if writer.as_ref().is_some_and(|w| w.is_finished()) => {
+            () = tokio::time::sleep(Duration::from_millis(200)), if writer_done => {
                 let mut truth = BTreeMap::new();
                 for kind in ["IPPool", "NetworkPolicy"] {
                     let list = store.list(&ListOptions::new(kind)).await.expect("list");
@@ -78,6 +86,10 @@ async fn main() {
                     break;
                 }
                 continue;
+            }
+            () = &mut deadline => {
+                eprintln!("[controller] the cache did not catch up with the datastore within 60 s");
+                std::process::exit(1);
             }
         };
         let Some(ev) = ev else { break };
@@ -105,9 +117,6 @@ async fn main() {
             SyncerEvent::ParseFailed(f) => println!("[controller] cannot decode {}", f.raw_key),
             SyncerEvent::Error(e) => println!("[controller] recovering from: {e}"),
         }
-    }
-    if let Some(w) = writer.take() {
-        w.await.expect("writer");
     }
     println!("[controller] final cache:");
     print_cache(&cache);

@@ -951,6 +951,223 @@ pub async fn client_is_shareable_across_tasks(b: &dyn TestBackend) {
     );
 }
 
+/// A transaction applies the branch its compares choose, all of it, in one step: the right
+/// results, the uid kept by a put over an existing key, and watchers see every write.
+pub async fn txn_applies_the_chosen_branch_atomically(b: &dyn TestBackend) {
+    use kvsync_backend::{Compare, Txn, TxnOp, TxnResult};
+    let c = b.client().await.client;
+    let a1 = c.create(pool("a", "10.0.0.0/16")).await.unwrap();
+    let kept = c.create(pool("kept", "10.9.0.0/16")).await.unwrap();
+    let list = c.list(&ListOptions::new("IPPool")).await.unwrap();
+    let mut w = c
+        .watch(&ListOptions::new("IPPool").with_revision(list.revision.clone()))
+        .await
+        .unwrap();
+    // Move a to b and replace kept, only if a is as read and b is absent.
+    let moved = c
+        .txn(
+            Txn::new()
+                .when([
+                    Compare::Revision(pool_key("a"), a1.revision.clone().unwrap()),
+                    Compare::Absent(pool_key("b")),
+                    Compare::Exists(pool_key("kept")),
+                    // Values compare as JSON: number spelling and field order do not matter.
+                    Compare::Value(
+                        pool_key("kept"),
+                        json!({"blockSize": 26.0, "cidr": "10.9.0.0/16"}).into(),
+                    ),
+                ])
+                .and_then([
+                    TxnOp::Delete(pool_key("a")),
+                    TxnOp::Put(pool("b", "10.0.0.0/16")),
+                    TxnOp::Put(pool("kept", "10.8.0.0/16")),
+                    TxnOp::Delete(pool_key("never-was")),
+                ])
+                .or_else([TxnOp::Put(pool("other", "10.1.0.0/16"))]),
+        )
+        .await
+        .unwrap();
+    assert!(moved.succeeded, "every compare held");
+    let [
+        TxnResult::Delete(Some(last_a)),
+        TxnResult::Put(b1),
+        TxnResult::Put(kept2),
+        TxnResult::Delete(None),
+    ] = moved.results.as_slice()
+    else {
+        panic!("unexpected results {:?}", moved.results);
+    };
+    assert_eq!(
+        last_a.revision, a1.revision,
+        "the delete returns the last value"
+    );
+    assert_eq!(last_a.uid, a1.uid);
+    assert!(
+        b1.uid.is_some() && b1.uid != a1.uid,
+        "a new key gets a new uid"
+    );
+    assert_eq!(kept2.uid, kept.uid, "a put over a key keeps its uid");
+    assert_eq!(kept2.create_revision, kept.create_revision);
+    for put in [b1, kept2] {
+        assert!(rev_num(&put.revision) > rev_num(&kept.revision));
+        assert!(rev_num(&put.revision) <= moved.revision.as_u64());
+    }
+    let now = c.list(&ListOptions::new("IPPool")).await.unwrap();
+    assert_eq!(names(&now.items), ["b", "kept"]);
+    assert_eq!(
+        now.items[1].value.as_value().unwrap()["cidr"],
+        "10.8.0.0/16"
+    );
+    // Watchers see the transaction's writes, in the order of its operations.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match next_change(&mut w).await {
+            WatchEvent::Deleted { key, .. } => seen.push(format!("deleted {}", key.name)),
+            WatchEvent::Added(k) => seen.push(format!("added {}", k.key.name)),
+            WatchEvent::Modified { new, .. } => seen.push(format!("modified {}", new.key.name)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["deleted a", "added b", "modified kept"]);
+
+    // The same again: a is gone, so the other branch runs, and only it.
+    let again = c
+        .txn(
+            Txn::new()
+                .when([Compare::Revision(
+                    pool_key("a"),
+                    a1.revision.clone().unwrap(),
+                )])
+                .and_then([TxnOp::Delete(pool_key("b"))])
+                .or_else([TxnOp::Put(pool("other", "10.1.0.0/16"))]),
+        )
+        .await
+        .unwrap();
+    assert!(!again.succeeded);
+    assert!(matches!(again.results.as_slice(), [TxnResult::Put(k)] if k.key.name == "other"));
+    let now = c.list(&ListOptions::new("IPPool")).await.unwrap();
+    assert_eq!(names(&now.items), ["b", "kept", "other"]);
+    // A value that differs fails its compare; nothing is written by an empty branch.
+    let unchanged = c
+        .txn(
+            Txn::new()
+                .when([Compare::Value(
+                    pool_key("kept"),
+                    json!({"cidr": "10.9.0.0/16", "blockSize": 26}).into(),
+                )])
+                .and_then([TxnOp::Delete(pool_key("kept"))]),
+        )
+        .await
+        .unwrap();
+    assert!(!unchanged.succeeded && unchanged.results.is_empty());
+    assert_eq!(
+        c.list(&ListOptions::new("IPPool"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        3
+    );
+}
+
+/// Transactions that race on one counter, each incrementing it under a revision compare:
+/// every increment that succeeded is counted once.
+pub async fn racing_transactions_never_lose_an_increment(b: &dyn TestBackend) {
+    use kvsync_backend::{Compare, Txn, TxnOp};
+    let c = b.client().await.client;
+    let key = ResourceKey::cluster("Node", "counter");
+    c.create(KVPair::new(key.clone(), json!({"asn": 1})))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, key) = (c.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut won = 0;
+            for _ in 0..5 {
+                loop {
+                    let cur = c.get(&key, &kvsync_model::GetOptions::new()).await.unwrap();
+                    let n = cur.value.as_value().unwrap()["asn"].as_u64().unwrap();
+                    let resp = c
+                        .txn(
+                            Txn::new()
+                                .when([Compare::Revision(
+                                    key.clone(),
+                                    cur.revision.clone().unwrap(),
+                                )])
+                                .and_then([TxnOp::Put(KVPair::new(
+                                    key.clone(),
+                                    json!({"asn": n + 1}),
+                                ))]),
+                        )
+                        .await
+                        .unwrap();
+                    if resp.succeeded {
+                        won += 1;
+                        break;
+                    }
+                }
+            }
+            won
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += t.await.unwrap();
+    }
+    let last = c.get(&key, &kvsync_model::GetOptions::new()).await.unwrap();
+    assert_eq!(won, 40);
+    assert_eq!(last.value.as_value().unwrap()["asn"].as_u64(), Some(41));
+}
+
+/// A transaction the backend cannot apply whole is refused before anything is written: a bad
+/// value (even in the branch that would not run), a key written twice in one branch, more
+/// operations than the backend's limit; a backend without transactions says Unsupported.
+pub async fn txn_refuses_what_it_cannot_apply_whole_and_writes_nothing(b: &dyn TestBackend) {
+    use kvsync_backend::{Compare, Txn, TxnOp};
+    let c = b.client().await.client;
+    let caps = c.capabilities();
+    let before = c.list(&ListOptions::new("IPPool")).await.unwrap();
+    let good = TxnOp::Put(pool("good", "10.0.0.0/16"));
+    if !caps.transactions {
+        let err = c.txn(Txn::new().and_then([good])).await.unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    } else {
+        let bad_value = Txn::new()
+            .when([Compare::Exists(pool_key("nothing"))])
+            .and_then([good.clone()])
+            .or_else([TxnOp::Put(pool("bad", "not a cidr"))]);
+        let err = c.txn(bad_value).await.unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("cidr"), "names the field: {err}");
+        let twice = Txn::new().and_then([good.clone(), TxnOp::Delete(pool_key("good"))]);
+        let err = c.txn(twice).await.unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("twice"), "{err}");
+        let bad_key = Txn::new().and_then([
+            good.clone(),
+            TxnOp::Delete(ResourceKey::cluster("IPPool", "Not A Name")),
+        ]);
+        assert!(matches!(
+            c.txn(bad_key).await.unwrap_err(),
+            Error::Invalid { .. }
+        ));
+        if let Some(max) = caps.max_txn_ops {
+            let ops = (0..=max).map(|i| TxnOp::Put(pool(&format!("p{i}"), "10.0.0.0/16")));
+            let err = c.txn(Txn::new().and_then(ops)).await.unwrap_err();
+            assert!(matches!(err, Error::Invalid { .. }), "{err}");
+            assert!(err.to_string().contains(&format!("{}", max + 1)), "{err}");
+        }
+    }
+    let after = c.list(&ListOptions::new("IPPool")).await.unwrap();
+    assert_eq!(
+        names(&after.items),
+        names(&before.items),
+        "nothing was written"
+    );
+    assert_eq!(after.revision, before.revision, "the revision did not move");
+}
+
 /// Calls `$callback!` with the names of every conformance check, so that the list is written
 /// once.
 #[macro_export]
@@ -976,6 +1193,9 @@ macro_rules! with_conformance_checks {
             stored_garbage_surfaces_as_parse_with_the_key: UndecodableEntries,
             clean_removes_only_the_clients_keys: Nothing,
             client_is_shareable_across_tasks: Nothing,
+            txn_applies_the_chosen_branch_atomically: Transactions,
+            racing_transactions_never_lose_an_increment: Transactions,
+            txn_refuses_what_it_cannot_apply_whole_and_writes_nothing: Nothing,
         )
     };
 }
@@ -1046,6 +1266,8 @@ pub enum Needs {
     /// History that a test can drop ([`TestBackend::can_compact`]: the client's compaction,
     /// or the datastore's own, as the API server double forgetting its watch window).
     Compaction,
+    /// Multi-key transactions ([`kvsync_backend::Capabilities::transactions`]).
+    Transactions,
     /// Raw access that can store entries the client cannot decode
     /// ([`TestBackend::can_store_undecodable`]).
     UndecodableEntries,
@@ -1064,6 +1286,9 @@ impl Needs {
             // instead of compacting), not only through the client.
             Needs::Compaction if !b.can_compact() => {
                 Some("this datastore's history cannot be compacted from a test")
+            }
+            Needs::Transactions if !caps.transactions => {
+                Some("the datastore has no multi-key transactions")
             }
             Needs::UndecodableEntries if !b.can_store_undecodable() => {
                 Some("this datastore refuses entries its clients cannot decode")

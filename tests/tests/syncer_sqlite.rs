@@ -167,3 +167,72 @@ fn integrity_check(db: &std::path::Path) -> String {
     conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("integrity check")
 }
+
+/// A writer applying 50-key transactions is killed with SIGKILL: every key holds the same
+/// transaction's value afterwards (all of one, none of the next), at least the last one
+/// acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_killed_midway_is_kept_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("txn-crash.db");
+    let config = test_config(&db);
+    let prefix = config.prefix.clone();
+    let db2 = db.clone();
+    let last_acked: u64 = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(WRITER)
+            .args([
+                db2.to_str().expect("utf-8 path"),
+                prefix.as_str(),
+                "1000000",
+                "txn",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the writer");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut last = None;
+        // Let it commit a while, then SIGKILL it (by pid), most likely inside a transaction.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let seq: u64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .expect("ack line");
+            last = Some(seq);
+            if seq == 100 {
+                child.kill().expect("kill -9 the writer");
+            }
+        }
+        let status = child.wait().expect("reap");
+        assert!(!status.success(), "the writer was killed, not finished");
+        last.expect("the writer acknowledged transactions")
+    })
+    .await
+    .expect("writer task");
+
+    let backend = SqliteBackend::open(test_config(&db).with_prefix(config.prefix.clone()))
+        .expect("reopen after the crash");
+    let list = backend
+        .list(&ListOptions::new("IPPool"))
+        .await
+        .expect("list");
+    assert!(list.parse_failures.is_empty());
+    assert_eq!(list.items.len(), 50, "every key of the transactions exists");
+    let seqs: std::collections::BTreeSet<u64> = list
+        .items
+        .iter()
+        .map(|k| seq_of(k.value.as_value().expect("readable")).expect("a writer value"))
+        .collect();
+    assert_eq!(
+        seqs.len(),
+        1,
+        "all keys hold one transaction's value: {seqs:?}"
+    );
+    let seq = *seqs.first().expect("one value");
+    assert!(
+        seq == last_acked || seq == last_acked + 1,
+        "the last acknowledged transaction ({last_acked}) is kept, and at most the one in flight \
+         after it (found {seq})"
+    );
+    assert_eq!(integrity_check(&db), "ok");
+}

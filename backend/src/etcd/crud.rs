@@ -11,9 +11,7 @@ use super::convert::{Envelope, map_err, rev_i64};
 use super::{EtcdBackend, MAX_WRITE_RETRIES};
 use crate::client::WriteMode;
 use crate::error::{Error, Result};
-use crate::kernel::{
-    check_delete, check_write, encode_for_write, parse_error, undecodable_last_value,
-};
+use crate::kernel::{check_delete, check_write, encode_for_write, parse_error};
 
 impl EtcdBackend {
     pub(super) async fn read_current(&self, path: &str) -> Result<Option<etcd_client::KeyValue>> {
@@ -158,14 +156,7 @@ impl EtcdBackend {
                 return Err(Error::NotFound { key: key.clone() });
             };
             // A value that no longer decodes is still deleted; it is returned as null.
-            return Ok(self.decode(&prev).unwrap_or_else(|_| {
-                undecodable_last_value(
-                    key,
-                    Revision::from(prev.mod_revision() as u64),
-                    Some(Revision::from(prev.create_revision() as u64)),
-                    Envelope::uid_of(prev.value()),
-                )
-            }));
+            return Ok(self.last_value(key, &prev));
         }
         Err(Error::unavailable(format!("{key} kept changing")))
     }

@@ -42,6 +42,7 @@ mod crud;
 mod kv;
 mod list;
 mod split;
+mod txn;
 mod watch;
 
 use std::fmt;
@@ -272,6 +273,12 @@ impl Client for EtcdBackend {
             // etcd's default --max-request-bytes (1.5 MiB), less room for the key and the
             // envelope.
             .with_max_value_bytes(Some(1_572_864 - 4_096))
+            // etcd's default --max-txn-ops.
+            .with_max_txn_ops(Some(128))
+    }
+
+    async fn txn(&self, txn: crate::Txn) -> Result<crate::TxnResponse> {
+        self.txn_kvps(txn).await
     }
 
     async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {

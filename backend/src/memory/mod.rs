@@ -27,6 +27,7 @@ use crate::kernel::{
     check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, one_page,
     parse_error, push_listed, undecodable_last_value,
 };
+use crate::txn::{Txn, TxnOp, TxnResponse, TxnResult, evaluate, prepare};
 use crate::watch::WatchStream;
 
 mod store;
@@ -257,11 +258,24 @@ impl MemoryBackend {
 
     fn write_now(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
         let (path, bytes) = encode_for_write(&self.inner.codec, &kvp)?;
-        let expires_at = kvp.ttl.map(|t| Instant::now() + t);
         let mut store = self.lock();
-        let prev = store.current.get(path.as_str()).cloned();
-        let current = prev.as_ref().map(|p| Revision::from(p.mod_rev));
+        let current = store
+            .current
+            .get(path.as_str())
+            .map(|p| Revision::from(p.mod_rev));
         check_write(&kvp.key, mode, kvp.revision.as_ref(), current.as_ref())?;
+        let ttl = kvp.ttl.is_some();
+        let stored = self.put_locked(&mut store, kvp, path, bytes);
+        let rev = store.rev;
+        drop(store);
+        self.wrote(rev, ttl);
+        Ok(stored)
+    }
+
+    /// Writes an encoded value over whatever `path` holds (keeping its uid and create
+    /// revision), at the next revision; returns the stored pair.
+    fn put_locked(&self, store: &mut Store, kvp: KVPair, path: String, bytes: Vec<u8>) -> KVPair {
+        let prev = store.current.get(path.as_str()).cloned();
         let uid = prev.as_ref().map_or_else(new_uid, |p| p.uid.clone());
         let rec = Record {
             value: bytes.into(),
@@ -269,23 +283,83 @@ impl MemoryBackend {
             mod_rev: 0,
             uid: uid.clone(),
             ttl: kvp.ttl,
-            expires_at,
+            expires_at: kvp.ttl.map(|t| Instant::now() + t),
         };
         let rev = store.commit(path.into(), Some(rec), self.inner.history_limit);
         let create_rev = prev.as_ref().map_or(rev, |p| p.create_rev);
-        drop(store);
-        self.inner.rev_tx.send_replace(rev);
-        if kvp.ttl.is_some() {
-            self.start_sweeper();
-            self.inner.ttl_notify.notify_one();
-        }
-        Ok(KVPair {
+        KVPair {
             key: kvp.key,
             value: kvp.value,
             revision: Some(rev.into()),
             create_revision: Some(create_rev.into()),
             uid: Some(uid.to_string()),
             ttl: kvp.ttl,
+        }
+    }
+
+    /// Deletes what `path` holds at the next revision; returns its last value.
+    fn delete_locked(&self, store: &mut Store, key: &ResourceKey, path: &str) -> Option<KVPair> {
+        let prev = store.current.get(path).cloned()?;
+        store.commit(path.into(), None, self.inner.history_limit);
+        // A value that no longer decodes is still deleted; it is returned as null.
+        Some(self.to_kvp(path, &prev).unwrap_or_else(|_| {
+            undecodable_last_value(
+                key,
+                prev.mod_rev.into(),
+                Some(prev.create_rev.into()),
+                Some(prev.uid.to_string()),
+            )
+        }))
+    }
+
+    /// Tells watchers about revision `rev`, and the sweeper about a new TTL.
+    fn wrote(&self, rev: u64, ttl: bool) {
+        self.inner.rev_tx.send_replace(rev);
+        if ttl {
+            self.start_sweeper();
+            self.inner.ttl_notify.notify_one();
+        }
+    }
+
+    fn txn_now(&self, txn: &Txn) -> Result<TxnResponse> {
+        let prepared = prepare(&self.inner.codec, &self.capabilities(), "memory", txn)?;
+        let mut store = self.lock();
+        let mut current = BTreeMap::new();
+        for c in &txn.compares {
+            let path = &prepared.paths[c.key()];
+            let kvp = store.current.get(path.as_str()).map(|rec| {
+                self.to_kvp(path, rec).unwrap_or_else(|_| {
+                    undecodable_last_value(c.key(), rec.mod_rev.into(), None, None)
+                })
+            });
+            current.insert(c.key().clone(), kvp);
+        }
+        let succeeded = evaluate(&txn.compares, &current);
+        let mut results = Vec::new();
+        let mut ttl = false;
+        for (op, path, put) in prepared.branch(succeeded) {
+            results.push(match (op, put) {
+                (TxnOp::Put(kvp), Some(put)) => {
+                    ttl |= kvp.ttl.is_some();
+                    TxnResult::Put(self.put_locked(
+                        &mut store,
+                        kvp.clone(),
+                        put.path.clone(),
+                        put.bytes.clone(),
+                    ))
+                }
+                (op, _) => TxnResult::Delete(self.delete_locked(&mut store, op.key(), path)),
+            });
+        }
+        let rev = store.rev;
+        drop(store);
+        if !results.is_empty() {
+            self.wrote(rev, ttl);
+        }
+        Ok(TxnResponse {
+            succeeded,
+            revision: rev.into(),
+            results,
         })
     }
 
@@ -348,22 +422,19 @@ impl Client for MemoryBackend {
     async fn delete(&self, key: &ResourceKey, opts: &DeleteOptions) -> Result<KVPair> {
         let path = self.inner.codec.to_path(key)?;
         let mut store = self.lock();
-        let Some(prev) = store.current.get(path.as_str()).cloned() else {
+        let Some(prev) = store.current.get(path.as_str()) else {
             return Err(Error::NotFound { key: key.clone() });
         };
         check_delete(key, opts, &prev.mod_rev.into(), Some(&prev.uid))?;
-        let rev = store.commit(path.as_str().into(), None, self.inner.history_limit);
+        let last = self.delete_locked(&mut store, key, &path);
+        let rev = store.rev;
         drop(store);
-        self.inner.rev_tx.send_replace(rev);
-        // A value that no longer decodes is still deleted; it is returned as null.
-        Ok(self.to_kvp(&path, &prev).unwrap_or_else(|_| {
-            undecodable_last_value(
-                key,
-                prev.mod_rev.into(),
-                Some(prev.create_rev.into()),
-                Some(prev.uid.to_string()),
-            )
-        }))
+        self.wrote(rev, false);
+        last.ok_or_else(|| Error::NotFound { key: key.clone() })
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        self.txn_now(&txn)
     }
 
     async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair> {

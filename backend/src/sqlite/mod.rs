@@ -17,6 +17,7 @@
 //! - TTLs are stored as wall-clock expiry times; any process that reads or watches the
 //!   database turns expired keys into deletions, so watchers get `Deleted` events.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,6 +36,7 @@ use crate::kernel::{
     check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, one_page,
     parse_error, push_listed, undecodable_last_value,
 };
+use crate::txn::{Txn, TxnOp, TxnResponse, TxnResult, evaluate, prepare};
 use crate::watch::WatchStream;
 
 mod config;
@@ -240,6 +242,70 @@ impl SqliteBackend {
         })
     }
 
+    async fn txn_kvps(&self, txn: Txn) -> Result<TxnResponse> {
+        let prepared = prepare(&self.inner.codec, &self.capabilities(), "sqlite", &txn)?;
+        let codec = self.inner.codec.clone();
+        self.write_blocking(move |conn| {
+            let tx = immediate(conn)?;
+            let mut current = BTreeMap::new();
+            for c in &txn.compares {
+                let row = live(&tx, &prepared.paths[c.key()], None)?;
+                let kvp = row.map(|row| {
+                    Self::to_kvp(&codec, &row).unwrap_or_else(|_| {
+                        undecodable_last_value(c.key(), rev(row.id), None, None)
+                    })
+                });
+                current.insert(c.key().clone(), kvp);
+            }
+            let succeeded = evaluate(&txn.compares, &current);
+            let mut results = Vec::new();
+            for (op, path, put) in prepared.branch(succeeded) {
+                let prev = live(&tx, path, None)?;
+                results.push(match (op, put) {
+                    (TxnOp::Put(kvp), Some(put)) => {
+                        let (id, uid) = insert_over(&tx, path, prev.as_ref(), kvp.ttl, &put.bytes)
+                            .map_err(db_err)?;
+                        TxnResult::Put(KVPair {
+                            key: kvp.key.clone(),
+                            value: kvp.value.clone(),
+                            revision: Some(rev(id)),
+                            create_revision: Some(rev(prev.map_or(id, |p| p.create_revision))),
+                            uid: Some(uid),
+                            ttl: kvp.ttl,
+                        })
+                    }
+                    (op, _) => TxnResult::Delete(match prev {
+                        Some(prev) => {
+                            insert(&tx, NewRow::deletion_of(&prev)).map_err(db_err)?;
+                            Some(Self::last_value(&codec, op.key(), &prev))
+                        }
+                        None => None,
+                    }),
+                });
+            }
+            let revision = rev(current_rev(&tx).map_err(db_err)?);
+            tx.commit().map_err(db_err)?;
+            Ok(TxnResponse {
+                succeeded,
+                revision,
+                results,
+            })
+        })
+        .await
+    }
+
+    /// The last value of a deleted row; one that no longer decodes is returned as null.
+    fn last_value(codec: &PathCodec, key: &ResourceKey, prev: &Row) -> KVPair {
+        Self::to_kvp(codec, prev).unwrap_or_else(|_| {
+            undecodable_last_value(
+                key,
+                rev(prev.id),
+                Some(rev(prev.create_revision)),
+                Some(prev.uid.clone()),
+            )
+        })
+    }
+
     /// Checks that reads at `at` are still possible.
     fn check_at(conn: &Connection, at: i64) -> Result<()> {
         let compacted = compact_rev(conn).map_err(db_err)?;
@@ -262,10 +328,6 @@ impl SqliteBackend {
 
 #[async_trait]
 impl Client for SqliteBackend {
-    fn codec(&self) -> &PathCodec {
-        &self.inner.codec
-    }
-
     fn backend_name(&self) -> &'static str {
         "sqlite"
     }
@@ -274,6 +336,10 @@ impl Client for SqliteBackend {
         Capabilities::revision_log()
             // SQLite's default SQLITE_MAX_LENGTH.
             .with_max_value_bytes(Some(1_000_000_000))
+    }
+
+    fn codec(&self) -> &PathCodec {
+        &self.inner.codec
     }
 
     async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
@@ -298,15 +364,11 @@ impl Client for SqliteBackend {
                 Ok(prev)
             })
             .await?;
-        // A value that no longer decodes is still deleted; it is returned as null.
-        Ok(Self::to_kvp(&self.inner.codec, &prev).unwrap_or_else(|_| {
-            undecodable_last_value(
-                key,
-                rev(prev.id),
-                Some(rev(prev.create_revision)),
-                Some(prev.uid.clone()),
-            )
-        }))
+        Ok(Self::last_value(&self.inner.codec, key, &prev))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        self.txn_kvps(txn).await
     }
 
     async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair> {

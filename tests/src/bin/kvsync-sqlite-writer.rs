@@ -3,20 +3,27 @@
 //! `kvsync-sqlite-writer DB PREFIX COUNT` applies COUNT writes to IPPools `w-0` … `w-49` and
 //! prints `ack SEQ REVISION` on stdout after each acknowledged write. The value of write SEQ
 //! has the CIDR `10.A.B.0/24` with `SEQ = A * 256 + B`.
+//!
+//! `kvsync-sqlite-writer DB PREFIX COUNT txn` writes SEQ to all of `t-0` … `t-49` in one
+//! transaction per SEQ instead.
 
 use std::io::Write;
 use std::time::Duration;
 
-use kvsync_backend::Client;
 use kvsync_backend::sqlite::{Durability, SqliteBackend, SqliteConfig};
+use kvsync_backend::{Client, Txn, TxnOp};
 use kvsync_model::{KVPair, ResourceKey};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, db, prefix, count] = args.as_slice() else {
-        eprintln!("usage: kvsync-sqlite-writer DB PREFIX COUNT");
-        std::process::exit(2);
+    let (db, prefix, count, txn) = match args.as_slice() {
+        [_, db, prefix, count] => (db, prefix, count, false),
+        [_, db, prefix, count, mode] if mode == "txn" => (db, prefix, count, true),
+        _ => {
+            eprintln!("usage: kvsync-sqlite-writer DB PREFIX COUNT [txn]");
+            std::process::exit(2);
+        }
     };
     let count: u64 = count.parse().unwrap_or(0);
     let backend = match SqliteBackend::open(
@@ -33,12 +40,26 @@ async fn main() {
     };
     let mut out = std::io::stdout().lock();
     for seq in 0..count {
-        let key = ResourceKey::cluster("IPPool", format!("w-{}", seq % 50));
         let value =
             serde_json::json!({"cidr": format!("10.{}.{}.0/24", (seq / 256) % 256, seq % 256)});
-        match backend.apply(KVPair::new(key, value)).await {
-            Ok(kvp) => {
-                let rev = kvp.revision.map(|r| r.to_string()).unwrap_or_default();
+        let written = if txn {
+            let puts = (0..50).map(|i| {
+                let key = ResourceKey::cluster("IPPool", format!("t-{i}"));
+                TxnOp::Put(KVPair::new(key, value.clone()))
+            });
+            backend
+                .txn(Txn::new().and_then(puts))
+                .await
+                .map(|resp| resp.revision.to_string())
+        } else {
+            let key = ResourceKey::cluster("IPPool", format!("w-{}", seq % 50));
+            backend
+                .apply(KVPair::new(key, value))
+                .await
+                .map(|kvp| kvp.revision.map(|r| r.to_string()).unwrap_or_default())
+        };
+        match written {
+            Ok(rev) => {
                 if writeln!(out, "ack {seq} {rev}")
                     .and_then(|()| out.flush())
                     .is_err()
