@@ -42,6 +42,7 @@ mod kernel;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod memory;
+pub mod snapshot;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod txn;

@@ -49,7 +49,7 @@ impl Compare {
 }
 
 /// JSON equality where numbers compare by value (`1` equals `1.0`).
-fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+pub(crate) fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     use serde_json::Value as V;
     match (a, b) {
         (V::Number(x), V::Number(y)) => match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {

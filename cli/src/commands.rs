@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
-use kvsync_backend::{Client, Error};
+use kvsync_backend::{Client, Error, snapshot};
 use kvsync_model::{KVPair, KindInfo, ListOptions, Registry, ResourceKey, Revision};
 use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent, UpdateType};
 use serde_json::{Value, json};
 
+use crate::datastore::DatastoreArgs;
 use crate::output;
-use crate::{Cli, Command, Output, WatchOutput};
+use crate::{Cli, Command, Output, RestoreArgs, SnapshotCommand, WatchOutput};
 use kvsync_cli::manifest::{self, Doc};
 use kvsync_cli::usage;
 
@@ -77,6 +78,15 @@ pub async fn run(cli: Cli) -> Result<()> {
     {
         return version(None, *output);
     }
+    if let Command::Migrate {
+        from,
+        to,
+        restore,
+        kinds,
+    } = &cli.command
+    {
+        return migrate(&cli.datastore, from.as_deref(), to, restore, kinds).await;
+    }
     let client = cli.datastore.connect().await?;
     match cli.command {
         Command::Get {
@@ -102,6 +112,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => watch(client, &kinds, namespace, output, once).await,
         Command::Compact { revision } => compact(&client, revision).await,
         Command::Demo => demo(client, &cli.datastore.describe()).await,
+        Command::Snapshot(SnapshotCommand::Save { file, kinds }) => {
+            snapshot_save(client, &file, &kinds).await
+        }
+        Command::Snapshot(SnapshotCommand::Restore { file, restore }) => {
+            snapshot_restore(&*client, &file, &restore).await
+        }
+        Command::Migrate { .. } => unreachable!("handled above"),
         Command::Crds { .. } => unreachable!("handled above"),
         Command::Version { output, .. } => version(Some(&*client), output),
     }
@@ -465,6 +482,203 @@ async fn compact(client: &Arc<dyn Client>, revision: Option<String>) -> Result<(
     };
     client.compact(&at).await?;
     println!("compacted at revision {at}");
+    Ok(())
+}
+
+/// The kinds named on the command line (any of their names), as the registry spells them.
+fn kind_names(registry: &Registry, names: &[String]) -> Result<Vec<String>> {
+    names
+        .iter()
+        .map(|n| resolve(registry, n).map(|k| k.kind.clone()))
+        .collect()
+}
+
+fn restore_options(args: &RestoreArgs) -> snapshot::RestoreOptions {
+    let existing = if args.resume {
+        snapshot::Existing::Resume
+    } else if args.overwrite {
+        snapshot::Existing::Overwrite
+    } else {
+        snapshot::Existing::Refuse
+    };
+    snapshot::RestoreOptions::new()
+        .with_existing(existing)
+        .with_dry_run(args.dry_run)
+}
+
+/// Says what a save left out (entries that do not decode), and fails if it left out any.
+fn report_left_out(left_out: &[kvsync_model::ParseFailure]) -> Result<()> {
+    for f in left_out {
+        eprintln!("left out {}: {}", f.raw_key, f.reason);
+    }
+    if !left_out.is_empty() {
+        bail!(
+            "{} stored entries do not decode and are not in the snapshot",
+            left_out.len()
+        );
+    }
+    Ok(())
+}
+
+async fn snapshot_save(client: Arc<dyn Client>, file: &str, kinds: &[String]) -> Result<()> {
+    let kinds = kind_names(client.codec().registry(), kinds)?;
+    let summary = if file == "-" {
+        snapshot::save(client, &kinds, tokio::io::stdout()).await?
+    } else {
+        // Written beside the target and renamed into place: never a half-written snapshot.
+        let tmp = format!("{file}.partial");
+        let out = tokio::fs::File::create(&tmp)
+            .await
+            .with_context(|| format!("cannot create {tmp}"))?;
+        let mut out = tokio::io::BufWriter::new(out);
+        let summary = snapshot::save(client, &kinds, &mut out).await;
+        let summary = match summary {
+            Ok(s) => {
+                out.into_inner()
+                    .sync_all()
+                    .await
+                    .with_context(|| format!("cannot write {tmp}"))?;
+                s
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e.into());
+            }
+        };
+        tokio::fs::rename(&tmp, file)
+            .await
+            .with_context(|| format!("cannot rename {tmp} to {file}"))?;
+        summary
+    };
+    let at = summary.revision.as_ref().map_or_else(
+        || "each kind's own revision".to_owned(),
+        |r| format!("revision {r}"),
+    );
+    eprintln!(
+        "saved {} resources of {} kinds at {at}",
+        summary.count,
+        summary.per_kind.len()
+    );
+    report_left_out(&summary.left_out)
+}
+
+async fn snapshot_restore(client: &dyn Client, file: &str, args: &RestoreArgs) -> Result<()> {
+    let entries = if file == "-" {
+        snapshot::read(tokio::io::BufReader::new(tokio::io::stdin()))
+    } else {
+        let f = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("cannot open {file}"))?;
+        snapshot::read(tokio::io::BufReader::new(f))
+    };
+    let summary = restore_into(client, entries, args)
+        .await
+        .with_context(|| format!("restore of {file}"))?;
+    print_restored(&summary, args.dry_run);
+    Ok(())
+}
+
+/// Restores with a progress line on a terminal.
+async fn restore_into(
+    client: &dyn Client,
+    entries: snapshot::SnapshotStream,
+    args: &RestoreArgs,
+) -> Result<snapshot::RestoreSummary> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} resources {per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar
+    });
+    let mut tick = |n: u64| {
+        if let Some(b) = &bar {
+            b.set_position(n);
+        }
+    };
+    let summary =
+        snapshot::restore_with_progress(client, entries, &restore_options(args), &mut tick).await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match summary {
+        Err(Error::AlreadyExists { key }) => Err(anyhow!(
+            "the target holds {key} already: restore into an empty datastore, or pass \
+             --resume or --overwrite"
+        )),
+        Err(Error::Conflict { key, .. }) => Err(anyhow!(
+            "{key} exists with another value: pass --overwrite to replace it"
+        )),
+        other => Ok(other?),
+    }
+}
+
+fn print_restored(summary: &snapshot::RestoreSummary, dry_run: bool) {
+    let verb = if dry_run { "would write" } else { "wrote" };
+    let how = if summary.atomic {
+        " (one transaction)"
+    } else {
+        ""
+    };
+    println!(
+        "{verb} {} of {} resources{how}; {} held the same value already",
+        summary.written, summary.read, summary.unchanged
+    );
+}
+
+async fn migrate(
+    flags: &DatastoreArgs,
+    from: Option<&str>,
+    to: &str,
+    args: &RestoreArgs,
+    kinds: &[String],
+) -> Result<()> {
+    let source_args = match from {
+        Some(spec) => flags.with_spec(spec)?,
+        None => flags.clone(),
+    };
+    let target_args = flags.with_spec(to)?;
+    let source = source_args
+        .connect()
+        .await
+        .context("the datastore to copy from")?;
+    let target = target_args
+        .connect()
+        .await
+        .context("the datastore to copy to")?;
+    let kinds = kind_names(source.codec().registry(), kinds)?;
+    let (entries, left_out) = snapshot::entries(source.clone(), &kinds).await?;
+    eprintln!(
+        "copying from {} to {}{}",
+        source_args.describe(),
+        target_args.describe(),
+        if args.dry_run { " (dry run)" } else { "" }
+    );
+    let summary = restore_into(&*target, entries, args).await?;
+    report_left_out(&left_out.await.unwrap_or_default())?;
+    print_restored(&summary, args.dry_run);
+    if args.dry_run {
+        return Ok(());
+    }
+    // The count check: the target holds every resource the source had (exactly as many where
+    // it started empty).
+    for (kind, count) in &summary.per_kind {
+        let have = target
+            .list(&ListOptions::new(kind.as_str()))
+            .await?
+            .items
+            .len() as u64;
+        let fine = if args.resume || args.overwrite {
+            have >= *count
+        } else {
+            have == *count
+        };
+        if !fine {
+            bail!("count check: the source had {count} {kind} resources, the target holds {have}");
+        }
+        println!("  {kind}: {count} in the source, {have} in the target");
+    }
     Ok(())
 }
 

@@ -25,7 +25,7 @@ pub enum DatastoreType {
 }
 
 /// Where the data is.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct DatastoreArgs {
     /// The datastore type.
     #[arg(long = "datastore", env = "KVSYNC_DATASTORE_TYPE", value_enum, global = true, default_value_t = DatastoreType::Sqlite)]
@@ -176,6 +176,45 @@ impl DatastoreArgs {
                 Arc::new(backend)
             }
         })
+    }
+
+    /// These settings with the datastore `spec` names instead (for `migrate --from/--to`):
+    /// `sqlite:PATH`, `etcd:URL[,URL...]`, `kubernetes[:KUBECONFIG]` or `memory`. TLS, user,
+    /// prefix and timeout stay as the flags set them.
+    ///
+    /// # Errors
+    /// A [`Usage`](kvsync_cli::Usage) error for a spec of another form.
+    pub fn with_spec(&self, spec: &str) -> Result<DatastoreArgs> {
+        let mut args = self.clone();
+        let (kind, rest) = match spec.split_once(':') {
+            Some((k, r)) => (k, Some(r)),
+            None => (spec, None),
+        };
+        let rest = rest.filter(|r| !r.is_empty());
+        match (kind, rest) {
+            ("sqlite", Some(path)) => {
+                args.datastore_type = DatastoreType::Sqlite;
+                args.db = Some(PathBuf::from(path));
+            }
+            ("etcd", Some(urls)) => {
+                args.datastore_type = DatastoreType::Etcd;
+                args.etcd_endpoints = urls.split(',').map(str::to_owned).collect();
+            }
+            ("kubernetes", kubeconfig) => {
+                args.datastore_type = DatastoreType::Kubernetes;
+                if let Some(k) = kubeconfig {
+                    args.kubeconfig = Some(PathBuf::from(k));
+                }
+            }
+            ("memory", None) => args.datastore_type = DatastoreType::Memory,
+            _ => {
+                return Err(kvsync_cli::usage(format!(
+                    "datastore {spec:?}: expected sqlite:PATH, etcd:URL[,URL...], \
+                     kubernetes[:KUBECONFIG] or memory"
+                )));
+            }
+        }
+        Ok(args)
     }
 
     /// A short description of the datastore, for messages.

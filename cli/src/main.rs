@@ -53,6 +53,42 @@ struct FileArgs {
     files: Vec<String>,
 }
 
+/// `kvsync snapshot ...`.
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Write every resource of the kinds, read at one revision, to FILE (JSON lines).
+    Save {
+        /// The file to write (`-` for standard output).
+        file: String,
+        /// Only these kinds (default: every kind).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+    },
+    /// Write the resources of a snapshot FILE into the datastore.
+    Restore {
+        /// The snapshot file (`-` for standard input).
+        file: String,
+        #[command(flatten)]
+        restore: RestoreArgs,
+    },
+}
+
+/// What a restore does with resources that exist already.
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// Go on with an interrupted restore: resources that hold the snapshot's value already are
+    /// skipped (others that exist are an error).
+    #[arg(long)]
+    resume: bool,
+    /// Replace resources that exist (by default a target that holds any of the snapshot's
+    /// kinds is refused).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Check everything, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show resources of a kind.
@@ -117,6 +153,26 @@ enum Command {
     },
     /// Write demo resources and show a Syncer following them.
     Demo,
+    /// Save every resource of some kinds at one revision to a file, or restore one.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Copy every resource from one datastore to another (e.g. from the embedded SQLite to
+    /// etcd), checking the counts at the end.
+    Migrate {
+        /// The datastore to copy from (default: the one the global flags choose):
+        /// `sqlite:PATH`, `etcd:URL[,URL...]`, `kubernetes[:KUBECONFIG]` or `memory`.
+        #[arg(long)]
+        from: Option<String>,
+        /// The datastore to copy to, in the same form; TLS, user, prefix and timeout come from
+        /// the global flags.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        restore: RestoreArgs,
+        /// Only these kinds (default: every kind).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+    },
     /// Print the client's version and what the datastore can do (its capabilities), as
     /// `kubectl version` prints the server's.
     Version {

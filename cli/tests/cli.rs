@@ -931,3 +931,85 @@ fn an_invalid_document_is_reported_and_the_valid_ones_are_still_written() {
         stdout(&out)
     );
 }
+
+/// `snapshot save`/`restore` and `migrate` SQLite -> etcd -> SQLite: every copy holds what the
+/// first did, a used target is refused, a dry run writes nothing.
+#[test]
+fn snapshots_and_migrate_from_sqlite_to_etcd_and_back() {
+    let env = Env::new();
+    let backend = kvsync_tests::etcd::EtcdTestBackend::shared();
+    let endpoint = backend.cluster().endpoints()[0].clone();
+    // One prefix for every datastore of the test (the flag is global to source and target).
+    let prefix = kvsync_tests::unique_prefix();
+    let run = |args: &[&str]| {
+        env.kvsync()
+            .args(["--prefix", prefix.as_str()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let pools = env.file("pools.yaml", POOLS);
+    ok(run(&["apply", "-f", pools.to_str().unwrap()]));
+    let pools_of = |flags: &[&str]| {
+        let mut args = flags.to_vec();
+        args.extend(["get", "ippools", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&ok(run(&args))).expect("json");
+        let mut specs: Vec<String> = v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| format!("{} {}", i["metadata"]["name"], i["spec"]))
+            .collect();
+        specs.sort();
+        specs
+    };
+    let original = pools_of(&[]);
+    assert_eq!(original.len(), 2);
+
+    // A snapshot file, restored into a second SQLite file; a used target is refused.
+    let snap = env.dir.path().join("snap.jsonl");
+    let snap = snap.to_str().unwrap();
+    ok(run(&["snapshot", "save", snap]));
+    let second = env.dir.path().join("second.db");
+    let second = ["--db", second.to_str().unwrap()];
+    let out = ok(run(&[&second[..], &["snapshot", "restore", snap]].concat()));
+    assert!(out.contains("wrote 2 of 2"), "{out}");
+    assert_eq!(pools_of(&second), original);
+    let out = run(&[&second[..], &["snapshot", "restore", snap]].concat());
+    assert_eq!(out.status.code(), Some(1), "a used target is refused");
+    assert!(stderr(&out).contains("--resume"), "{}", stderr(&out));
+
+    // To etcd: a dry run writes nothing; then the copy, with its count check.
+    let etcd = ["--datastore", "etcd", "--etcd-endpoints", endpoint.as_str()];
+    let to_etcd = format!("etcd:{endpoint}");
+    let out = ok(run(&["migrate", "--to", &to_etcd, "--dry-run"]));
+    assert!(out.contains("would write 2 of 2"), "{out}");
+    assert!(pools_of(&etcd).is_empty(), "a dry run writes nothing");
+    let out = ok(run(&["migrate", "--to", &to_etcd]));
+    assert!(
+        out.contains("IPPool: 2 in the source, 2 in the target"),
+        "{out}"
+    );
+    assert_eq!(pools_of(&etcd), original);
+
+    // And back from etcd (named by --from), into a new SQLite file.
+    let third = env.dir.path().join("third.db");
+    let to_third = format!("sqlite:{}", third.display());
+    let out = ok(run(&["migrate", "--from", &to_etcd, "--to", &to_third]));
+    assert!(
+        out.contains("IPPool: 2 in the source, 2 in the target"),
+        "{out}"
+    );
+    assert_eq!(pools_of(&["--db", third.to_str().unwrap()]), original);
+
+    let out = run(&["migrate", "--to", "nowhere:x"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad datastore is a usage error"
+    );
+}

@@ -1168,6 +1168,109 @@ pub async fn txn_refuses_what_it_cannot_apply_whole_and_writes_nothing(b: &dyn T
     assert_eq!(after.revision, before.revision, "the revision did not move");
 }
 
+/// A snapshot taken while others write holds the state at its revision: applying every
+/// watch event after it (each kind from its own revision) gives exactly the live state.
+pub async fn snapshot_then_watch_from_its_revision_misses_nothing(b: &dyn TestBackend) {
+    use kvsync_backend::snapshot::{self, SnapshotEntry};
+    let c = b.client().await.client;
+    for i in 0..20 {
+        c.create(pool(&format!("p{i}"), &format!("10.{i}.0.0/16")))
+            .await
+            .unwrap();
+        c.create(policy("ns", &format!("q{i}"), f64::from(i)))
+            .await
+            .unwrap();
+    }
+    let writer = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for i in 0..60u32 {
+                match i % 3 {
+                    0 => {
+                        let _ = c
+                            .delete(
+                                &pool_key(&format!("p{}", i / 3)),
+                                &kvsync_model::DeleteOptions::new(),
+                            )
+                            .await;
+                    }
+                    1 => {
+                        c.apply(policy("ns", &format!("q{}", i % 20), f64::from(i) + 0.5))
+                            .await
+                            .unwrap();
+                    }
+                    _ => {
+                        c.apply(pool(&format!("n{i}"), "10.200.0.0/16"))
+                            .await
+                            .unwrap();
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let kinds = ["IPPool".to_owned(), "NetworkPolicy".to_owned()];
+    let (mut entries, _) = snapshot::entries(c.clone(), &kinds).await.unwrap();
+    let mut state: std::collections::BTreeMap<ResourceKey, Value> = Default::default();
+    let mut revisions = Vec::new();
+    while let Some(entry) = entries.next().await {
+        match entry.unwrap() {
+            SnapshotEntry::Item(item) => {
+                state.insert(item.key(), item.value.as_value().unwrap().clone());
+            }
+            SnapshotEntry::KindEnd {
+                end_of, revision, ..
+            } => revisions.push((end_of, revision)),
+            _ => {}
+        }
+    }
+    writer.await.unwrap();
+    let mut live: std::collections::BTreeMap<ResourceKey, Value> = Default::default();
+    for kind in &kinds {
+        for kvp in c
+            .list(&ListOptions::new(kind.as_str()))
+            .await
+            .unwrap()
+            .items
+        {
+            live.insert(kvp.key, kvp.value.as_value().unwrap().clone());
+        }
+    }
+    let mut watches = Vec::new();
+    for (kind, revision) in revisions {
+        watches.push(
+            c.watch(&ListOptions::new(kind.as_str()).with_revision(revision))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut all = futures::stream::select_all(watches);
+    while state != live {
+        let ev = match tokio::time::timeout(EVENT_TIMEOUT, all.next()).await {
+            Ok(Some(Ok(ev))) => ev,
+            other => panic!(
+                "the snapshot plus its watch did not reach the live state ({other:?}); \
+                 {} keys differ",
+                state
+                    .keys()
+                    .chain(live.keys())
+                    .filter(|k| state.get(*k) != live.get(*k))
+                    .count()
+            ),
+        };
+        match ev {
+            WatchEvent::Added(k) | WatchEvent::Modified { new: k, .. } => {
+                state.insert(k.key, k.value.as_value().unwrap().clone());
+            }
+            WatchEvent::Deleted { key, .. } => {
+                state.remove(&key);
+            }
+            WatchEvent::Bookmark(_) => {}
+            WatchEvent::ParseFailed(f) => panic!("{f:?}"),
+        }
+    }
+}
+
 /// Calls `$callback!` with the names of every conformance check, so that the list is written
 /// once.
 #[macro_export]
@@ -1196,6 +1299,7 @@ macro_rules! with_conformance_checks {
             txn_applies_the_chosen_branch_atomically: Transactions,
             racing_transactions_never_lose_an_increment: Transactions,
             txn_refuses_what_it_cannot_apply_whole_and_writes_nothing: Nothing,
+            snapshot_then_watch_from_its_revision_misses_nothing: Nothing,
         )
     };
 }
