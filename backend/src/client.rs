@@ -12,6 +12,7 @@ use kvsync_model::{
 };
 
 use crate::error::{Error, Result};
+use crate::lease::LeaseId;
 use crate::txn::{Txn, TxnResponse};
 use crate::watch::WatchStream;
 
@@ -73,6 +74,10 @@ pub struct Capabilities {
     /// the datastore has a limit (etcd's `--max-txn-ops`, 128 by default). A larger
     /// transaction is refused with [`Error::Invalid`] before anything is sent.
     pub max_txn_ops: Option<usize>,
+    /// Leases: [`Client::lease_grant`], keys written under one
+    /// ([`TxnOp::PutLeased`](crate::TxnOp::PutLeased)) and [`Lease`](crate::Lease). Not on
+    /// Kubernetes, whose objects cannot carry a lease.
+    pub leases: bool,
 }
 
 impl Capabilities {
@@ -88,12 +93,13 @@ impl Capabilities {
             max_value_bytes: None,
             transactions: false,
             max_txn_ops: None,
+            leases: false,
         }
     }
 
     /// A store that keeps a revision log as etcd's mvcc does (memory, SQLite, etcd): TTLs,
     /// reads at old revisions, compaction, one global revision, bytes kept as written,
-    /// transactions, and no limit on values or transactions (set them with
+    /// transactions, leases, and no limit on values or transactions (set them with
     /// [`Capabilities::with_max_value_bytes`] and [`Capabilities::with_max_txn_ops`]).
     pub fn revision_log() -> Self {
         Capabilities {
@@ -105,6 +111,7 @@ impl Capabilities {
             max_value_bytes: None,
             transactions: true,
             max_txn_ops: None,
+            leases: true,
         }
     }
 
@@ -154,6 +161,13 @@ impl Capabilities {
     #[must_use]
     pub fn with_transactions(mut self, yes: bool) -> Self {
         self.transactions = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::leases`].
+    #[must_use]
+    pub fn with_leases(mut self, yes: bool) -> Self {
+        self.leases = yes;
         self
     }
 
@@ -393,6 +407,41 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Grants a lease of `ttl` ([`Capabilities::leases`]): keys written under it
+    /// ([`TxnOp::PutLeased`](crate::TxnOp::PutLeased)) are deleted, with a `Deleted` event to
+    /// every watcher, when it expires or is revoked. It expires `ttl` after it was granted or
+    /// last kept alive. [`Lease::grant`](crate::Lease::grant) keeps one alive for you.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a TTL under a second; [`Error::Unsupported`] without leases.
+    async fn lease_grant(&self, ttl: std::time::Duration) -> Result<LeaseId> {
+        let _ = ttl;
+        Err(Error::Unsupported {
+            op: "lease_grant".into(),
+            backend: self.backend_name(),
+        })
+    }
+
+    /// Renews a lease for its TTL; returns the TTL it now has.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] when it has expired or was revoked.
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<std::time::Duration> {
+        Err(Error::LeaseLost { lease })
+    }
+
+    /// Revokes a lease: its keys are deleted now. Revoking a lease that is gone is no error.
+    ///
+    /// # Errors
+    /// Transport errors.
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<()> {
+        let _ = lease;
+        Err(Error::Unsupported {
+            op: "lease_revoke".into(),
+            backend: self.backend_name(),
+        })
+    }
+
     /// Drops the history before `revision` ([`Capabilities::compaction`]): reads and watches
     /// from older revisions then fail with [`Error::Compacted`].
     ///
@@ -520,6 +569,18 @@ macro_rules! delegate_client {
             async fn txn(&self, txn: $crate::Txn) -> $crate::Result<$crate::TxnResponse> {
                 let $this = self;
                 $crate::Client::txn($inner, txn).await
+            }
+            async fn lease_grant(&self, ttl: std::time::Duration) -> $crate::Result<$crate::LeaseId> {
+                let $this = self;
+                $crate::Client::lease_grant($inner, ttl).await
+            }
+            async fn lease_keep_alive(&self, lease: $crate::LeaseId) -> $crate::Result<std::time::Duration> {
+                let $this = self;
+                $crate::Client::lease_keep_alive($inner, lease).await
+            }
+            async fn lease_revoke(&self, lease: $crate::LeaseId) -> $crate::Result<()> {
+                let $this = self;
+                $crate::Client::lease_revoke($inner, lease).await
             }
         }
     };

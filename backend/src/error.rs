@@ -69,6 +69,12 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The lease has expired or was revoked (its keys are gone, or going): grant a new one.
+    #[error("lease {lease} has expired or was revoked")]
+    LeaseLost {
+        /// The lease.
+        lease: crate::LeaseId,
+    },
     /// The datastore refused the credentials or the operation.
     #[error("unauthorized: {message}")]
     Unauthorized {

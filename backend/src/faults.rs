@@ -307,4 +307,19 @@ impl<C: Client> Client for FaultyClient<C> {
         self.faults.check("txn")?;
         self.inner.txn(txn).await
     }
+
+    async fn lease_grant(&self, ttl: std::time::Duration) -> Result<crate::LeaseId> {
+        self.faults.check("lease_grant")?;
+        self.inner.lease_grant(ttl).await
+    }
+
+    async fn lease_keep_alive(&self, lease: crate::LeaseId) -> Result<std::time::Duration> {
+        self.faults.check("lease_keep_alive")?;
+        self.inner.lease_keep_alive(lease).await
+    }
+
+    async fn lease_revoke(&self, lease: crate::LeaseId) -> Result<()> {
+        self.faults.check("lease_revoke")?;
+        self.inner.lease_revoke(lease).await
+    }
 }

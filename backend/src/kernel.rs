@@ -225,3 +225,18 @@ pub(crate) fn put_event(
         Err(_) => None,
     }
 }
+
+/// Checks a lease's TTL: at least a second (etcd's unit), at most a year.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the rule.
+pub(crate) fn check_lease_ttl(ttl: std::time::Duration) -> Result<()> {
+    if ttl < std::time::Duration::from_secs(1) || ttl > std::time::Duration::from_secs(365 * 86_400)
+    {
+        return Err(Error::invalid(
+            "ttl",
+            format!("a lease lives from 1 s to a year, not {ttl:?}"),
+        ));
+    }
+    Ok(())
+}

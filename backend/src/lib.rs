@@ -41,6 +41,7 @@ mod faults;
 mod kernel;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
+mod lease;
 pub mod memory;
 pub mod snapshot;
 #[cfg(feature = "sqlite")]
@@ -56,6 +57,7 @@ pub use etcd::{EtcdBackend, EtcdConfig};
 pub use faults::{Faults, FaultyClient};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::{KubernetesBackend, KubernetesConfig};
+pub use lease::{Lease, LeaseId};
 pub use memory::MemoryBackend;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteBackend, SqliteConfig};

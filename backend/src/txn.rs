@@ -8,6 +8,7 @@ use kvsync_model::{Json, KVPair, PathCodec, ResourceKey, Revision};
 use crate::client::Capabilities;
 use crate::error::{Error, Result};
 use crate::kernel::encode_for_write;
+use crate::lease::LeaseId;
 
 /// A condition a transaction checks before it chooses a branch, as etcd's `Compare`.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,15 +77,28 @@ pub enum TxnOp {
     /// Creates or replaces the key (keeping its uid and create revision when it exists). The
     /// pair's `revision` is not a precondition here: compare with [`Compare::Revision`].
     Put(KVPair),
+    /// Creates or replaces the key as [`TxnOp::Put`] does, under a lease: the key is deleted
+    /// when the lease expires or is revoked. A lease that is gone fails the transaction with
+    /// [`Error::LeaseLost`] and nothing is written.
+    PutLeased(KVPair, LeaseId),
     /// Deletes the key if it exists.
     Delete(ResourceKey),
 }
 
 impl TxnOp {
+    /// The pair a put writes and the lease it writes it under, if any.
+    pub(crate) fn put(&self) -> Option<(&KVPair, Option<LeaseId>)> {
+        match self {
+            TxnOp::Put(kvp) => Some((kvp, None)),
+            TxnOp::PutLeased(kvp, lease) => Some((kvp, Some(*lease))),
+            TxnOp::Delete(_) => None,
+        }
+    }
+
     /// The key the operation writes.
     pub fn key(&self) -> &ResourceKey {
         match self {
-            TxnOp::Put(kvp) => &kvp.key,
+            TxnOp::Put(kvp) | TxnOp::PutLeased(kvp, _) => &kvp.key,
             TxnOp::Delete(k) => k,
         }
     }
@@ -203,6 +217,7 @@ pub struct TxnResponse {
 pub(crate) struct EncodedPut {
     pub(crate) path: String,
     pub(crate) bytes: Vec<u8>,
+    pub(crate) lease: Option<LeaseId>,
 }
 
 /// One branch's operations, validated: each put's path and bytes (`None` for a delete).
@@ -275,14 +290,20 @@ pub(crate) fn prepare(
                         format!("{} is written twice in one branch", op.key()),
                     ));
                 }
-                let (path, put) = match op {
-                    TxnOp::Put(kvp) => {
+                let (path, put) = match op.put() {
+                    Some((kvp, lease)) => {
+                        if lease.is_some() && kvp.ttl.is_some() {
+                            return Err(Error::invalid(
+                                format!("txn.{name}"),
+                                format!("{} has a TTL and a lease: one or the other", kvp.key),
+                            ));
+                        }
                         let (path, bytes) = encode_for_write(codec, kvp)?;
-                        (path.clone(), Some(EncodedPut { path, bytes }))
+                        (path.clone(), Some(EncodedPut { path, bytes, lease }))
                     }
-                    TxnOp::Delete(key) => {
-                        codec.validate(key)?;
-                        (codec.to_path(key)?, None)
+                    None => {
+                        codec.validate(op.key())?;
+                        (codec.to_path(op.key())?, None)
                     }
                 };
                 paths.insert(op.key().clone(), path.clone());

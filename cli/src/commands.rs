@@ -60,6 +60,7 @@ fn version(client: Option<&dyn Client>, output: Output) -> Result<()> {
                         (true, Some(n)) => format!("yes, up to {n} operations"),
                     }
                 );
+                println!("  leases:                 {}", yes(caps.leases));
             }
         }
     }

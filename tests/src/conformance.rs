@@ -1271,6 +1271,128 @@ pub async fn snapshot_then_watch_from_its_revision_misses_nothing(b: &dyn TestBa
     }
 }
 
+/// Keys written under a lease go when it is revoked or expires, each with a Deleted event;
+/// keys not under it stay; a key written again without the lease leaves it; a lease that is
+/// gone cannot be renewed or written under. Without leases, granting one is Unsupported.
+pub async fn lease_keys_go_when_the_lease_is_revoked_or_expires(b: &dyn TestBackend) {
+    use kvsync_backend::{Txn, TxnOp};
+    let c = b.client().await.client;
+    if !c.capabilities().leases {
+        let err = c.lease_grant(Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        return;
+    }
+    let put = |kvp: KVPair, lease| Txn::new().and_then([TxnOp::PutLeased(kvp, lease)]);
+    let lease = c.lease_grant(Duration::from_secs(30)).await.unwrap();
+    for name in ["a", "b", "c", "moved"] {
+        c.txn(put(pool(name, "10.0.0.0/16"), lease)).await.unwrap();
+    }
+    c.create(pool("free", "10.1.0.0/16")).await.unwrap();
+    // Written again without the lease: no longer under it.
+    c.apply(pool("moved", "10.2.0.0/16")).await.unwrap();
+    let list = c.list(&ListOptions::new("IPPool")).await.unwrap();
+    let mut w = c
+        .watch(&ListOptions::new("IPPool").with_revision(list.revision))
+        .await
+        .unwrap();
+    assert!(c.lease_keep_alive(lease).await.unwrap() >= Duration::from_secs(29));
+    c.lease_revoke(lease).await.unwrap();
+    let mut gone = BTreeSet::new();
+    while gone.len() < 3 {
+        match next_change(&mut w).await {
+            WatchEvent::Deleted { key, .. } => gone.insert(key.name),
+            other => panic!("expected the lease's deletions, got {other:?}"),
+        };
+    }
+    assert_eq!(gone, ["a", "b", "c"].map(String::from).into());
+    let left = c.list(&ListOptions::new("IPPool")).await.unwrap();
+    assert_eq!(names(&left.items), ["free", "moved"]);
+    // A lease that is gone: no renewal, no write under it, and a second revoke is no error.
+    let err = c.lease_keep_alive(lease).await.unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    let err = c
+        .txn(put(pool("late", "10.3.0.0/16"), lease))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    assert!(
+        c.get_opt(&pool_key("late"), &Default::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    c.lease_revoke(lease).await.unwrap();
+    // A lease nobody renews expires by itself, its key with it.
+    let short = c.lease_grant(Duration::from_secs(1)).await.unwrap();
+    c.txn(put(pool("short", "10.4.0.0/16"), short))
+        .await
+        .unwrap();
+    loop {
+        match next_change(&mut w).await {
+            WatchEvent::Deleted { key, .. } if key.name == "short" => break,
+            WatchEvent::Added(_) | WatchEvent::Bookmark(_) => {}
+            other => panic!("expected the expiry, got {other:?}"),
+        }
+    }
+    // Too short a TTL is refused.
+    let err = c.lease_grant(Duration::from_millis(10)).await.unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+}
+
+/// A [`kvsync_backend::Lease`] keeps itself alive past its TTL; `lost()` fires once the
+/// datastore no longer has it; dropping one revokes it.
+pub async fn a_kept_lease_outlives_its_ttl_and_says_when_it_is_lost(b: &dyn TestBackend) {
+    use kvsync_backend::Lease;
+    let c = b.client().await.client;
+    if !c.capabilities().leases {
+        return;
+    }
+    let lease = Lease::grant(c.clone(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    lease.put(pool("kept", "10.0.0.0/16")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!lease.is_lost());
+    assert!(lease.safe_until() > tokio::time::Instant::now());
+    assert!(
+        c.get_opt(&pool_key("kept"), &Default::default())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Revoked behind its back: the next keep-alive finds out.
+    c.lease_revoke(lease.id()).await.unwrap();
+    tokio::time::timeout(EVENT_TIMEOUT, lease.lost())
+        .await
+        .expect("lost() resolves");
+    assert!(lease.is_lost());
+    assert!(
+        c.get_opt(&pool_key("kept"), &Default::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Dropped: revoked, its key gone.
+    let other = Lease::grant(c.clone(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    other.put(pool("dropped", "10.1.0.0/16")).await.unwrap();
+    drop(other);
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while c
+        .get_opt(&pool_key("dropped"), &Default::default())
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a dropped lease is revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Calls `$callback!` with the names of every conformance check, so that the list is written
 /// once.
 #[macro_export]
@@ -1300,6 +1422,8 @@ macro_rules! with_conformance_checks {
             racing_transactions_never_lose_an_increment: Transactions,
             txn_refuses_what_it_cannot_apply_whole_and_writes_nothing: Nothing,
             snapshot_then_watch_from_its_revision_misses_nothing: Nothing,
+            lease_keys_go_when_the_lease_is_revoked_or_expires: Nothing,
+            a_kept_lease_outlives_its_ttl_and_says_when_it_is_lost: Leases,
         )
     };
 }
@@ -1372,6 +1496,8 @@ pub enum Needs {
     Compaction,
     /// Multi-key transactions ([`kvsync_backend::Capabilities::transactions`]).
     Transactions,
+    /// Leases ([`kvsync_backend::Capabilities::leases`]).
+    Leases,
     /// Raw access that can store entries the client cannot decode
     /// ([`TestBackend::can_store_undecodable`]).
     UndecodableEntries,
@@ -1391,6 +1517,7 @@ impl Needs {
             Needs::Compaction if !b.can_compact() => {
                 Some("this datastore's history cannot be compacted from a test")
             }
+            Needs::Leases if !caps.leases => Some("the datastore has no leases"),
             Needs::Transactions if !caps.transactions => {
                 Some("the datastore has no multi-key transactions")
             }

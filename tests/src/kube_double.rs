@@ -68,6 +68,8 @@ struct Event {
 }
 
 struct Inner {
+    /// Requests served, by method.
+    requests: HashMap<String, u64>,
     rv: u64,
     objects: BTreeMap<ObjKey, Value>,
     events: VecDeque<Event>,
@@ -168,6 +170,7 @@ impl ApiServerDouble {
             .collect();
         let shared = Shared {
             inner: Arc::new(Mutex::new(Inner {
+                requests: HashMap::new(),
                 rv: 1000,
                 objects: BTreeMap::new(),
                 events: VecDeque::new(),
@@ -202,6 +205,16 @@ impl ApiServerDouble {
         };
         double.write_kubeconfig("kubeconfig", "test-token");
         double
+    }
+
+    /// How many requests of `method` (`GET`, `POST`, ...) the double has served.
+    pub fn requests(&self, method: &str) -> u64 {
+        self.shared
+            .lock()
+            .requests
+            .get(method)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The server's URL.
@@ -451,7 +464,8 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     {
-        let inner = shared.lock();
+        let mut inner = shared.lock();
+        *inner.requests.entry(method.to_string()).or_default() += 1;
         if let Some(token) = &inner.token {
             let auth = req
                 .headers()

@@ -244,3 +244,38 @@ async fn lists_come_page_by_page_from_one_snapshot() {
         .await;
     assert!(ok, "{}", consumer.with(|s| diff(&expected, &s.cache)));
 }
+
+/// Creating an object is one POST, and so is applying a new one: no GET before it (50,000
+/// needless 404s were seen creating 50,000 objects on a real API server). Applying over an
+/// existing object reads it and PUTs with its resourceVersion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_apply_of_a_new_object_is_one_post() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    let client = connect(&double).await;
+    let (gets, posts) = (double.requests("GET"), double.requests("POST"));
+    for i in 0..10 {
+        let kvp = KVPair::new(
+            ResourceKey::cluster("IPPool", format!("p{i}")),
+            json!({"cidr": format!("10.{i}.0.0/16")}),
+        );
+        if i % 2 == 0 {
+            client.create(kvp).await.expect("create");
+        } else {
+            client.apply(kvp).await.expect("apply");
+        }
+    }
+    assert_eq!(double.requests("GET") - gets, 0, "no GET before a POST");
+    assert_eq!(double.requests("POST") - posts, 10);
+    let updated = client
+        .apply(KVPair::new(
+            ResourceKey::cluster("IPPool", "p1"),
+            json!({"cidr": "10.99.0.0/16"}),
+        ))
+        .await
+        .expect("apply over an existing object");
+    assert_eq!(
+        updated.value.as_value().expect("json")["cidr"],
+        "10.99.0.0/16"
+    );
+    assert_eq!(double.requests("PUT"), 1);
+}

@@ -236,3 +236,70 @@ async fn a_transaction_killed_midway_is_kept_whole_or_not_at_all() {
     );
     assert_eq!(integrity_check(&db), "ok");
 }
+
+/// The owner of a lease is killed with SIGKILL: its keys go (with a Deleted event to a
+/// watcher in another process) once the lease runs out, swept by whoever uses the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_a_killed_lease_owner_expire() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("lease.db");
+    let config = test_config(&db);
+    let prefix = config.prefix.clone();
+    let mut child = Command::new(WRITER)
+        .args([
+            db.to_str().expect("utf-8 path"),
+            prefix.as_str(),
+            "5",
+            "lease",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the lease holder");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().next().and_then(Result::ok)
+    })
+    .await
+    .expect("reader");
+    assert_eq!(line.as_deref(), Some("ack lease"));
+    let backend = SqliteBackend::open(config).expect("open");
+    let list = backend
+        .list(&ListOptions::new("IPPool"))
+        .await
+        .expect("list");
+    assert_eq!(list.items.len(), 5, "the holder's keys are there");
+    let mut w = backend
+        .watch(&ListOptions::new("IPPool").with_revision(list.revision))
+        .await
+        .expect("watch");
+    // Alive past its TTL: kept alive by the holder.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        backend
+            .list(&ListOptions::new("IPPool"))
+            .await
+            .expect("list")
+            .items
+            .len(),
+        5
+    );
+    child.kill().expect("kill -9 the holder");
+    child.wait().expect("reap");
+    let mut gone = 0;
+    while gone < 5 {
+        match tokio::time::timeout(Duration::from_secs(15), w.next()).await {
+            Ok(Some(Ok(kvsync_backend::WatchEvent::Deleted { .. }))) => gone += 1,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected the lease's deletions, got {other:?}"),
+        }
+    }
+    assert!(
+        backend
+            .list(&ListOptions::new("IPPool"))
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+}

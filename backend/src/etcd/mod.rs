@@ -281,6 +281,18 @@ impl Client for EtcdBackend {
         self.txn_kvps(txn).await
     }
 
+    async fn lease_grant(&self, ttl: Duration) -> Result<crate::LeaseId> {
+        self.grant(ttl).await
+    }
+
+    async fn lease_keep_alive(&self, lease: crate::LeaseId) -> Result<Duration> {
+        self.keep_alive_once(lease).await
+    }
+
+    async fn lease_revoke(&self, lease: crate::LeaseId) -> Result<()> {
+        self.revoke(lease).await
+    }
+
     async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
         self.write_kvp(kvp, mode).await
     }

@@ -20,7 +20,8 @@ use super::convert::{Envelope, map_err};
 use super::{EtcdBackend, MAX_WRITE_RETRIES};
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::kernel::undecodable_last_value;
+use crate::kernel::{check_lease_ttl, undecodable_last_value};
+use crate::lease::LeaseId;
 use crate::txn::{Txn, TxnOp, TxnResponse, TxnResult, evaluate, prepare};
 
 impl EtcdBackend {
@@ -29,7 +30,9 @@ impl EtcdBackend {
         // Leases for the puts with a TTL, granted once (an unused one expires by itself).
         let mut leases = Vec::new();
         for (op, _, _) in prepared.then.iter().chain(&prepared.otherwise) {
-            if let TxnOp::Put(kvp) = op {
+            if let TxnOp::Put(kvp) = op
+                && kvp.ttl.is_some()
+            {
                 leases.push((kvp.key.clone(), self.lease_for(kvp.ttl).await?));
             }
         }
@@ -63,8 +66,8 @@ impl EtcdBackend {
             let mut ops = Vec::with_capacity(branch.len());
             let mut uids = Vec::with_capacity(branch.len());
             for (op, path, put) in branch {
-                match (op, put) {
-                    (TxnOp::Put(kvp), Some(put)) => {
+                match (op.put(), put) {
+                    (Some((kvp, _)), Some(put)) => {
                         // Keep the uid of what is there; one that no longer decodes is
                         // replaced under a new uid.
                         let uid = seen[&kvp.key]
@@ -73,11 +76,12 @@ impl EtcdBackend {
                             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
                         let bytes = Envelope::encode(&uid, kvp.ttl, &kvp.value)?;
                         debug_assert_eq!(put.path, *path);
-                        let opts = lease_of(&kvp.key).map(|l| PutOptions::new().with_lease(l));
+                        let lease = put.lease.map(|l| l.0).or_else(|| lease_of(&kvp.key));
+                        let opts = lease.map(|l| PutOptions::new().with_lease(l));
                         ops.push(EtcdOp::put(path.as_str(), bytes, opts));
                         uids.push(uid);
                     }
-                    (op, _) => {
+                    _ => {
                         if seen[op.key()].is_some() {
                             let opts = DeleteOptions::new().with_prev_key();
                             ops.push(EtcdOp::delete(path.as_str(), Some(opts)));
@@ -86,11 +90,21 @@ impl EtcdBackend {
                     }
                 }
             }
-            let resp = self
+            let resp = match self
                 .kv()
                 .txn(EtcdTxn::new().when(guards).and_then(ops))
                 .await
-                .map_err(map_err)?;
+            {
+                Ok(resp) => resp,
+                Err(e) if e.to_string().contains("lease not found") => {
+                    let lease = branch
+                        .iter()
+                        .find_map(|(_, _, p)| p.as_ref().and_then(|p| p.lease))
+                        .unwrap_or(LeaseId(0));
+                    return Err(Error::LeaseLost { lease });
+                }
+                Err(e) => return Err(map_err(e)),
+            };
             if !resp.succeeded() {
                 // Another writer came between the read and the write: again.
                 continue;
@@ -103,7 +117,7 @@ impl EtcdBackend {
             let mut results = Vec::with_capacity(branch.len());
             for ((op, _, _), uid) in branch.iter().zip(uids) {
                 results.push(match op {
-                    TxnOp::Put(kvp) => {
+                    TxnOp::Put(kvp) | TxnOp::PutLeased(kvp, _) => {
                         answers.next();
                         let create = seen[&kvp.key].as_ref().map_or(revision.clone(), |kv| {
                             Revision::from(kv.create_revision() as u64)
@@ -185,5 +199,53 @@ impl EtcdBackend {
                 Envelope::uid_of(kv.value()),
             )
         })
+    }
+}
+
+impl EtcdBackend {
+    pub(super) async fn grant(&self, ttl: std::time::Duration) -> Result<LeaseId> {
+        check_lease_ttl(ttl)?;
+        // etcd counts in whole seconds: round up, never shorten the lease asked for.
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let resp = self
+            .client
+            .lease_client()
+            .grant(i64::try_from(secs).unwrap_or(i64::MAX), None)
+            .await
+            .map_err(map_err)?;
+        Ok(LeaseId(resp.id()))
+    }
+
+    pub(super) async fn keep_alive_once(&self, lease: LeaseId) -> Result<std::time::Duration> {
+        // etcd-client says "lease not found" (and etcd "requested lease not found").
+        let lost = |e: etcd_client::Error| {
+            if e.to_string().contains("lease not found") {
+                Error::LeaseLost { lease }
+            } else {
+                map_err(e)
+            }
+        };
+        let (mut keeper, mut answers) = self
+            .client
+            .lease_client()
+            .keep_alive(lease.0)
+            .await
+            .map_err(lost)?;
+        keeper.keep_alive().await.map_err(lost)?;
+        match answers.message().await.map_err(lost)? {
+            Some(a) if a.ttl() > 0 => Ok(std::time::Duration::from_secs(a.ttl() as u64)),
+            Some(_) => Err(Error::LeaseLost { lease }),
+            None => Err(Error::unavailable(
+                "etcd ended a lease keep-alive without an answer",
+            )),
+        }
+    }
+
+    pub(super) async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        match self.client.lease_client().revoke(lease.0).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("lease not found") => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
     }
 }

@@ -70,8 +70,13 @@ impl KubernetesBackend {
         Err(Error::unavailable(format!("{} kept changing", kvp.key)))
     }
 
-    /// POST when absent, PUT over the current resourceVersion when present.
+    /// POST first (one request for a new object); when it exists, PUT over its current
+    /// resourceVersion (retried while others write).
     pub(super) async fn apply_object(&self, kvp: KVPair) -> Result<KVPair> {
+        match self.create_object(kvp.clone()).await {
+            Err(Error::AlreadyExists { .. }) => {}
+            other => return other,
+        }
         for _ in 0..MAX_WRITE_RETRIES {
             match self.current(&kvp.key).await? {
                 None => match self.create_object(kvp.clone()).await {

@@ -23,17 +23,19 @@ use tokio::time::Instant;
 
 use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
+use crate::kernel::check_lease_ttl;
 use crate::kernel::{
     check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, one_page,
     parse_error, push_listed, undecodable_last_value,
 };
-use crate::txn::{Txn, TxnOp, TxnResponse, TxnResult, evaluate, prepare};
+use crate::lease::LeaseId;
+use crate::txn::{Txn, TxnResponse, TxnResult, evaluate, prepare};
 use crate::watch::WatchStream;
 
 mod store;
 mod watch;
 
-use store::{LogEntry, Record, Store, parse_rev};
+use store::{LogEntry, MemLease, Record, Store, parse_rev};
 use watch::WatchState;
 
 /// How many writes the history keeps by default before compacting automatically.
@@ -175,6 +177,7 @@ impl MemoryBackend {
             uid: prev.map_or_else(new_uid, |p| p.uid),
             ttl: None,
             expires_at: None,
+            lease: None,
         };
         let rev = store.commit(path.into(), Some(rec), self.inner.history_limit);
         drop(store);
@@ -265,7 +268,7 @@ impl MemoryBackend {
             .map(|p| Revision::from(p.mod_rev));
         check_write(&kvp.key, mode, kvp.revision.as_ref(), current.as_ref())?;
         let ttl = kvp.ttl.is_some();
-        let stored = self.put_locked(&mut store, kvp, path, bytes);
+        let stored = self.put_locked(&mut store, kvp, path, bytes, None);
         let rev = store.rev;
         drop(store);
         self.wrote(rev, ttl);
@@ -274,7 +277,14 @@ impl MemoryBackend {
 
     /// Writes an encoded value over whatever `path` holds (keeping its uid and create
     /// revision), at the next revision; returns the stored pair.
-    fn put_locked(&self, store: &mut Store, kvp: KVPair, path: String, bytes: Vec<u8>) -> KVPair {
+    fn put_locked(
+        &self,
+        store: &mut Store,
+        kvp: KVPair,
+        path: String,
+        bytes: Vec<u8>,
+        lease: Option<i64>,
+    ) -> KVPair {
         let prev = store.current.get(path.as_str()).cloned();
         let uid = prev.as_ref().map_or_else(new_uid, |p| p.uid.clone());
         let rec = Record {
@@ -284,6 +294,7 @@ impl MemoryBackend {
             uid: uid.clone(),
             ttl: kvp.ttl,
             expires_at: kvp.ttl.map(|t| Instant::now() + t),
+            lease,
         };
         let rev = store.commit(path.into(), Some(rec), self.inner.history_limit);
         let create_rev = prev.as_ref().map_or(rev, |p| p.create_rev);
@@ -335,20 +346,30 @@ impl MemoryBackend {
             current.insert(c.key().clone(), kvp);
         }
         let succeeded = evaluate(&txn.compares, &current);
+        let branch = prepared.branch(succeeded);
+        // Every lease the branch writes under must hold, or nothing is written.
+        for put in branch.iter().filter_map(|(_, _, p)| p.as_ref()) {
+            if let Some(l) = put.lease
+                && !store.leases.contains_key(&l.0)
+            {
+                return Err(Error::LeaseLost { lease: l });
+            }
+        }
         let mut results = Vec::new();
         let mut ttl = false;
-        for (op, path, put) in prepared.branch(succeeded) {
-            results.push(match (op, put) {
-                (TxnOp::Put(kvp), Some(put)) => {
-                    ttl |= kvp.ttl.is_some();
+        for (op, path, put) in branch {
+            results.push(match (op.put(), put) {
+                (Some((kvp, _)), Some(put)) => {
+                    ttl |= kvp.ttl.is_some() || put.lease.is_some();
                     TxnResult::Put(self.put_locked(
                         &mut store,
                         kvp.clone(),
                         put.path.clone(),
                         put.bytes.clone(),
+                        put.lease.map(|l| l.0),
                     ))
                 }
-                (op, _) => TxnResult::Delete(self.delete_locked(&mut store, op.key(), path)),
+                _ => TxnResult::Delete(self.delete_locked(&mut store, op.key(), path)),
             });
         }
         let rev = store.rev;
@@ -381,7 +402,7 @@ impl MemoryBackend {
                     let Some(inner) = weak.upgrade() else { return };
                     let backend = MemoryBackend { inner };
                     let store = backend.lock();
-                    store.expiries.first().map(|(t, _)| *t)
+                    store.next_deadline()
                 };
                 // Wake at the next expiry, on a new TTL, or after a second to notice that the
                 // store was dropped.
@@ -435,6 +456,46 @@ impl Client for MemoryBackend {
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
         self.txn_now(&txn)
+    }
+
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId> {
+        check_lease_ttl(ttl)?;
+        let mut store = self.lock();
+        store.next_lease += 1;
+        let id = store.next_lease;
+        store.leases.insert(
+            id,
+            MemLease {
+                ttl,
+                deadline: Instant::now() + ttl,
+                keys: Default::default(),
+            },
+        );
+        drop(store);
+        self.wrote(self.revision(), true);
+        Ok(LeaseId(id))
+    }
+
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration> {
+        let mut store = self.lock();
+        let l = store
+            .leases
+            .get_mut(&lease.0)
+            .ok_or(Error::LeaseLost { lease })?;
+        l.deadline = Instant::now() + l.ttl;
+        let ttl = l.ttl;
+        drop(store);
+        self.inner.ttl_notify.notify_one();
+        Ok(ttl)
+    }
+
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<()> {
+        let mut store = self.lock();
+        store.revoke_lease(lease.0, self.inner.history_limit);
+        let rev = store.rev;
+        drop(store);
+        self.wrote(rev, false);
+        Ok(())
     }
 
     async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair> {

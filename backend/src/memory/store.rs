@@ -18,6 +18,15 @@ pub(super) struct Record {
     pub(super) uid: Arc<str>,
     pub(super) ttl: Option<Duration>,
     pub(super) expires_at: Option<Instant>,
+    /// The lease the key lives under.
+    pub(super) lease: Option<i64>,
+}
+
+/// A lease: when it runs out, its keys are deleted.
+pub(super) struct MemLease {
+    pub(super) ttl: Duration,
+    pub(super) deadline: Instant,
+    pub(super) keys: BTreeSet<Arc<str>>,
 }
 
 pub(super) struct LogEntry {
@@ -34,6 +43,8 @@ pub(super) struct Store {
     pub(super) current: BTreeMap<Arc<str>, Record>,
     pub(super) log: VecDeque<LogEntry>,
     pub(super) expiries: BTreeSet<(Instant, Arc<str>)>,
+    pub(super) leases: BTreeMap<i64, MemLease>,
+    pub(super) next_lease: i64,
 }
 
 impl Store {
@@ -63,6 +74,16 @@ impl Store {
         if let Some(t) = new.as_ref().and_then(|r| r.expires_at) {
             self.expiries.insert((t, path.clone()));
         }
+        if let Some(l) = prev.as_ref().and_then(|p| p.lease) {
+            if let Some(lease) = self.leases.get_mut(&l) {
+                lease.keys.remove(&path);
+            }
+        }
+        if let Some(l) = new.as_ref().and_then(|r| r.lease) {
+            if let Some(lease) = self.leases.get_mut(&l) {
+                lease.keys.insert(path.clone());
+            }
+        }
         self.log.push_back(LogEntry {
             rev,
             path,
@@ -77,9 +98,19 @@ impl Store {
         rev
     }
 
-    /// Deletes every key whose TTL ran out by `now`, each at its own revision.
+    /// Deletes every key whose TTL ran out by `now`, and the keys of every lease that ran out,
+    /// each at its own revision.
     pub(super) fn expire_due(&mut self, now: Instant, history_limit: usize) -> bool {
         let mut any = false;
+        let due: Vec<i64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            any |= self.revoke_lease(id, history_limit);
+        }
         while let Some((t, path)) = self.expiries.first().cloned() {
             if t > now {
                 break;
@@ -89,6 +120,27 @@ impl Store {
             any = true;
         }
         any
+    }
+
+    /// Removes a lease and deletes its keys; whether there were any.
+    pub(super) fn revoke_lease(&mut self, id: i64, history_limit: usize) -> bool {
+        let Some(lease) = self.leases.remove(&id) else {
+            return false;
+        };
+        for path in &lease.keys {
+            self.commit(path.clone(), None, history_limit);
+        }
+        !lease.keys.is_empty()
+    }
+
+    /// The earliest moment a TTL or a lease runs out.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let ttl = self.expiries.first().map(|(t, _)| *t);
+        let lease = self.leases.values().map(|l| l.deadline).min();
+        match (ttl, lease) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub(super) fn check_revision(&self, requested: u64) -> Result<()> {

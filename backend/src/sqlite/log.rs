@@ -26,6 +26,16 @@ CREATE INDEX IF NOT EXISTS kvsync_log_name_id ON kvsync_log(name, id);
 CREATE INDEX IF NOT EXISTS kvsync_log_expiry ON kvsync_log(expires_at_ms)
     WHERE expires_at_ms IS NOT NULL;
 CREATE TABLE IF NOT EXISTS kvsync_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS kvsync_leases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ttl_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kvsync_lease_keys (
+    name TEXT PRIMARY KEY,
+    lease INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS kvsync_lease_keys_lease ON kvsync_lease_keys(lease);
 ";
 
 pub(super) fn db_err(e: rusqlite::Error) -> Error {
@@ -162,6 +172,8 @@ pub(super) struct NewRow<'a> {
     pub(super) uid: &'a str,
     pub(super) value: Option<&'a [u8]>,
     pub(super) old_value: Option<&'a [u8]>,
+    /// The lease the key lives under from this row on.
+    pub(super) lease: Option<i64>,
 }
 
 impl<'a> NewRow<'a> {
@@ -183,6 +195,7 @@ impl<'a> NewRow<'a> {
             uid,
             value: Some(value),
             old_value: None,
+            lease: None,
         }
     }
 
@@ -198,6 +211,7 @@ impl<'a> NewRow<'a> {
             uid: &last.uid,
             value: None,
             old_value: last.value.as_deref(),
+            lease: None,
         }
     }
 }
@@ -210,13 +224,27 @@ pub(super) fn insert_over(
     prev: Option<&Row>,
     ttl: Option<Duration>,
     value: &[u8],
+    lease: Option<i64>,
 ) -> rusqlite::Result<(i64, String)> {
     let uid = prev.map_or_else(|| uuid::Uuid::new_v4().to_string(), |p| p.uid.clone());
-    let id = insert(conn, NewRow::write_over(name, prev, ttl, &uid, value))?;
+    let mut row = NewRow::write_over(name, prev, ttl, &uid, value);
+    row.lease = lease;
+    let id = insert(conn, row)?;
     Ok((id, uid))
 }
 
 pub(super) fn insert(conn: &Connection, row: NewRow<'_>) -> rusqlite::Result<i64> {
+    // A key belongs to the lease of its last write, if any.
+    conn.execute(
+        "DELETE FROM kvsync_lease_keys WHERE name = ?1",
+        params![row.name],
+    )?;
+    if let Some(lease) = row.lease {
+        conn.execute(
+            "INSERT INTO kvsync_lease_keys (name, lease) VALUES (?1, ?2)",
+            params![row.name, lease],
+        )?;
+    }
     let ttl_ms = row
         .ttl
         .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
@@ -244,7 +272,8 @@ pub(super) fn insert(conn: &Connection, row: NewRow<'_>) -> rusqlite::Result<i64
 pub(super) fn expire_due(conn: &mut Connection) -> rusqlite::Result<Option<i64>> {
     let now = now_ms();
     let any: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM kvsync_log WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1)",
+        "SELECT EXISTS (SELECT 1 FROM kvsync_log WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1) \
+         OR EXISTS (SELECT 1 FROM kvsync_leases WHERE expires_at_ms <= ?1)",
         [now],
         |r| r.get(0),
     )?;
@@ -265,6 +294,14 @@ pub(super) fn expire_due(conn: &mut Connection) -> rusqlite::Result<Option<i64>>
     for row in &due {
         last = Some(insert(&tx, NewRow::deletion_of(row))?);
     }
+    let leases: Vec<i64> = {
+        let mut stmt = tx.prepare("SELECT id FROM kvsync_leases WHERE expires_at_ms <= ?1")?;
+        stmt.query_map([now], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    for lease in leases {
+        last = revoke_lease(&tx, lease)?.or(last);
+    }
     // Superseded rows keep their expiry; clear it so they are not looked at again.
     tx.execute(
         "UPDATE kvsync_log SET expires_at_ms = NULL WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1",
@@ -272,4 +309,34 @@ pub(super) fn expire_due(conn: &mut Connection) -> rusqlite::Result<Option<i64>>
     )?;
     tx.commit()?;
     Ok(last)
+}
+
+/// Deletes a lease and the keys that live under it; returns the last revision written.
+pub(super) fn revoke_lease(conn: &Connection, lease: i64) -> rusqlite::Result<Option<i64>> {
+    let rows: Vec<Row> = {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {L_ROW_COLUMNS} FROM kvsync_log l JOIN kvsync_lease_keys k ON k.name = l.name \
+             WHERE k.lease = ?1 AND l.deleted = 0 \
+             AND l.id = (SELECT MAX(id) FROM kvsync_log m WHERE m.name = l.name) ORDER BY l.name"
+        ))?;
+        stmt.query_map([lease], read_row)?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let mut last = None;
+    for row in &rows {
+        last = Some(insert(conn, NewRow::deletion_of(row))?);
+    }
+    conn.execute("DELETE FROM kvsync_lease_keys WHERE lease = ?1", [lease])?;
+    conn.execute("DELETE FROM kvsync_leases WHERE id = ?1", [lease])?;
+    Ok(last)
+}
+
+/// Whether a lease is held (expired ones are removed before every write).
+pub(super) fn lease_exists(conn: &Connection, lease: i64) -> Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM kvsync_leases WHERE id = ?1)",
+        [lease],
+        |r| r.get(0),
+    )
+    .map_err(db_err)
 }

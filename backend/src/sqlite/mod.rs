@@ -28,15 +28,17 @@ use kvsync_model::{
     DeleteOptions, GetOptions, KVList, KVPair, ListOptions, ParseFailure, PathCodec, ResourceKey,
     Revision,
 };
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
+use crate::kernel::check_lease_ttl;
 use crate::kernel::{
     check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, one_page,
     parse_error, push_listed, undecodable_last_value,
 };
-use crate::txn::{Txn, TxnOp, TxnResponse, TxnResult, evaluate, prepare};
+use crate::lease::LeaseId;
+use crate::txn::{Txn, TxnResponse, TxnResult, evaluate, prepare};
 use crate::watch::WatchStream;
 
 mod config;
@@ -46,7 +48,8 @@ mod watch;
 pub use config::{Durability, SqliteConfig};
 use log::{
     L_ROW_COLUMNS, NewRow, ROW_COLUMNS, Row, SCHEMA, compact_rev, current_rev, db_err, expire_due,
-    immediate, insert, insert_over, live, prefix_end, read_row, rev, rev_of,
+    immediate, insert, insert_over, lease_exists, live, now_ms, prefix_end, read_row, rev, rev_of,
+    revoke_lease,
 };
 use watch::WatchState;
 
@@ -137,7 +140,8 @@ impl SqliteBackend {
         self.write_blocking(move |conn| {
             let tx = immediate(conn)?;
             let prev = live(&tx, &path, None)?;
-            let (id, _) = insert_over(&tx, &path, prev.as_ref(), None, &bytes).map_err(db_err)?;
+            let (id, _) =
+                insert_over(&tx, &path, prev.as_ref(), None, &bytes, None).map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             Ok(id)
         })
@@ -227,7 +231,7 @@ impl SqliteBackend {
                 let current = prev.as_ref().map(|p| rev(p.id));
                 check_write(&key2, mode, expected.as_ref(), current.as_ref())?;
                 let (id, uid) =
-                    insert_over(&tx, &path, prev.as_ref(), ttl, &bytes).map_err(db_err)?;
+                    insert_over(&tx, &path, prev.as_ref(), ttl, &bytes, None).map_err(db_err)?;
                 tx.commit().map_err(db_err)?;
                 Ok((id, prev.map_or(id, |p| p.create_revision), uid))
             })
@@ -258,13 +262,24 @@ impl SqliteBackend {
                 current.insert(c.key().clone(), kvp);
             }
             let succeeded = evaluate(&txn.compares, &current);
+            let branch = prepared.branch(succeeded);
+            // Every lease the branch writes under must hold, or nothing is written.
+            for put in branch.iter().filter_map(|(_, _, p)| p.as_ref()) {
+                if let Some(lease) = put.lease
+                    && !lease_exists(&tx, lease.0)?
+                {
+                    return Err(Error::LeaseLost { lease });
+                }
+            }
             let mut results = Vec::new();
-            for (op, path, put) in prepared.branch(succeeded) {
+            for (op, path, put) in branch {
                 let prev = live(&tx, path, None)?;
-                results.push(match (op, put) {
-                    (TxnOp::Put(kvp), Some(put)) => {
-                        let (id, uid) = insert_over(&tx, path, prev.as_ref(), kvp.ttl, &put.bytes)
-                            .map_err(db_err)?;
+                results.push(match (op.put(), put) {
+                    (Some((kvp, _)), Some(put)) => {
+                        let lease = put.lease.map(|l| l.0);
+                        let (id, uid) =
+                            insert_over(&tx, path, prev.as_ref(), kvp.ttl, &put.bytes, lease)
+                                .map_err(db_err)?;
                         TxnResult::Put(KVPair {
                             key: kvp.key.clone(),
                             value: kvp.value.clone(),
@@ -274,7 +289,7 @@ impl SqliteBackend {
                             ttl: kvp.ttl,
                         })
                     }
-                    (op, _) => TxnResult::Delete(match prev {
+                    _ => TxnResult::Delete(match prev {
                         Some(prev) => {
                             insert(&tx, NewRow::deletion_of(&prev)).map_err(db_err)?;
                             Some(Self::last_value(&codec, op.key(), &prev))
@@ -369,6 +384,47 @@ impl Client for SqliteBackend {
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
         self.txn_kvps(txn).await
+    }
+
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId> {
+        check_lease_ttl(ttl)?;
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self.write_blocking(move |conn| {
+            conn.execute(
+                "INSERT INTO kvsync_leases (ttl_ms, expires_at_ms) VALUES (?1, ?2)",
+                params![ttl_ms, now_ms().saturating_add(ttl_ms)],
+            )
+            .map_err(db_err)?;
+            Ok(LeaseId(conn.last_insert_rowid()))
+        })
+        .await
+    }
+
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<Duration> {
+        // write_blocking expires due leases first: a lease past its time is gone here.
+        self.write_blocking(move |conn| {
+            let ttl_ms: Option<i64> = conn
+                .query_row(
+                    "UPDATE kvsync_leases SET expires_at_ms = ?2 + ttl_ms WHERE id = ?1 \
+                     RETURNING ttl_ms",
+                    params![lease.0, now_ms()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            let ttl_ms = ttl_ms.ok_or(Error::LeaseLost { lease })?;
+            Ok(Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<()> {
+        self.write_blocking(move |conn| {
+            let tx = immediate(conn)?;
+            revoke_lease(&tx, lease.0).map_err(db_err)?;
+            tx.commit().map_err(db_err)
+        })
+        .await
     }
 
     async fn get(&self, key: &ResourceKey, opts: &GetOptions) -> Result<KVPair> {

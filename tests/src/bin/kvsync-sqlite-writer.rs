@@ -6,6 +6,9 @@
 //!
 //! `kvsync-sqlite-writer DB PREFIX COUNT txn` writes SEQ to all of `t-0` … `t-49` in one
 //! transaction per SEQ instead.
+//!
+//! `kvsync-sqlite-writer DB PREFIX COUNT lease` writes `l-0` … `l-(COUNT-1)` under one lease
+//! of 2 s that it keeps alive, prints `ack lease`, and then waits to be killed.
 
 use std::io::Write;
 use std::time::Duration;
@@ -20,6 +23,10 @@ async fn main() {
     let (db, prefix, count, txn) = match args.as_slice() {
         [_, db, prefix, count] => (db, prefix, count, false),
         [_, db, prefix, count, mode] if mode == "txn" => (db, prefix, count, true),
+        [_, db, prefix, count, mode] if mode == "lease" => {
+            lease_holder(db, prefix, count.parse().unwrap_or(0)).await;
+            return;
+        }
         _ => {
             eprintln!("usage: kvsync-sqlite-writer DB PREFIX COUNT [txn]");
             std::process::exit(2);
@@ -73,4 +80,27 @@ async fn main() {
             }
         }
     }
+}
+
+/// Writes `count` keys under one kept-alive lease, says so, and waits to be killed.
+async fn lease_holder(db: &str, prefix: &str, count: u64) {
+    let backend = SqliteBackend::open(
+        SqliteConfig::new(db, kvsync_model::demo::registry()).with_prefix(prefix),
+    )
+    .expect("open the database");
+    let client: std::sync::Arc<dyn Client> = std::sync::Arc::new(backend);
+    let lease = kvsync_backend::Lease::grant(client, Duration::from_secs(2))
+        .await
+        .expect("grant a lease");
+    for i in 0..count {
+        let key = ResourceKey::cluster("IPPool", format!("l-{i}"));
+        lease
+            .put(KVPair::new(key, serde_json::json!({"cidr": "10.0.0.0/16"})))
+            .await
+            .expect("write under the lease");
+    }
+    println!("ack lease");
+    lease.lost().await;
+    eprintln!("the lease was lost");
+    std::process::exit(1);
 }
