@@ -75,6 +75,19 @@ pub enum Error {
         /// The lease.
         lease: crate::LeaseId,
     },
+    /// A lock guard's write was refused because the lock is no longer held by it (its lease
+    /// expired or was revoked, and another may hold the lock now); nothing was written.
+    #[error("lock {lock:?} is no longer held by this guard; nothing was written")]
+    NotHeld {
+        /// The lock's name.
+        lock: String,
+    },
+    /// A wait ended before what it waited for came.
+    #[error("timed out: {what}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+    },
     /// The datastore refused the credentials or the operation.
     #[error("unauthorized: {message}")]
     Unauthorized {

@@ -42,6 +42,7 @@ mod kernel;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 mod lease;
+mod lock;
 pub mod memory;
 pub mod snapshot;
 #[cfg(feature = "sqlite")]
@@ -58,6 +59,7 @@ pub use faults::{Faults, FaultyClient};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::{KubernetesBackend, KubernetesConfig};
 pub use lease::{Lease, LeaseId};
+pub use lock::{LockGuard, LockOptions, lock};
 pub use memory::MemoryBackend;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteBackend, SqliteConfig};

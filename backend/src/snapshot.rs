@@ -36,7 +36,7 @@
 //! assert_eq!(saved.count, 1);
 //!
 //! let to: Arc<dyn Client> = Arc::new(MemoryBackend::new(registry));
-//! let entries = snapshot::read(&file[..]);
+//! let entries = snapshot::read(std::io::Cursor::new(file));
 //! let restored = snapshot::restore(&*to, entries, &snapshot::RestoreOptions::new()).await?;
 //! assert_eq!(restored.written, 1);
 //! assert_eq!(to.list(&ListOptions::new("Tenant")).await?.items.len(), 1);

@@ -499,7 +499,7 @@ fn compact_crds_and_demo() {
     let out = env.kvsync().arg("crds").output().unwrap();
     assert!(out.status.success());
     let text = stdout(&out);
-    assert_eq!(text.matches("kind: CustomResourceDefinition").count(), 3);
+    assert_eq!(text.matches("kind: CustomResourceDefinition").count(), 4);
     assert!(text.contains("name: networkpolicies.kvsync.dev"));
     let dir = env.dir.path().join("crds");
     let out = env

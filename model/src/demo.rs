@@ -28,12 +28,14 @@ pub fn registry() -> std::sync::Arc<Registry> {
     std::sync::Arc::new(Registry::with_demo_kinds())
 }
 
-/// Adds the demo kinds to `registry`.
+/// Adds the demo kinds to `registry`, with kvsync's own [`Lock`](crate::coordination::Lock)
+/// kind that the locks of `kvsync_backend` store their claims as.
 pub fn register(registry: &mut Registry) {
     registry
         .register::<IPPool>()
         .register::<NetworkPolicy>()
-        .register::<Node>();
+        .register::<Node>()
+        .register::<crate::coordination::Lock>();
 }
 
 /// A pool of IP addresses that workloads are given addresses from (cluster-scoped).

@@ -41,6 +41,7 @@
 //! | `derive` | yes | `#[derive(Resource)]` (the `kvsync-derive` crate) |
 //! | `demo` | no | the demo kinds [`demo::IPPool`], [`demo::NetworkPolicy`], [`demo::Node`], for examples and tests |
 
+pub mod coordination;
 pub mod crd;
 #[cfg(feature = "demo")]
 pub mod demo;

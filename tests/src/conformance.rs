@@ -1393,6 +1393,134 @@ pub async fn a_kept_lease_outlives_its_ttl_and_says_when_it_is_lost(b: &dyn Test
     }
 }
 
+/// How many claims the lock `name` has.
+async fn claims(c: &dyn Client, name: &str) -> usize {
+    c.list(&ListOptions::new("Lock").with_namespace(name))
+        .await
+        .unwrap()
+        .items
+        .len()
+}
+
+/// Waits until the lock `name` has `n` claims.
+async fn until_claims(c: &dyn Client, name: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while claims(c, name).await != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never had {n} claims"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A lock is held by one claimant at a time, served in the order of the claims, each holder
+/// with a higher fence; a wait times out and withdraws its claim; a holder whose lease is
+/// gone cannot write (nothing lands), and its successor can.
+pub async fn a_lock_serves_claims_in_order_with_rising_fences(b: &dyn TestBackend) {
+    use kvsync_backend::{LockOptions, lock};
+    let c = b.client().await.client;
+    let opts = LockOptions::new().with_ttl(Duration::from_secs(10));
+    let a = lock(c.clone(), "res", &opts.clone().with_holder("a"))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (who, n) in [("b", 2), ("c", 3)] {
+        let (c2, tx, opts) = (c.clone(), tx.clone(), opts.clone().with_holder(who));
+        tokio::spawn(async move {
+            let g = lock(c2, "res", &opts).await.unwrap();
+            tx.send((who, g)).unwrap();
+        });
+        // b claims before c does.
+        until_claims(&*c, "res", n).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.try_recv().is_err(), "nobody else holds it while a does");
+    // A wait that times out withdraws its claim.
+    let err = lock(
+        c.clone(),
+        "res",
+        &opts.clone().with_timeout(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    until_claims(&*c, "res", 3).await;
+
+    let fence_a = a.fence().as_u64().unwrap();
+    a.release().await.unwrap();
+    let (who, b_guard) = tokio::time::timeout(EVENT_TIMEOUT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(who, "b", "first come, first served");
+    let fence_b = b_guard.fence().as_u64().unwrap();
+    assert!(fence_b > fence_a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.try_recv().is_err(), "c waits while b holds it");
+    b_guard.put(pool("guarded", "10.0.0.0/16")).await.unwrap();
+
+    // b's lease is revoked behind its back (as if it paused past its TTL): c gets the lock,
+    // and b's writes no longer land.
+    c.lease_revoke(b_guard.lease_id()).await.unwrap();
+    let (who, c_guard) = tokio::time::timeout(EVENT_TIMEOUT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(who, "c");
+    assert!(c_guard.fence().as_u64().unwrap() > fence_b);
+    let err = b_guard
+        .put(pool("guarded", "10.99.0.0/16"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+    c_guard.put(pool("guarded", "10.1.0.0/16")).await.unwrap();
+    let stored = c
+        .get(&pool_key("guarded"), &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(stored.value.as_value().unwrap()["cidr"], "10.1.0.0/16");
+    drop(c_guard);
+    until_claims(&*c, "res", 0).await;
+}
+
+/// Tasks incrementing one counter under a lock, each write guarded: the count equals the
+/// increments made.
+pub async fn guarded_increments_under_a_lock_are_all_counted(b: &dyn TestBackend) {
+    use kvsync_backend::{LockOptions, lock};
+    let c = b.client().await.client;
+    let key = ResourceKey::cluster("Node", "counter");
+    c.create(KVPair::new(key.clone(), json!({"asn": 1})))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (c, key) = (c.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                let g = lock(
+                    c.clone(),
+                    "counter",
+                    &LockOptions::new().with_holder(format!("task-{t}")),
+                )
+                .await
+                .unwrap();
+                let cur = c.get(&key, &Default::default()).await.unwrap();
+                let n = cur.value.as_value().unwrap()["asn"].as_u64().unwrap();
+                g.put(KVPair::new(key.clone(), json!({"asn": n + 1})))
+                    .await
+                    .unwrap();
+                g.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let last = c.get(&key, &Default::default()).await.unwrap();
+    assert_eq!(last.value.as_value().unwrap()["asn"].as_u64(), Some(21));
+}
+
 /// Calls `$callback!` with the names of every conformance check, so that the list is written
 /// once.
 #[macro_export]
@@ -1424,6 +1552,8 @@ macro_rules! with_conformance_checks {
             snapshot_then_watch_from_its_revision_misses_nothing: Nothing,
             lease_keys_go_when_the_lease_is_revoked_or_expires: Nothing,
             a_kept_lease_outlives_its_ttl_and_says_when_it_is_lost: Leases,
+            a_lock_serves_claims_in_order_with_rising_fences: Leases,
+            guarded_increments_under_a_lock_are_all_counted: Leases,
         )
     };
 }

@@ -68,6 +68,7 @@ async fn the_real_cluster_path_runs_against_the_double() {
         double.crds(),
         [
             "ippools.kvsync.dev",
+            "locks.coordination.kvsync.dev",
             "networkpolicies.kvsync.dev",
             "nodes.kvsync.dev"
         ],
