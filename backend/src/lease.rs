@@ -178,6 +178,15 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Revokes the lease through a shared reference: no more keep-alives, lost from now on.
+    pub(crate) async fn revoke_shared(&self) -> Result<()> {
+        self.keeper.abort();
+        self.state.lost.send_replace(true);
+        self.client.lease_revoke(self.id).await
+    }
+}
+
 impl Drop for Lease {
     /// Stops the keep-alives and revokes the lease in the background (where a tokio runtime
     /// runs; else it expires after its TTL).

@@ -33,6 +33,7 @@
 //! ```
 
 mod client;
+mod election;
 mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
@@ -51,6 +52,7 @@ mod txn;
 mod watch;
 
 pub use client::{Api, Capabilities, Client, ListPages, WriteMode};
+pub use election::{Election, ElectionOptions, Leadership};
 pub use error::{BoxError, Error, Result};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdConfig};

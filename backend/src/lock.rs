@@ -293,6 +293,16 @@ impl LockGuard {
         }
     }
 
+    /// Until when the lock surely holds ([`Lease::safe_until`]).
+    pub fn safe_until(&self) -> tokio::time::Instant {
+        self.lease.safe_until()
+    }
+
+    /// Releases the lock through a shared reference (the guard is left lost).
+    pub(crate) async fn release_shared(&self) -> Result<()> {
+        self.lease.revoke_shared().await
+    }
+
     /// Releases the lock now.
     ///
     /// # Errors

@@ -1521,6 +1521,100 @@ pub async fn guarded_increments_under_a_lock_are_all_counted(b: &dyn TestBackend
     assert_eq!(last.value.as_value().unwrap()["asn"].as_u64(), Some(21));
 }
 
+/// Two candidates: one leads at a time, `observe` follows who does, the second leads once the
+/// first's work is done, with a higher fence; the first's writes are refused after its term.
+pub async fn an_election_has_one_leader_at_a_time_and_observe_follows_it(b: &dyn TestBackend) {
+    use kvsync_backend::{Election, ElectionOptions};
+    let c = b.client().await.client;
+    let options = ElectionOptions::new()
+        .with_timing(
+            Duration::from_secs(3),
+            Duration::from_secs(2),
+            Duration::from_millis(200),
+        )
+        .unwrap();
+    let a = Election::new(c.clone(), "ctl", "a", options.clone());
+    let b2 = Election::new(c.clone(), "ctl", "b", options);
+    let mut observed = a.observe();
+    assert_eq!(
+        tokio::time::timeout(EVENT_TIMEOUT, observed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        None,
+        "nobody leads yet"
+    );
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (led_tx, led_rx) = tokio::sync::oneshot::channel();
+    let slots = Arc::new(std::sync::Mutex::new((Some(led_tx), Some(done_rx))));
+    let a_task = tokio::spawn(async move {
+        a.run(|leadership| {
+            let (led_tx, done_rx) = {
+                let mut s = slots.lock().unwrap();
+                (s.0.take(), s.1.take())
+            };
+            async move {
+                if let Some(tx) = led_tx {
+                    let _ = tx.send(leadership.clone());
+                }
+                if let Some(rx) = done_rx {
+                    let _ = rx.await;
+                }
+                Ok(leadership.fence().as_u64().unwrap())
+            }
+        })
+        .await
+    });
+    let a_term = tokio::time::timeout(EVENT_TIMEOUT, led_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(EVENT_TIMEOUT, observed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        Some("a".to_owned())
+    );
+    let b_task = tokio::spawn(async move {
+        b2.run(|leadership| async move { Ok(leadership.fence().as_u64().unwrap()) })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!b_task.is_finished(), "b does not lead while a does");
+    a_term.put(pool("by-leader", "10.0.0.0/16")).await.unwrap();
+    done_tx.send(()).unwrap();
+    let fence_a = a_task.await.unwrap().unwrap();
+    let fence_b = tokio::time::timeout(EVENT_TIMEOUT, b_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(fence_b > fence_a, "the second term's fence is higher");
+    // The first term is over: its leadership's writes are refused.
+    let err = a_term
+        .put(pool("by-leader", "10.9.0.0/16"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+    // Both terms are over: observe comes to "nobody" (it may skip b's short term).
+    let mut seen = Vec::new();
+    while seen.last() != Some(&None) {
+        let who = tokio::time::timeout(EVENT_TIMEOUT, observed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push(who);
+    }
+    assert!(
+        seen.iter().flatten().all(|w| w == "b"),
+        "after a, only b led: {seen:?}"
+    );
+}
+
 /// Calls `$callback!` with the names of every conformance check, so that the list is written
 /// once.
 #[macro_export]
@@ -1554,6 +1648,7 @@ macro_rules! with_conformance_checks {
             a_kept_lease_outlives_its_ttl_and_says_when_it_is_lost: Leases,
             a_lock_serves_claims_in_order_with_rising_fences: Leases,
             guarded_increments_under_a_lock_are_all_counted: Leases,
+            an_election_has_one_leader_at_a_time_and_observe_follows_it: Leases,
         )
     };
 }
