@@ -240,3 +240,45 @@ pub(crate) fn check_lease_ttl(ttl: std::time::Duration) -> Result<()> {
     }
     Ok(())
 }
+
+/// The state of a watch that tails a revision log (memory, SQLite): the backend, the signal
+/// of new revisions, what it watches, where it is, and the events read but not yet yielded.
+/// Each backend implements reading the log on its own instantiation.
+pub(crate) struct LogTail<B, R, E> {
+    pub(crate) backend: B,
+    pub(crate) rx: tokio::sync::watch::Receiver<R>,
+    pub(crate) opts: ListOptions,
+    pub(crate) prefix: String,
+    pub(crate) after: R,
+    pub(crate) buf: std::collections::VecDeque<E>,
+}
+
+impl<B, R, E> LogTail<B, R, E> {
+    /// A tail of `backend`'s log after revision `after`, for the keys of `opts` under `prefix`.
+    pub(crate) fn new(
+        backend: B,
+        rx: tokio::sync::watch::Receiver<R>,
+        opts: &ListOptions,
+        prefix: String,
+        after: R,
+    ) -> Self {
+        LogTail {
+            backend,
+            rx,
+            opts: opts.clone(),
+            prefix,
+            after,
+            buf: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The watch stream that `next` yields, ending after its first error.
+    pub(crate) fn into_stream<F, Fut>(self, next: F) -> crate::watch::WatchStream
+    where
+        Self: Send + 'static,
+        F: FnMut(Self) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Option<(Result<WatchEvent>, Self)>> + Send + 'static,
+    {
+        fuse_after_error(futures::stream::unfold(self, next))
+    }
+}

@@ -17,6 +17,24 @@ use kvsync_tests::syncer_model::{self, ModelConfig};
 
 const WRITER: &str = env!("CARGO_BIN_EXE_kvsync-sqlite-writer");
 
+/// Starts the writer process on `db` under `prefix` with `args` (COUNT and a mode), its
+/// standard output piped.
+fn start_writer(
+    db: &std::path::Path,
+    prefix: &str,
+    args: &[&str],
+) -> (std::process::Child, std::process::ChildStdout) {
+    let mut child = Command::new(WRITER)
+        .arg(db.to_str().expect("utf-8 path"))
+        .arg(prefix)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the writer");
+    let stdout = child.stdout.take().expect("stdout");
+    (child, stdout)
+}
+
 fn seq_of(value: &serde_json::Value) -> Option<u64> {
     let cidr = value["cidr"].as_str()?;
     let mut parts = cidr.split('.');
@@ -97,16 +115,7 @@ async fn every_acknowledged_write_survives_kill_9_of_the_writer() {
     let writer_prefix = prefix.clone();
     let db2 = db.clone();
     let acked: BTreeMap<String, u64> = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(WRITER)
-            .args([
-                db2.to_str().expect("utf-8 path"),
-                prefix.as_str(),
-                "1000000",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the writer");
-        let stdout = child.stdout.take().expect("stdout");
+        let (mut child, stdout) = start_writer(&db2, &prefix, &["1000000"]);
         let mut lines = BufReader::new(stdout).lines();
         let mut acked = BTreeMap::new();
         let mut n = 0;
@@ -179,17 +188,7 @@ async fn a_transaction_killed_midway_is_kept_whole_or_not_at_all() {
     let prefix = config.prefix.clone();
     let db2 = db.clone();
     let last_acked: u64 = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(WRITER)
-            .args([
-                db2.to_str().expect("utf-8 path"),
-                prefix.as_str(),
-                "1000000",
-                "txn",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the writer");
-        let stdout = child.stdout.take().expect("stdout");
+        let (mut child, stdout) = start_writer(&db2, &prefix, &["1000000", "txn"]);
         let mut last = None;
         // Let it commit a while, then SIGKILL it (by pid), most likely inside a transaction.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -246,17 +245,7 @@ async fn keys_of_a_killed_lease_owner_expire() {
     let db = dir.path().join("lease.db");
     let config = test_config(&db);
     let prefix = config.prefix.clone();
-    let mut child = Command::new(WRITER)
-        .args([
-            db.to_str().expect("utf-8 path"),
-            prefix.as_str(),
-            "5",
-            "lease",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the lease holder");
-    let stdout = child.stdout.take().expect("stdout");
+    let (mut child, stdout) = start_writer(&db, &prefix, &["5", "lease"]);
     let line = tokio::task::spawn_blocking(move || {
         BufReader::new(stdout).lines().next().and_then(Result::ok)
     })

@@ -7,7 +7,7 @@
 //!
 //! Use it for tests, examples and single-process programs; nothing is persisted.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -25,8 +25,8 @@ use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::check_lease_ttl;
 use crate::kernel::{
-    check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, one_page,
-    parse_error, push_listed, undecodable_last_value,
+    check_delete, check_write, decode_entry, encode_for_write, one_page, parse_error, push_listed,
+    undecodable_last_value,
 };
 use crate::lease::LeaseId;
 use crate::txn::{Txn, TxnResponse, TxnResult, evaluate, prepare};
@@ -540,18 +540,8 @@ impl Client for MemoryBackend {
             None => store.rev,
         };
         drop(store);
-        let state = WatchState {
-            backend: self.clone(),
-            rx: self.inner.rev_tx.subscribe(),
-            opts: opts.clone(),
-            prefix,
-            after,
-            buf: VecDeque::new(),
-        };
-        Ok(fuse_after_error(futures::stream::unfold(
-            state,
-            WatchState::next,
-        )))
+        let rx = self.inner.rev_tx.subscribe();
+        Ok(WatchState::new(self.clone(), rx, opts, prefix, after).into_stream(WatchState::next))
     }
     async fn clean(&self) -> Result<()> {
         let prefix = format!("{}/", self.inner.codec.prefix());

@@ -1,27 +1,16 @@
 //! Watches: read the revision log after a revision, in chunks, as writes wake them.
 
-use std::collections::VecDeque;
-
-use kvsync_model::ListOptions;
-use tokio::sync::watch;
-
 use super::MemoryBackend;
 use super::store::LogEntry;
 use crate::error::{Error, Result};
-use crate::kernel::put_event;
+use crate::kernel::{LogTail, put_event};
 use crate::watch::WatchEvent;
 
 /// How many history entries a watch reads per lock.
 const WATCH_CHUNK: usize = 512;
 
-pub(super) struct WatchState {
-    pub(super) backend: MemoryBackend,
-    pub(super) rx: watch::Receiver<u64>,
-    pub(super) opts: ListOptions,
-    pub(super) prefix: String,
-    pub(super) after: u64,
-    pub(super) buf: VecDeque<WatchEvent>,
-}
+/// A watch of the memory store: its log tailed from a revision.
+pub(super) type WatchState = LogTail<MemoryBackend, u64, WatchEvent>;
 
 impl WatchState {
     pub(super) async fn next(mut self) -> Option<(Result<WatchEvent>, Self)> {

@@ -34,8 +34,8 @@ use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
 use crate::kernel::check_lease_ttl;
 use crate::kernel::{
-    check_delete, check_write, decode_entry, encode_for_write, fuse_after_error, one_page,
-    parse_error, push_listed, undecodable_last_value,
+    check_delete, check_write, decode_entry, encode_for_write, one_page, parse_error, push_listed,
+    undecodable_last_value,
 };
 use crate::lease::LeaseId;
 use crate::txn::{Txn, TxnResponse, TxnResult, evaluate, prepare};
@@ -502,18 +502,8 @@ impl Client for SqliteBackend {
                 }
             })
             .await?;
-        let state = WatchState {
-            backend: self.clone(),
-            rx: self.inner.rev_tx.subscribe(),
-            opts: opts.clone(),
-            prefix,
-            after,
-            buf: std::collections::VecDeque::new(),
-        };
-        Ok(fuse_after_error(futures::stream::unfold(
-            state,
-            WatchState::next,
-        )))
+        let rx = self.inner.rev_tx.subscribe();
+        Ok(WatchState::new(self.clone(), rx, opts, prefix, after).into_stream(WatchState::next))
     }
 
     async fn clean(&self) -> Result<()> {

@@ -1,27 +1,21 @@
 //! Watches: read the log after a revision, woken by this process's writes and polling for
 //! other processes'.
 
-use kvsync_model::{KVPair, ListOptions, PathCodec};
+use kvsync_model::{KVPair, PathCodec};
 use rusqlite::params;
-use tokio::sync::watch;
 
 use super::SqliteBackend;
 use super::log::{ROW_COLUMNS, Row, compact_rev, current_rev, db_err, prefix_end, read_row, rev};
 use crate::error::{Error, Result};
-use crate::kernel::{decode_entry, put_event};
+use crate::kernel::{LogTail, decode_entry, put_event};
 use crate::watch::WatchEvent;
 
 /// How many log rows a watch reads per query.
 const WATCH_CHUNK: i64 = 512;
 
-pub(super) struct WatchState {
-    pub(super) backend: SqliteBackend,
-    pub(super) rx: watch::Receiver<i64>,
-    pub(super) opts: ListOptions,
-    pub(super) prefix: String,
-    pub(super) after: i64,
-    pub(super) buf: std::collections::VecDeque<Result<WatchEvent>>,
-}
+/// A watch of the database: its log tailed from a revision, polled for other processes'
+/// writes.
+pub(super) type WatchState = LogTail<SqliteBackend, i64, Result<WatchEvent>>;
 
 impl WatchState {
     pub(super) async fn next(mut self) -> Option<(Result<WatchEvent>, Self)> {
