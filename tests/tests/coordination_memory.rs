@@ -35,7 +35,7 @@ async fn worker(
     landed: Landed,
     refused: Arc<Mutex<u64>>,
 ) {
-    let mut rng = Rng(seed ^ (id as u64 + 1) * 0x9E37_79B9);
+    let mut rng = Rng(seed ^ ((id as u64 + 1) * 0x9E37_79B9));
     let key = ResourceKey::cluster("Node", "counter");
     let opts = LockOptions::new()
         .with_ttl(Duration::from_secs(10))
