@@ -139,23 +139,22 @@ async fn main() {
                 .await
                 .expect("connect"),
         );
-        let mut kv = raw.kv_client();
-        for chunk in (0..keys).collect::<Vec<_>>().chunks(500) {
-            let mut puts = Vec::new();
-            for i in chunk {
-                let value = serde_json::json!({"u": "00000000-0000-0000-0000-000000000000", "v": {
-                    "cidr": format!("10.{}.{}.0/24", (i / 256) % 256, i % 256),
-                    "blockSize": 26, "natOutgoing": true}});
-                puts.push(etcd_client::TxnOp::put(
-                    format!("/bench/snap-src/ippools/pool-{i:07}"),
-                    value.to_string(),
-                    None,
-                ));
-            }
-            kv.txn(etcd_client::Txn::new().and_then(puts))
+        // Written through kvsync, so that the values are in its envelope; 128 a transaction.
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(128) {
+            let puts = chunk.iter().map(|i| {
+                kvsync_backend::TxnOp::Put(kvsync_model::KVPair::new(
+                    kvsync_model::ResourceKey::cluster("IPPool", format!("pool-{i:07}")),
+                    serde_json::json!({
+                        "cidr": format!("10.{}.{}.0/24", (i / 256) % 256, i % 256),
+                        "blockSize": 26, "natOutgoing": true}),
+                ))
+            });
+            source
+                .txn(kvsync_backend::Txn::new().and_then(puts))
                 .await
                 .expect("seed");
         }
+        let mut kv = raw.kv_client();
         let rss0 = peak_rss_mib();
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("snap.jsonl");

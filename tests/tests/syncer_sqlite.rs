@@ -292,3 +292,28 @@ async fn keys_of_a_killed_lease_owner_expire() {
             .is_empty()
     );
 }
+
+/// Several processes (here: connections on threads) opening one new database file at the
+/// same moment all succeed: switching it to WAL and making its schema do not race.
+#[test]
+fn many_openers_of_a_new_file_at_once_all_succeed() {
+    for round in 0..10 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join(format!("race-{round}.db"));
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (db, barrier) = (db.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    SqliteBackend::open(test_config(&db)).map(|_| ())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join()
+                .expect("opener")
+                .expect("every opener of a new file succeeds");
+        }
+    }
+}

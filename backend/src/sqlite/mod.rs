@@ -93,7 +93,7 @@ impl SqliteBackend {
                 source: Some(Box::new(e)),
             })?;
         }
-        let open = |write: bool| -> Result<Connection> {
+        let open_once = |write: bool| -> Result<Connection> {
             let conn = Connection::open(&config.path).map_err(db_err)?;
             conn.busy_timeout(config.busy_timeout).map_err(db_err)?;
             conn.pragma_update(None, "journal_mode", "WAL")
@@ -105,9 +105,28 @@ impl SqliteBackend {
             conn.pragma_update(None, "synchronous", sync)
                 .map_err(db_err)?;
             if write {
-                conn.execute_batch(SCHEMA).map_err(db_err)?;
+                // One immediate transaction: the busy handler applies, and processes opening
+                // a new file at once do not race on its schema.
+                conn.execute_batch(&format!("BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;"))
+                    .map_err(db_err)?;
             }
             Ok(conn)
+        };
+        // Switching a new file to WAL takes a lock that SQLite's busy handler does not wait
+        // for: when another process is opening the same file, try again until the busy
+        // timeout.
+        let open = |write: bool| -> Result<Connection> {
+            let deadline = std::time::Instant::now() + config.busy_timeout;
+            loop {
+                match open_once(write) {
+                    Err(Error::Unavailable { message, .. })
+                        if message.contains("locked") && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    other => return other,
+                }
+            }
         };
         let writer = open(true)?;
         let reader = open(false)?;
