@@ -15,6 +15,10 @@ use kvsync_tests::sqlite::test_config;
 
 const ELECTOR: &str = env!("CARGO_BIN_EXE_kvsync-elector");
 
+/// The two tests run one after the other: each measures time with processes of its own, and
+/// the failover bound should not depend on the other's load.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A candidate process whose lines arrive on a channel as (identity, line).
 struct Candidate {
     child: Child,
@@ -132,6 +136,7 @@ fn assert_one_leader_at_a_time(fences: &[u64]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_within_lease_plus_retry() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("election.db");
     let prefix = test_config(&db).prefix.clone();
@@ -163,6 +168,7 @@ async fn a_killed_leader_is_replaced_within_lease_plus_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_learns_it_lost_and_none_of_its_writes_lands_late() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("election.db");
     let prefix = test_config(&db).prefix.clone();
