@@ -95,11 +95,13 @@ use kvsync_model::{KVPair, ListOptions, Resource};
 
 mod callbacks;
 mod driver;
+mod shared;
 mod state;
 mod status;
 
 pub use callbacks::SyncerCallbacks;
 pub use driver::{Backoff, RetryPolicy, SyncerHandle, SyncerStream};
+pub use shared::{SharedObserver, SharedStore};
 pub use status::{SyncStatus, SyncerEvent, Update, UpdateType};
 
 /// The default ratio of tracked keys to missed revisions below which a Syncer resumes its
