@@ -262,20 +262,18 @@ impl MemoryBackend {
     fn write_now(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
         let (path, bytes) = encode_for_write(&self.inner.codec, &kvp)?;
         let mut store = self.lock();
-        let current = store
-            .current
-            .get(path.as_str())
-            .map(|p| Revision::from(p.mod_rev));
+        let prev = store.current.get(path.as_str()).cloned();
+        let current = prev.as_ref().map(|p| Revision::from(p.mod_rev));
         check_write(&kvp.key, mode, kvp.revision.as_ref(), current.as_ref())?;
         let ttl = kvp.ttl.is_some();
-        let stored = self.put_locked(&mut store, kvp, path, bytes, None);
+        let stored = self.put_locked(&mut store, kvp, path, bytes, None, prev);
         let rev = store.rev;
         drop(store);
         self.wrote(rev, ttl);
         Ok(stored)
     }
 
-    /// Writes an encoded value over whatever `path` holds (keeping its uid and create
+    /// Writes an encoded value over `prev`, what `path` holds (keeping its uid and create
     /// revision), at the next revision; returns the stored pair.
     fn put_locked(
         &self,
@@ -284,8 +282,8 @@ impl MemoryBackend {
         path: String,
         bytes: Vec<u8>,
         lease: Option<i64>,
+        prev: Option<Record>,
     ) -> KVPair {
-        let prev = store.current.get(path.as_str()).cloned();
         let uid = prev.as_ref().map_or_else(new_uid, |p| p.uid.clone());
         let rec = Record {
             value: bytes.into(),
@@ -361,12 +359,14 @@ impl MemoryBackend {
             results.push(match (op.put(), put) {
                 (Some((kvp, _)), Some(put)) => {
                     ttl |= kvp.ttl.is_some() || put.lease.is_some();
+                    let prev = store.current.get(path.as_str()).cloned();
                     TxnResult::Put(self.put_locked(
                         &mut store,
                         kvp.clone(),
                         put.path.clone(),
                         put.bytes.clone(),
                         put.lease.map(|l| l.0),
+                        prev,
                     ))
                 }
                 _ => TxnResult::Delete(self.delete_locked(&mut store, op.key(), path)),
