@@ -134,7 +134,7 @@ pub async fn lock(client: Arc<dyn Client>, name: &str, opts: &LockOptions) -> Re
     let fence = claim
         .create_revision
         .ok_or_else(|| Error::unavailable("a lock claim came back without a revision"))?;
-    let wait = wait_for_turn(&*client, name, &key, &fence, &lease);
+    let wait = wait_for_turn(&*client, name, &key, &lease);
     match opts.timeout {
         None => wait.await?,
         Some(t) => match tokio::time::timeout(t, wait).await {
@@ -168,7 +168,6 @@ async fn wait_for_turn(
     client: &dyn Client,
     name: &str,
     mine: &ResourceKey,
-    fence: &Revision,
     lease: &Lease,
 ) -> Result<()> {
     let opts = ListOptions::new(Lock::KIND).with_namespace(name);
@@ -199,7 +198,6 @@ async fn wait_for_turn(
                 () = lease.lost() => return Err(Error::LeaseLost { lease: lease.id() }),
             }
         }
-        let _ = fence;
     }
 }
 

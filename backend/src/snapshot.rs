@@ -297,7 +297,7 @@ pub async fn save<W: AsyncWrite + Unpin>(
 /// Reads a snapshot file's entries, line by line, checking that it starts with a header of a
 /// version this crate reads and ends with its end entry (else it was cut short).
 pub fn read<R: AsyncBufRead + Unpin + Send + 'static>(input: R) -> SnapshotStream {
-    let lines = tokio_lines(input);
+    let lines = input.lines();
     futures::stream::unfold(
         (lines, 0u64, false, false),
         |(mut lines, n, started, done)| async move {
@@ -314,8 +314,7 @@ pub fn read<R: AsyncBufRead + Unpin + Send + 'static>(input: R) -> SnapshotStrea
                 Ok(None) => Err(bad(0, "the file is empty".into())),
                 Ok(Some(line)) => match serde_json::from_str::<SnapshotEntry>(&line) {
                     Err(e) => Err(bad(n + 1, format!("not a snapshot entry: {e}"))),
-                    Ok(SnapshotEntry::Header(h)) if n > 0 => {
-                        let _ = h;
+                    Ok(SnapshotEntry::Header(_)) if n > 0 => {
                         Err(bad(n + 1, "a second header".into()))
                     }
                     Ok(SnapshotEntry::Header(h)) if h.kvsync_snapshot != FORMAT_VERSION => {
@@ -337,10 +336,6 @@ pub fn read<R: AsyncBufRead + Unpin + Send + 'static>(input: R) -> SnapshotStrea
         },
     )
     .boxed()
-}
-
-fn tokio_lines<R: AsyncBufRead + Unpin>(input: R) -> tokio::io::Lines<R> {
-    input.lines()
 }
 
 /// How [`restore`] treats keys that exist already.
@@ -449,10 +444,15 @@ pub async fn restore_with_progress(
         registry.kind(kind)?;
     }
     if opts.existing == Existing::Refuse {
+        // Stops at the first item found: a full kind is not read to the end.
         for kind in &header.kinds {
-            let list = client.list(&ListOptions::new(kind.as_str())).await?;
-            if let Some(first) = list.items.first().map(|k| k.key.clone()) {
-                return Err(Error::AlreadyExists { key: first });
+            let mut pages = client.list_pages(&ListOptions::new(kind.as_str())).await?;
+            while let Some(page) = pages.try_next().await? {
+                if let Some(first) = page.items.first() {
+                    return Err(Error::AlreadyExists {
+                        key: first.key.clone(),
+                    });
+                }
             }
         }
     }
@@ -482,15 +482,16 @@ pub async fn restore_with_progress(
                 }
                 summary.read += 1;
                 let kvp = KVPair::new(item.key(), item.value);
-                // Validated now, so that a bad item fails the restore before anything is
-                // written where it is one transaction, and before its batch elsewhere.
-                crate::kernel::encode_for_write(client.codec(), &kvp)?;
                 if atomic {
+                    // The transaction validates every item before anything is written.
                     if opts.existing == Existing::Refuse {
                         txn = txn.when([Compare::Absent(kvp.key.clone())]);
                     }
                     txn = txn.and_then([TxnOp::Put(kvp)]);
                 } else {
+                    // Validated now, so that a bad item fails the restore before its batch
+                    // is written (key by key where the target has no transactions).
+                    crate::kernel::encode_for_write(client.codec(), &kvp)?;
                     batch.push(kvp);
                     if batch.len() == BATCH {
                         write_batch(client, std::mem::take(&mut batch), opts, &mut summary).await?;

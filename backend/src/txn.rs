@@ -215,7 +215,6 @@ pub struct TxnResponse {
 
 /// A put of a transaction, validated and encoded.
 pub(crate) struct EncodedPut {
-    pub(crate) path: String,
     pub(crate) bytes: Vec<u8>,
     pub(crate) lease: Option<LeaseId>,
 }
@@ -299,7 +298,7 @@ pub(crate) fn prepare(
                             ));
                         }
                         let (path, bytes) = encode_for_write(codec, kvp)?;
-                        (path.clone(), Some(EncodedPut { path, bytes, lease }))
+                        (path, Some(EncodedPut { bytes, lease }))
                     }
                     None => {
                         codec.validate(op.key())?;

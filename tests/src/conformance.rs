@@ -57,6 +57,11 @@ fn rev_num(r: &Option<Revision>) -> Option<u64> {
     r.as_ref().and_then(Revision::as_u64)
 }
 
+/// How many keys of `kind` the client lists.
+async fn count(c: &dyn Client, kind: &str) -> usize {
+    c.list(&ListOptions::new(kind)).await.unwrap().items.len()
+}
+
 fn names(items: &[KVPair]) -> Vec<String> {
     items.iter().map(|k| k.key.name.clone()).collect()
 }
@@ -919,14 +924,7 @@ pub async fn clean_removes_only_the_clients_keys(b: &dyn TestBackend) {
             .items
             .is_empty()
     );
-    assert_eq!(
-        c2.list(&ListOptions::new("IPPool"))
-            .await
-            .unwrap()
-            .items
-            .len(),
-        1
-    );
+    assert_eq!(count(&*c2, "IPPool").await, 1);
 }
 
 /// The client is usable as `Arc<dyn Client>` across tasks.
@@ -941,14 +939,7 @@ pub async fn client_is_shareable_across_tasks(b: &dyn TestBackend) {
     for h in handles {
         h.await.unwrap().unwrap();
     }
-    assert_eq!(
-        c.list(&ListOptions::new("IPPool"))
-            .await
-            .unwrap()
-            .items
-            .len(),
-        8
-    );
+    assert_eq!(count(&*c, "IPPool").await, 8);
 }
 
 /// A transaction applies the branch its compares choose, all of it, in one step: the right
@@ -1060,14 +1051,7 @@ pub async fn txn_applies_the_chosen_branch_atomically(b: &dyn TestBackend) {
         .await
         .unwrap();
     assert!(!unchanged.succeeded && unchanged.results.is_empty());
-    assert_eq!(
-        c.list(&ListOptions::new("IPPool"))
-            .await
-            .unwrap()
-            .items
-            .len(),
-        3
-    );
+    assert_eq!(count(&*c, "IPPool").await, 3);
 }
 
 /// Transactions that race on one counter, each incrementing it under a revision compare:

@@ -134,62 +134,101 @@ fn assert_one_leader_at_a_time(fences: &[u64]) {
     );
 }
 
+/// Two candidates on a new database, once one of them leads and has written.
+struct TwoCandidates {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    prefix: String,
+    rx: mpsc::Receiver<(&'static str, String)>,
+    a: Candidate,
+    b: Candidate,
+    /// Who leads, and its term's fence.
+    leader: &'static str,
+    first: u64,
+}
+
+impl TwoCandidates {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("election.db");
+        let prefix = test_config(&db).prefix.clone();
+        let (tx, rx) = mpsc::channel();
+        let a = Candidate::start(&db, &prefix, "a", tx.clone());
+        let b = Candidate::start(&db, &prefix, "b", tx);
+        let (leader, line, _) = wait_for(&rx, None, "leading", Duration::from_secs(15));
+        wait_for(&rx, Some(leader), "wrote", Duration::from_secs(5));
+        TwoCandidates {
+            _dir: dir,
+            db,
+            prefix,
+            rx,
+            a,
+            b,
+            leader,
+            first: fence_of(&line),
+        }
+    }
+
+    /// The leader's process, and who the other is.
+    fn leader_and_other(&mut self) -> (&mut Candidate, &'static str) {
+        if self.leader == "a" {
+            (&mut self.a, "b")
+        } else {
+            (&mut self.b, "a")
+        }
+    }
+
+    /// Ends both processes, then checks that no older term's write landed after a newer one's.
+    async fn finish(self) {
+        let TwoCandidates {
+            a,
+            b,
+            db,
+            prefix,
+            _dir,
+            ..
+        } = self;
+        drop((a, b));
+        assert_one_leader_at_a_time(&term_history(&db, &prefix).await);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_within_lease_plus_retry() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("election.db");
-    let prefix = test_config(&db).prefix.clone();
-    let (tx, rx) = mpsc::channel();
-    let mut a = Candidate::start(&db, &prefix, "a", tx.clone());
-    let mut b = Candidate::start(&db, &prefix, "b", tx);
-    let (leader, line, _) = wait_for(&rx, None, "leading", Duration::from_secs(15));
-    let first = fence_of(&line);
-    wait_for(&rx, Some(leader), "wrote", Duration::from_secs(5));
-    let (killed, other) = if leader == "a" {
-        (&mut a, "b")
-    } else {
-        (&mut b, "a")
-    };
+    let mut run = TwoCandidates::start();
+    let first = run.first;
+    let (killed, other) = run.leader_and_other();
     let t0 = Instant::now();
     killed.child.kill().expect("kill -9 the leader");
     killed.child.wait().expect("reap");
-    let (_, line, at) = wait_for(&rx, Some(other), "leading", Duration::from_secs(10));
+    let (_, line, at) = wait_for(&run.rx, Some(other), "leading", Duration::from_secs(10));
     let failover = at - t0;
     assert!(
         failover <= Duration::from_millis(2000 + 300 + 1000),
         "a new leader after {failover:?} (lease 2 s + retry 0.3 s + 1 s)"
     );
     assert!(fence_of(&line) > first, "the new term's fence is higher");
-    wait_for(&rx, Some(other), "wrote", Duration::from_secs(5));
-    drop((a, b));
-    assert_one_leader_at_a_time(&term_history(&db, &prefix).await);
+    wait_for(&run.rx, Some(other), "wrote", Duration::from_secs(5));
+    run.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_learns_it_lost_and_none_of_its_writes_lands_late() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("election.db");
-    let prefix = test_config(&db).prefix.clone();
-    let (tx, rx) = mpsc::channel();
-    let a = Candidate::start(&db, &prefix, "a", tx.clone());
-    let b = Candidate::start(&db, &prefix, "b", tx);
-    let (leader, line, _) = wait_for(&rx, None, "leading", Duration::from_secs(15));
-    let first = fence_of(&line);
-    wait_for(&rx, Some(leader), "wrote", Duration::from_secs(5));
-    let (paused, other) = if leader == "a" { (&a, "b") } else { (&b, "a") };
+    let mut run = TwoCandidates::start();
+    let (leader, first) = (run.leader, run.first);
+    let (paused, other) = run.leader_and_other();
     paused.signal("-STOP");
     // Twice the lease: the other takes over and writes.
-    let (_, line, _) = wait_for(&rx, Some(other), "leading", Duration::from_secs(10));
+    let (_, line, _) = wait_for(&run.rx, Some(other), "leading", Duration::from_secs(10));
     assert!(fence_of(&line) > first);
-    wait_for(&rx, Some(other), "wrote", Duration::from_secs(5));
+    wait_for(&run.rx, Some(other), "wrote", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(4));
-    paused.signal("-CONT");
+    run.leader_and_other().0.signal("-CONT");
     // Woken, it learns that it lost (its renew deadline passed long ago).
-    let (_, line, _) = wait_for(&rx, Some(leader), "stopped", Duration::from_secs(5));
+    let (_, line, _) = wait_for(&run.rx, Some(leader), "stopped", Duration::from_secs(5));
     assert_eq!(fence_of(&line), first);
     std::thread::sleep(Duration::from_millis(500));
-    drop((a, b));
-    assert_one_leader_at_a_time(&term_history(&db, &prefix).await);
+    run.finish().await;
 }

@@ -75,7 +75,6 @@ impl EtcdBackend {
                             .and_then(|kv| Envelope::uid_of(kv.value()))
                             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
                         let bytes = Envelope::encode(&uid, kvp.ttl, &kvp.value)?;
-                        debug_assert_eq!(put.path, *path);
                         let lease = put.lease.map(|l| l.0).or_else(|| lease_of(&kvp.key));
                         let opts = lease.map(|l| PutOptions::new().with_lease(l));
                         ops.push(EtcdOp::put(path.as_str(), bytes, opts));

@@ -363,7 +363,7 @@ impl MemoryBackend {
                     TxnResult::Put(self.put_locked(
                         &mut store,
                         kvp.clone(),
-                        put.path.clone(),
+                        path.clone(),
                         put.bytes.clone(),
                         put.lease.map(|l| l.0),
                         prev,
@@ -472,7 +472,9 @@ impl Client for MemoryBackend {
             },
         );
         drop(store);
-        self.wrote(self.revision(), true);
+        // The sweeper expires the lease when nobody renews it.
+        self.start_sweeper();
+        self.inner.ttl_notify.notify_one();
         Ok(LeaseId(id))
     }
 

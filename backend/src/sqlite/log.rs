@@ -234,25 +234,23 @@ pub(super) fn insert_over(
 }
 
 pub(super) fn insert(conn: &Connection, row: NewRow<'_>) -> rusqlite::Result<i64> {
-    // A key belongs to the lease of its last write, if any.
-    conn.execute(
-        "DELETE FROM kvsync_lease_keys WHERE name = ?1",
-        params![row.name],
-    )?;
+    // A key belongs to the lease of its last write, if any. Every write runs these, so the
+    // statements are prepared once per connection.
+    conn.prepare_cached("DELETE FROM kvsync_lease_keys WHERE name = ?1")?
+        .execute(params![row.name])?;
     if let Some(lease) = row.lease {
-        conn.execute(
-            "INSERT INTO kvsync_lease_keys (name, lease) VALUES (?1, ?2)",
-            params![row.name, lease],
-        )?;
+        conn.prepare_cached("INSERT INTO kvsync_lease_keys (name, lease) VALUES (?1, ?2)")?
+            .execute(params![row.name, lease])?;
     }
     let ttl_ms = row
         .ttl
         .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX));
     let expires = ttl_ms.map(|t| now_ms().saturating_add(t.max(1)));
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO kvsync_log (name, created, deleted, create_revision, prev_revision, \
          expires_at_ms, ttl_ms, uid, value, old_value) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        params![
+    )?
+    .execute(params![
             row.name,
             i64::from(row.created),
             i64::from(row.deleted),
@@ -263,8 +261,7 @@ pub(super) fn insert(conn: &Connection, row: NewRow<'_>) -> rusqlite::Result<i64
             row.uid,
             row.value,
             row.old_value
-        ],
-    )?;
+    ])?;
     Ok(conn.last_insert_rowid())
 }
 
