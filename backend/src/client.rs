@@ -78,6 +78,10 @@ pub struct Capabilities {
     /// ([`TxnOp::PutLeased`](crate::TxnOp::PutLeased)) and [`Lease`](crate::Lease). Not on
     /// Kubernetes, whose objects cannot carry a lease.
     pub leases: bool,
+    /// [`lock`](crate::lock) and [`Election`](crate::Election) work: built from leases and
+    /// transactions (memory, SQLite, etcd), or over lock records
+    /// ([`Client::lock_records`]: Kubernetes Leases).
+    pub locks: bool,
 }
 
 impl Capabilities {
@@ -94,6 +98,7 @@ impl Capabilities {
             transactions: false,
             max_txn_ops: None,
             leases: false,
+            locks: false,
         }
     }
 
@@ -112,6 +117,7 @@ impl Capabilities {
             transactions: true,
             max_txn_ops: None,
             leases: true,
+            locks: true,
         }
     }
 
@@ -168,6 +174,13 @@ impl Capabilities {
     #[must_use]
     pub fn with_leases(mut self, yes: bool) -> Self {
         self.leases = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::locks`].
+    #[must_use]
+    pub fn with_locks(mut self, yes: bool) -> Self {
+        self.locks = yes;
         self
     }
 
@@ -442,6 +455,14 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Where this datastore keeps each lock in one record (Kubernetes: a
+    /// coordination.k8s.io/v1 Lease object) rather than building locks from leases and
+    /// transactions: its records, for [`lock`](crate::lock) and
+    /// [`Election`](crate::Election). `None` (the default) for the others.
+    fn lock_records(&self) -> Option<&dyn crate::LockRecords> {
+        None
+    }
+
     /// Drops the history before `revision` ([`Capabilities::compaction`]): reads and watches
     /// from older revisions then fail with [`Error::Compacted`].
     ///
@@ -581,6 +602,10 @@ macro_rules! delegate_client {
             async fn lease_revoke(&self, lease: $crate::LeaseId) -> $crate::Result<()> {
                 let $this = self;
                 $crate::Client::lease_revoke($inner, lease).await
+            }
+            fn lock_records(&self) -> ::core::option::Option<&dyn $crate::LockRecords> {
+                let $this = self;
+                $crate::Client::lock_records($inner)
             }
         }
     };

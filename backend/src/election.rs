@@ -179,7 +179,8 @@ impl Election {
         loop {
             let opts = LockOptions::new()
                 .with_ttl(self.options.lease_duration)
-                .with_holder(self.identity.clone());
+                .with_holder(self.identity.clone())
+                .with_renew_every(self.options.retry_period);
             let guard = match lock(self.client.clone(), &self.name, &opts).await {
                 Ok(g) => g,
                 Err(e @ (Error::Invalid { .. } | Error::Unsupported { .. })) => return Err(e),
@@ -244,7 +245,13 @@ impl Election {
     }
 
     /// The identity of the leader, each time it changes (`None` while nobody leads).
+    ///
+    /// Where the lock is a record (Kubernetes Leases) the record is read every retry period,
+    /// as client-go's candidates read it; elsewhere the claims are watched.
     pub fn observe(&self) -> BoxStream<'static, Result<Option<String>>> {
+        if self.client.lock_records().is_some() {
+            return self.observe_record();
+        }
         let client = self.client.clone();
         let opts = ListOptions::new(Lock::KIND).with_namespace(self.name.clone());
         futures::stream::unfold(
@@ -283,6 +290,37 @@ impl Election {
                     if last.as_ref() != Some(&leader) {
                         last = Some(leader.clone());
                         return Some((Ok(leader), (client, opts, last, watch)));
+                    }
+                }
+            },
+        )
+        .boxed()
+    }
+}
+
+impl Election {
+    fn observe_record(&self) -> BoxStream<'static, Result<Option<String>>> {
+        let (client, name, every) = (
+            self.client.clone(),
+            self.name.clone(),
+            self.options.retry_period,
+        );
+        futures::stream::unfold(
+            (client, name, None::<Option<String>>, true),
+            move |(client, name, last, first)| async move {
+                let mut first = first;
+                loop {
+                    if !first {
+                        tokio::time::sleep(every).await;
+                    }
+                    first = false;
+                    match crate::lock_record::holder(&*client, &name).await {
+                        Err(e) => return Some((Err(e), (client, name, last, false))),
+                        Ok(leader) if last.as_ref() != Some(&leader) => {
+                            let last = Some(leader.clone());
+                            return Some((Ok(leader), (client, name, last, false)));
+                        }
+                        Ok(_) => {}
                     }
                 }
             },

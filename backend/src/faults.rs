@@ -322,4 +322,9 @@ impl<C: Client> Client for FaultyClient<C> {
         self.faults.check("lease_revoke")?;
         self.inner.lease_revoke(lease).await
     }
+
+    /// The inner client's records, without faults (the record calls are not named ops).
+    fn lock_records(&self) -> Option<&dyn crate::LockRecords> {
+        self.inner.lock_records()
+    }
 }

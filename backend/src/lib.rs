@@ -44,6 +44,7 @@ mod kernel;
 pub mod kubernetes;
 mod lease;
 mod lock;
+mod lock_record;
 pub mod memory;
 pub mod snapshot;
 #[cfg(feature = "sqlite")]
@@ -62,6 +63,7 @@ pub use faults::{Faults, FaultyClient};
 pub use kubernetes::{KubernetesBackend, KubernetesConfig};
 pub use lease::{Lease, LeaseId};
 pub use lock::{LockGuard, LockOptions, lock};
+pub use lock_record::{Fence, LockRecord, LockRecords};
 pub use memory::MemoryBackend;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteBackend, SqliteConfig};

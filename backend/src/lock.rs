@@ -12,6 +12,7 @@ use kvsync_model::{KVPair, ListOptions, Resource, ResourceKey, Revision};
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseId};
+use crate::lock_record::RecordHold;
 use crate::txn::{Compare, Txn, TxnOp, TxnResponse, TxnResult};
 use crate::watch::WatchEvent;
 
@@ -27,6 +28,11 @@ pub struct LockOptions {
     pub timeout: Option<Duration>,
     /// Who claims it, stored in the claim for people reading the datastore.
     pub holder: String,
+    /// Where locks are records (Kubernetes Leases): how often the record is read while
+    /// waiting and renewed once held (`None`: every 2/15 of the TTL, client-go's retry
+    /// period of 2 s for its 15 s lease). Where locks are built from leases, the lease is
+    /// kept alive every third of its TTL and this is not used.
+    pub renew_every: Option<Duration>,
 }
 
 impl Default for LockOptions {
@@ -35,6 +41,7 @@ impl Default for LockOptions {
             ttl: Duration::from_secs(15),
             timeout: None,
             holder: format!("pid-{}", std::process::id()),
+            renew_every: None,
         }
     }
 }
@@ -64,6 +71,19 @@ impl LockOptions {
     pub fn with_holder(mut self, holder: impl Into<String>) -> Self {
         self.holder = holder.into();
         self
+    }
+
+    /// Sets [`LockOptions::renew_every`].
+    #[must_use]
+    pub fn with_renew_every(mut self, every: Duration) -> Self {
+        self.renew_every = Some(every);
+        self
+    }
+
+    fn record_period(&self) -> Duration {
+        self.renew_every
+            .unwrap_or_else(|| self.ttl.mul_f64(2.0 / 15.0))
+            .max(Duration::from_millis(10))
     }
 }
 
@@ -111,6 +131,24 @@ impl LockOptions {
 /// timeout passes first; [`Error::LeaseLost`] when the claim's lease is lost while waiting.
 pub async fn lock(client: Arc<dyn Client>, name: &str, opts: &LockOptions) -> Result<LockGuard> {
     let caps = client.capabilities();
+    if client.lock_records().is_some() {
+        kvsync_model::validation::validate_subdomain("lock", name)?;
+        check_ttl(opts)?;
+        let take = crate::lock_record::acquire(
+            client.clone(),
+            name,
+            &opts.holder,
+            opts.ttl,
+            opts.record_period(),
+        );
+        let hold = with_timeout(name, opts.timeout, take).await?;
+        return Ok(LockGuard {
+            name: name.to_owned(),
+            fence: Revision::from(hold.fence()),
+            claim: Claim::Record(hold),
+            client,
+        });
+    }
     if !caps.leases || !caps.transactions {
         return Err(Error::Unsupported {
             op: "lock".into(),
@@ -134,26 +172,44 @@ pub async fn lock(client: Arc<dyn Client>, name: &str, opts: &LockOptions) -> Re
     let fence = claim
         .create_revision
         .ok_or_else(|| Error::unavailable("a lock claim came back without a revision"))?;
-    let wait = wait_for_turn(&*client, name, &key, &lease);
-    match opts.timeout {
-        None => wait.await?,
-        Some(t) => match tokio::time::timeout(t, wait).await {
-            Ok(r) => r?,
-            // The lease is dropped on return, which withdraws the claim.
-            Err(_) => {
-                return Err(Error::Timeout {
-                    what: format!("lock {name:?} not acquired within {t:?}"),
-                });
-            }
-        },
-    }
+    // The lease is dropped on a timeout, which withdraws the claim.
+    with_timeout(
+        name,
+        opts.timeout,
+        wait_for_turn(&*client, name, &key, &lease),
+    )
+    .await?;
     Ok(LockGuard {
         name: name.to_owned(),
-        key,
         fence,
-        lease,
+        claim: Claim::Lease { key, lease },
         client,
     })
+}
+
+fn check_ttl(opts: &LockOptions) -> Result<()> {
+    if opts.ttl < Duration::from_secs(1) {
+        return Err(Error::invalid(
+            "ttl",
+            format!("a lock's TTL must be at least a second, not {:?}", opts.ttl),
+        ));
+    }
+    Ok(())
+}
+
+async fn with_timeout<T>(
+    name: &str,
+    timeout: Option<Duration>,
+    wait: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match timeout {
+        None => wait.await,
+        Some(t) => tokio::time::timeout(t, wait)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("lock {name:?} not acquired within {t:?}"),
+            })?,
+    }
 }
 
 fn rev_order(r: Option<&Revision>) -> (u64, String) {
@@ -204,19 +260,28 @@ async fn wait_for_turn(
 /// A held lock: see [`lock`]. Dropping it releases the lock (in the background).
 pub struct LockGuard {
     name: String,
-    key: ResourceKey,
     fence: Revision,
-    lease: Lease,
+    claim: Claim,
     client: Arc<dyn Client>,
+}
+
+/// How the lock is held.
+enum Claim {
+    /// A claim key under a lease of its own (memory, SQLite, etcd).
+    Lease { key: ResourceKey, lease: Lease },
+    /// The lock's record (Kubernetes Leases).
+    Record(Arc<RecordHold>),
 }
 
 impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LockGuard")
-            .field("name", &self.name)
-            .field("fence", &self.fence)
-            .field("lease", &self.lease)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("LockGuard");
+        d.field("name", &self.name).field("fence", &self.fence);
+        match &self.claim {
+            Claim::Lease { lease, .. } => d.field("lease", lease),
+            Claim::Record(hold) => d.field("record", hold),
+        };
+        d.finish_non_exhaustive()
     }
 }
 
@@ -231,40 +296,62 @@ impl LockGuard {
         &self.fence
     }
 
-    /// The lease behind the claim.
-    pub fn lease_id(&self) -> LeaseId {
-        self.lease.id()
+    /// The lease behind the claim (`None` where the lock is a record, as on Kubernetes).
+    pub fn lease_id(&self) -> Option<LeaseId> {
+        match &self.claim {
+            Claim::Lease { lease, .. } => Some(lease.id()),
+            Claim::Record(_) => None,
+        }
     }
 
     /// Whether the lock may have been lost (its lease may have expired).
     pub fn is_lost(&self) -> bool {
-        self.lease.is_lost()
+        match &self.claim {
+            Claim::Lease { lease, .. } => lease.is_lost(),
+            Claim::Record(hold) => hold.is_lost(),
+        }
     }
 
     /// Resolves when the lock may have been lost: stop the work it guards.
     pub async fn lost(&self) {
-        self.lease.lost().await;
+        match &self.claim {
+            Claim::Lease { lease, .. } => lease.lost().await,
+            Claim::Record(hold) => hold.lost().await,
+        }
     }
 
     /// `txn` with a compare that the lock is still held by this guard added: it runs its
-    /// `then` branch only while the lock is held.
+    /// `then` branch only while the lock is held. (Where the lock is a record, as on
+    /// Kubernetes, there are no transactions: [`LockGuard::txn`] says so.)
     pub fn guard(&self, txn: Txn) -> Txn {
-        txn.when([Compare::Revision(self.key.clone(), self.fence.clone())])
+        match &self.claim {
+            Claim::Lease { key, .. } => {
+                txn.when([Compare::Revision(key.clone(), self.fence.clone())])
+            }
+            Claim::Record(_) => txn,
+        }
     }
 
     /// Runs `txn` only while the lock is held.
     ///
     /// # Errors
     /// [`Error::NotHeld`] when the lock is no longer held by this guard (nothing is written)
-    /// or another compare of `txn` failed; as [`Client::txn`].
+    /// or another compare of `txn` failed; [`Error::Unsupported`] where the datastore has no
+    /// transactions (Kubernetes: use [`LockGuard::put`]); as [`Client::txn`].
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        let Claim::Lease { key, .. } = &self.claim else {
+            return Err(Error::Unsupported {
+                op: "txn".into(),
+                backend: self.client.backend_name(),
+            });
+        };
         let resp = self.client.txn(self.guard(txn)).await?;
         if resp.succeeded {
             return Ok(resp);
         }
         let held = self
             .client
-            .get_opt(&self.key, &Default::default())
+            .get_opt(key, &Default::default())
             .await?
             .is_some_and(|k| k.revision.as_ref() == Some(&self.fence));
         if held {
@@ -278,10 +365,21 @@ impl LockGuard {
 
     /// Writes `kvp` (creating or replacing it) only while the lock is held.
     ///
+    /// Where locks are built from leases (memory, SQLite, etcd) the write is one transaction
+    /// with a compare of the claim. Where the lock is a record (Kubernetes), the write carries
+    /// the fence, stored on the object (annotations `kvsync.dev/fence` and
+    /// `kvsync.dev/fence-lock`), and is refused when the object already carries a higher fence
+    /// of the same lock; the check and the write are one update under the object's
+    /// resourceVersion. A holder that paused past its lease is refused before it sends
+    /// anything, and once its successor has written an object, never writes it again.
+    ///
     /// # Errors
     /// [`Error::NotHeld`] when the lock is no longer held (nothing is written); as
-    /// [`Client::txn`].
+    /// [`Client::txn`] or [`Client::apply`].
     pub async fn put(&self, kvp: KVPair) -> Result<KVPair> {
+        if let Claim::Record(hold) = &self.claim {
+            return hold.put(kvp).await;
+        }
         let resp = self.txn(Txn::new().and_then([TxnOp::Put(kvp)])).await?;
         match resp.results.into_iter().next() {
             Some(TxnResult::Put(kvp)) if resp.succeeded => Ok(kvp),
@@ -291,14 +389,20 @@ impl LockGuard {
         }
     }
 
-    /// Until when the lock surely holds ([`Lease::safe_until`]).
+    /// Until when the lock surely holds: the TTL after its last renewal was sent.
     pub fn safe_until(&self) -> tokio::time::Instant {
-        self.lease.safe_until()
+        match &self.claim {
+            Claim::Lease { lease, .. } => lease.safe_until(),
+            Claim::Record(hold) => hold.safe_until(),
+        }
     }
 
     /// Releases the lock through a shared reference (the guard is left lost).
     pub(crate) async fn release_shared(&self) -> Result<()> {
-        self.lease.revoke_shared().await
+        match &self.claim {
+            Claim::Lease { lease, .. } => lease.revoke_shared().await,
+            Claim::Record(hold) => hold.release().await,
+        }
     }
 
     /// Releases the lock now.
@@ -306,6 +410,22 @@ impl LockGuard {
     /// # Errors
     /// Transport errors (the lock is then released when its lease expires).
     pub async fn release(self) -> Result<()> {
-        self.lease.revoke().await
+        self.release_shared().await
+    }
+}
+
+impl Drop for LockGuard {
+    /// A lease is revoked when it is dropped; a record is released in the background (where
+    /// a tokio runtime runs; else it expires after its lease duration).
+    fn drop(&mut self) {
+        if let Claim::Record(hold) = &self.claim
+            && !hold.is_lost()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let hold = hold.clone();
+            rt.spawn(async move {
+                let _ = hold.release().await;
+            });
+        }
     }
 }

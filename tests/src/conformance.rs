@@ -1446,7 +1446,7 @@ pub async fn a_lock_serves_claims_in_order_with_rising_fences(b: &dyn TestBacken
 
     // b's lease is revoked behind its back (as if it paused past its TTL): c gets the lock,
     // and b's writes no longer land.
-    c.lease_revoke(b_guard.lease_id()).await.unwrap();
+    c.lease_revoke(b_guard.lease_id().unwrap()).await.unwrap();
     let (who, c_guard) = tokio::time::timeout(EVENT_TIMEOUT, rx.recv())
         .await
         .unwrap()
@@ -1631,8 +1631,8 @@ macro_rules! with_conformance_checks {
             lease_keys_go_when_the_lease_is_revoked_or_expires: Nothing,
             a_kept_lease_outlives_its_ttl_and_says_when_it_is_lost: Leases,
             a_lock_serves_claims_in_order_with_rising_fences: Leases,
-            guarded_increments_under_a_lock_are_all_counted: Leases,
-            an_election_has_one_leader_at_a_time_and_observe_follows_it: Leases,
+            guarded_increments_under_a_lock_are_all_counted: Locks,
+            an_election_has_one_leader_at_a_time_and_observe_follows_it: Locks,
         )
     };
 }
@@ -1707,6 +1707,8 @@ pub enum Needs {
     Transactions,
     /// Leases ([`kvsync_backend::Capabilities::leases`]).
     Leases,
+    /// Locks and elections ([`kvsync_backend::Capabilities::locks`]).
+    Locks,
     /// Raw access that can store entries the client cannot decode
     /// ([`TestBackend::can_store_undecodable`]).
     UndecodableEntries,
@@ -1727,6 +1729,7 @@ impl Needs {
                 Some("this datastore's history cannot be compacted from a test")
             }
             Needs::Leases if !caps.leases => Some("the datastore has no leases"),
+            Needs::Locks if !caps.locks => Some("the datastore has no locks"),
             Needs::Transactions if !caps.transactions => {
                 Some("the datastore has no multi-key transactions")
             }

@@ -8,7 +8,9 @@
 //! `preconditions.uid`; answers a `Status` with `status: Success` and details naming the
 //! object once it is gone, and `202 Accepted` with the object while finalizers hold it), list (with `limit`/`continue` over one snapshot, `fieldSelector=metadata.name=`),
 //! and watch (`?watch=1&resourceVersion=R&allowWatchBookmarks=true`) streaming ADDED,
-//! MODIFIED, DELETED, BOOKMARK and ERROR events as JSON lines. Every write bumps one global
+//! MODIFIED, DELETED, BOOKMARK and ERROR events as JSON lines; PATCH with JSON patches and
+//! JSON merge patches (a changed `metadata.resourceVersion` is a precondition: 409). The
+//! built-in coordination.k8s.io/v1 `leases` are served the same way. Every write bumps one global
 //! resourceVersion; objects get a uid on create. Only the last `window` events are kept: a
 //! watch from an older resourceVersion gets an ERROR event with a `410 Gone` (Expired) Status,
 //! as the real server does. A bearer token can be required (401 without it).
@@ -30,8 +32,9 @@
 //!   `reason` and `message` are sent;
 //! - schema validation, defaulting and pruning of the CRDs' OpenAPI schemas, and `422
 //!   Invalid` with field `causes` (the backend validates before it sends);
-//! - graceful deletion, `metadata.generation`, `creationTimestamp`, `managedFields`, PATCH
-//!   and server-side apply, label selectors and field selectors other than `metadata.name`;
+//! - graceful deletion, `metadata.generation`, `creationTimestamp`, `managedFields`,
+//!   strategic merge patches and server-side apply, label selectors and field selectors other
+//!   than `metadata.name`; the `copy` and `move` ops of JSON patches;
 //! - `remainingItemCount` in lists, `resourceVersionMatch`, reads at a resourceVersion;
 //! - the watch cache's timing: bookmarks come when asked for and at the end of the initial
 //!   events, not every minute; a watch is not closed after `timeoutSeconds`;
@@ -167,7 +170,18 @@ impl ApiServerDouble {
                     ),
                 )
             })
-            .collect();
+            .collect::<HashMap<_, _>>();
+        // Built in, as on every API server: the Leases of locks and elections.
+        let mut kinds = kinds;
+        kinds.insert(
+            "leases".to_owned(),
+            (
+                "coordination.k8s.io".to_owned(),
+                "v1".to_owned(),
+                "Lease".to_owned(),
+                true,
+            ),
+        );
         let shared = Shared {
             inner: Arc::new(Mutex::new(Inner {
                 requests: HashMap::new(),
@@ -462,6 +476,12 @@ fn percent_decode(s: &str) -> String {
 async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     let q = query(&req);
     let method = req.method().clone();
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let path = req.uri().path().to_owned();
     {
         let mut inner = shared.lock();
@@ -504,6 +524,10 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
         (Method::GET, true) => get(&shared, &target),
         (Method::PUT, true) => match json_body() {
             Ok(b) => replace(&shared, &target, b),
+            Err(r) => r,
+        },
+        (Method::PATCH, true) => match json_body() {
+            Ok(b) => patch(&shared, &target, &content_type, &b),
             Err(r) => r,
         },
         (Method::DELETE, true) => {
@@ -803,6 +827,175 @@ fn replace(shared: &Shared, t: &Target, mut obj: Value) -> Response {
     }
     store(shared, inner, t, key, "MODIFIED", obj.clone());
     reply(200, &obj)
+}
+
+/// PATCH: a JSON patch (RFC 6902: add, replace, remove, test) or a JSON merge patch
+/// (RFC 7386) applied to the stored object, as `staging/.../handlers/patch.go` applies them:
+/// a patch that fails to apply answers `422`; the patched object's
+/// `metadata.resourceVersion`, when the patch changed it, is a precondition (`409 Conflict`
+/// when the object has moved on), as the registry's update checks it. Strategic merge
+/// patches and server-side apply are not modelled (`415`).
+fn patch(shared: &Shared, t: &Target, content_type: &str, body: &Value) -> Response {
+    let name = t.name.clone().unwrap_or_default();
+    let mut inner = shared.lock();
+    let key = key_of(t, &name);
+    let Some(current) = inner.objects.get(&key).cloned() else {
+        return fail(
+            404,
+            "NotFound",
+            format!("{}.{} \"{name}\" not found", t.plural, t.group),
+        );
+    };
+    let mime = content_type.split(';').next().unwrap_or_default().trim();
+    let patched = match mime {
+        "application/json-patch+json" => json_patch(&current, body),
+        "application/merge-patch+json" => {
+            let mut obj = current.clone();
+            merge_patch(&mut obj, body);
+            Ok(obj)
+        }
+        other => {
+            return fail(
+                415,
+                "UnsupportedMediaType",
+                format!("the double does not model {other:?} patches"),
+            );
+        }
+    };
+    let mut obj = match patched {
+        Ok(o) => o,
+        Err(e) => return fail(422, "Invalid", e),
+    };
+    if obj.pointer("/metadata/resourceVersion") != current.pointer("/metadata/resourceVersion") {
+        return fail(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                t.plural, t.group
+            ),
+        );
+    }
+    if obj.pointer("/metadata/name") != current.pointer("/metadata/name") {
+        return fail(
+            400,
+            "BadRequest",
+            "the name of the object cannot be patched",
+        );
+    }
+    inner.rv += 1;
+    let rv = inner.rv;
+    obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    store(shared, inner, t, key, "MODIFIED", obj.clone());
+    reply(200, &obj)
+}
+
+/// The segments of a JSON pointer (RFC 6901).
+fn pointer_segments(path: &str) -> Result<Vec<String>, String> {
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(format!("invalid JSON pointer {path:?}"));
+    };
+    Ok(rest
+        .split('/')
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect())
+}
+
+/// Applies an RFC 6902 patch (add, replace, remove, test) to a copy of `doc`.
+fn json_patch(doc: &Value, ops: &Value) -> Result<Value, String> {
+    let mut doc = doc.clone();
+    let ops = ops.as_array().ok_or("a JSON patch must be an array")?;
+    for op in ops {
+        let kind = op
+            .get("op")
+            .and_then(Value::as_str)
+            .ok_or("an op without \"op\"")?;
+        let path = op
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or("an op without \"path\"")?;
+        let mut segs = pointer_segments(path)?;
+        let value = op.get("value").cloned();
+        if kind == "test" {
+            if doc.pointer(path) != value.as_ref() {
+                return Err(format!("testing value {path} failed"));
+            }
+            continue;
+        }
+        let Some(last) = segs.pop() else {
+            return Err("the whole document cannot be patched".into());
+        };
+        let parent_path: String = segs
+            .iter()
+            .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+            .collect();
+        let parent = doc
+            .pointer_mut(&parent_path)
+            .ok_or_else(|| format!("doc is missing path: {path}"))?;
+        match (kind, parent) {
+            ("add", Value::Object(m)) => {
+                m.insert(last, value.ok_or("add without a value")?);
+            }
+            ("replace", Value::Object(m)) if m.contains_key(&last) => {
+                m.insert(last, value.ok_or("replace without a value")?);
+            }
+            ("remove", Value::Object(m)) if m.contains_key(&last) => {
+                m.remove(&last);
+            }
+            ("add", Value::Array(a)) => {
+                let v = value.ok_or("add without a value")?;
+                if last == "-" {
+                    a.push(v);
+                } else {
+                    let i: usize = last.parse().map_err(|_| format!("bad index in {path}"))?;
+                    if i > a.len() {
+                        return Err(format!("index out of range in {path}"));
+                    }
+                    a.insert(i, v);
+                }
+            }
+            ("replace" | "remove", Value::Array(a)) => {
+                let i: usize = last.parse().map_err(|_| format!("bad index in {path}"))?;
+                if i >= a.len() {
+                    return Err(format!("index out of range in {path}"));
+                }
+                if kind == "replace" {
+                    a[i] = value.ok_or("replace without a value")?;
+                } else {
+                    a.remove(i);
+                }
+            }
+            ("add" | "replace" | "remove", _) => {
+                return Err(format!("doc is missing path: {path}"));
+            }
+            (other, _) => return Err(format!("the double does not model the {other:?} op")),
+        }
+    }
+    Ok(doc)
+}
+
+/// Applies an RFC 7386 merge patch to `doc`.
+fn merge_patch(doc: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *doc = patch.clone();
+        return;
+    };
+    if !doc.is_object() {
+        *doc = json!({});
+    }
+    if let Value::Object(d) = doc {
+        for (k, v) in p {
+            if v.is_null() {
+                d.remove(k);
+            } else {
+                merge_patch(d.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
 }
 
 fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {

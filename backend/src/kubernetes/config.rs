@@ -30,6 +30,10 @@ pub struct KubernetesConfig {
     /// Needs Kubernetes 1.27+ with the WatchList feature, and etcd 3.4.31+ under the API
     /// server, so it is off by default.
     pub watch_list: bool,
+    /// The namespace of the coordination.k8s.io/v1 Leases behind locks and elections (as
+    /// client-go's `--leader-elect-resource-namespace`); `None`: the kubeconfig context's
+    /// namespace, in a pod its own namespace, else `default`.
+    pub lease_namespace: Option<String>,
 }
 
 impl KubernetesConfig {
@@ -41,6 +45,7 @@ impl KubernetesConfig {
             context: None,
             registry: registry.into(),
             watch_list: false,
+            lease_namespace: None,
         }
     }
 
@@ -55,6 +60,14 @@ impl KubernetesConfig {
     #[must_use]
     pub fn with_context(mut self, context: impl Into<String>) -> Self {
         self.context = Some(context.into());
+        self
+    }
+
+    /// Keeps the Leases of locks and elections in `namespace` (see
+    /// [`KubernetesConfig::lease_namespace`]).
+    #[must_use]
+    pub fn with_lease_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.lease_namespace = Some(namespace.into());
         self
     }
 

@@ -1,7 +1,8 @@
-//! Reads and writes of single objects: POST, PUT, DELETE with preconditions, GET.
+//! Reads and writes of single objects: POST, PATCH and DELETE with preconditions, GET.
 
-use kube::api::{DeleteParams, DynamicObject, PostParams, Preconditions};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions};
 use kvsync_model::{DeleteOptions, GetOptions, KVPair, ResourceKey, Revision};
+use serde_json::json;
 
 use super::convert::{map_err, status_err};
 use super::{KubernetesBackend, MAX_WRITE_RETRIES};
@@ -16,41 +17,78 @@ impl KubernetesBackend {
             .map_err(|e| map_err(e, Some(key), None))
     }
 
+    /// Replaces the object's spec under the resourceVersion `rv` (see
+    /// [`KubernetesBackend::patch_json`]): the inner error is the conflict when it moved on.
     pub(super) async fn replace(
         &self,
         kvp: &KVPair,
         rv: String,
     ) -> Result<std::result::Result<KVPair, Error>> {
+        let ops = json!([
+            {"op": "add", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/spec", "value": kvp.value},
+        ]);
+        self.patch_json(&kvp.key, &ops).await
+    }
+
+    /// A JSON patch (RFC 6902) of the object of `key`. Patches here set
+    /// `metadata.resourceVersion`, which the API server checks as a precondition (409 when
+    /// the object moved on: the inner error), and change only the paths they name: labels,
+    /// annotations, finalizers and ownerReferences that others set are kept (a PUT of the
+    /// whole object would wipe them).
+    pub(super) async fn patch_json(
+        &self,
+        key: &ResourceKey,
+        ops: &serde_json::Value,
+    ) -> Result<std::result::Result<KVPair, Error>> {
+        let info = self.codec.registry().kind(&key.kind)?;
+        let ar = super::convert::api_resource(info);
+        let url = <DynamicObject as kube::Resource>::url_path(&ar, key.namespace.as_deref());
+        let params = PatchParams {
+            field_manager: Some("kvsync".into()),
+            ..PatchParams::default()
+        };
+        let mut req = kube::core::Request::new(url)
+            .patch(&key.name, &params, &Patch::Merge(ops))
+            .map_err(|e| Error::invalid("object", e.to_string()))?;
+        req.headers_mut().insert(
+            "content-type",
+            "application/json-patch+json"
+                .parse()
+                .map_err(|_| Error::invalid("object", "a bad content type"))?,
+        );
+        match self.client.request::<DynamicObject>(req).await {
+            Ok(o) => Ok(Ok(self.to_kvp(&key.kind, o)?)),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(status_err(&s, Some(key), None))),
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::NotFound { key: key.clone() }),
+            Err(e) => Err(map_err(e, Some(key), None)),
+        }
+    }
+
+    /// POST: 409 is AlreadyExists.
+    pub(super) async fn create_object(&self, kvp: KVPair) -> Result<KVPair> {
+        let obj = self.to_object(&kvp)?;
+        self.post(&kvp, &obj).await
+    }
+
+    /// POSTs `obj`, the object of `kvp`.
+    pub(super) async fn post(&self, kvp: &KVPair, obj: &DynamicObject) -> Result<KVPair> {
         let api = self.api(&kvp.key.kind, kvp.key.namespace.as_deref())?;
-        let obj = self.to_object(kvp, Some(rv))?;
-        match api
-            .replace(&kvp.key.name, &PostParams::default(), &obj)
-            .await
-        {
-            Ok(o) => Ok(Ok(self.to_kvp(&kvp.key.kind, o)?)),
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                Ok(Err(status_err(&s, Some(&kvp.key), None)))
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::NotFound {
+        let pp = PostParams {
+            field_manager: Some("kvsync".into()),
+            ..PostParams::default()
+        };
+        match api.create(&pp, obj).await {
+            Ok(o) => self.to_kvp(&kvp.key.kind, o),
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::AlreadyExists {
                 key: kvp.key.clone(),
             }),
             Err(e) => Err(map_err(e, Some(&kvp.key), None)),
         }
     }
 
-    /// POST: 409 is AlreadyExists.
-    pub(super) async fn create_object(&self, kvp: KVPair) -> Result<KVPair> {
-        let api = self.api(&kvp.key.kind, kvp.key.namespace.as_deref())?;
-        let obj = self.to_object(&kvp, None)?;
-        match api.create(&PostParams::default(), &obj).await {
-            Ok(o) => self.to_kvp(&kvp.key.kind, o),
-            Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::AlreadyExists { key: kvp.key }),
-            Err(e) => Err(map_err(e, Some(&kvp.key), None)),
-        }
-    }
-
-    /// PUT with the given resourceVersion, or with the current one (retried while others
-    /// write).
+    /// A patch of the spec under the given resourceVersion, or under the current one (retried
+    /// while others write).
     pub(super) async fn update_object(&self, kvp: KVPair) -> Result<KVPair> {
         if let Some(expected) = kvp.revision.clone() {
             return match self.replace(&kvp, expected.to_string()).await? {
@@ -70,8 +108,8 @@ impl KubernetesBackend {
         Err(Error::unavailable(format!("{} kept changing", kvp.key)))
     }
 
-    /// POST first (one request for a new object); when it exists, PUT over its current
-    /// resourceVersion (retried while others write).
+    /// POST first (one request for a new object); when it exists, a patch of its spec under
+    /// its current resourceVersion (retried while others write).
     pub(super) async fn apply_object(&self, kvp: KVPair) -> Result<KVPair> {
         match self.create_object(kvp.clone()).await {
             Err(Error::AlreadyExists { .. }) => {}

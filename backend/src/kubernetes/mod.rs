@@ -4,9 +4,9 @@
 //!   scope; the resource value is the object's `spec`, name and namespace come from the key,
 //!   `revision` is the object's `resourceVersion` (opaque), `uid` is `metadata.uid`. The CRDs
 //!   come from the Rust types (`kvsync crds`, deploy/crds for the demo kinds).
-//! - `write`: create is a POST (409 -> [`Error::AlreadyExists`]); update a PUT carrying the
-//!   resourceVersion (409 -> [`Error::Conflict`] with the actual revision, read back); apply
-//!   creates or replaces, retried while others write.
+//! - `write`: create is a POST (409 -> [`Error::AlreadyExists`]); update a JSON patch of the
+//!   spec carrying the resourceVersion (409 -> [`Error::Conflict`] with the actual revision,
+//!   read back); apply creates or replaces, retried while others write.
 //! - `delete` reads the object, then deletes it with that read's resourceVersion and uid as
 //!   preconditions, reading again on 409: a real API server answers the DELETE of a custom
 //!   resource with a `Status`, not the object, so the value read is the last value returned.
@@ -26,8 +26,24 @@
 //!   resourceVersions are not one comparable counter: [`Client::capabilities`] says so, and a
 //!   Syncer relists after an outage.
 //!
+//! - **Locks and elections** ([`lock`](crate::lock), [`Election`](crate::Election)) are
+//!   coordination.k8s.io/v1 Lease objects named after the lock, in
+//!   [`KubernetesConfig::lease_namespace`], read and written as client-go's `LeaseLock`
+//!   does (holderIdentity, leaseDurationSeconds, acquireTime, renewTime, leaseTransitions;
+//!   released with an empty holder and a one-second lease), so `kubectl get lease` and
+//!   client-go tools read them. A candidate takes a Lease over once it was released or has not
+//!   changed for its lease duration as observed locally (client-go's `observedTime`, immune
+//!   to clock skew). Departures from client-go, for fencing: leaseTransitions goes up on every
+//!   acquisition (it is the fence), and a candidate never "renews" a Lease it did not write
+//!   itself, even one bearing its identity. Waiters are not served in order: a Lease has no
+//!   queue. Guarded writes store their fence on the object (`kvsync.dev/fence`,
+//!   `kvsync.dev/fence-lock`) and are refused below a higher one.
+//! - Updates are JSON patches of `spec` carrying `metadata.resourceVersion` as the
+//!   precondition: labels, annotations, finalizers and ownerReferences set by others survive
+//!   (a PUT of the whole object would wipe them).
+//!
 //! The files: `config.rs`, `crud.rs` (one object's reads and writes), `list.rs`, `watch.rs`,
-//! `convert.rs` (errors and API resources).
+//! `convert.rs` (errors and API resources), `coordination.rs` (Leases and fenced writes).
 
 use std::fmt;
 
@@ -45,12 +61,14 @@ use crate::watch::WatchStream;
 
 mod config;
 mod convert;
+mod coordination;
 mod crud;
 mod list;
 mod watch;
 
 pub use config::KubernetesConfig;
 use convert::{api_resource, map_err};
+pub use coordination::{FENCE_ANNOTATION, FENCE_LOCK_ANNOTATION};
 
 /// How many times a write retries when other writers keep changing its object.
 const MAX_WRITE_RETRIES: usize = 32;
@@ -61,6 +79,8 @@ pub struct KubernetesBackend {
     client: kube::Client,
     codec: PathCodec,
     watch_list: bool,
+    /// Where the Leases of locks and elections live.
+    lease_namespace: String,
 }
 
 impl fmt::Debug for KubernetesBackend {
@@ -96,10 +116,16 @@ impl KubernetesBackend {
         };
         let client = kube::Client::try_from(kube_config)
             .map_err(|e| Error::invalid("kubeconfig", e.to_string()))?;
+        let lease_namespace = config
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        kvsync_model::validation::validate_namespace(&lease_namespace)?;
         Ok(KubernetesBackend {
             client,
             codec: PathCodec::with_registry(config.registry),
             watch_list: config.watch_list,
+            lease_namespace,
         })
     }
 
@@ -117,13 +143,12 @@ impl KubernetesBackend {
         })
     }
 
-    fn to_object(&self, kvp: &KVPair, resource_version: Option<String>) -> Result<DynamicObject> {
+    fn to_object(&self, kvp: &KVPair) -> Result<DynamicObject> {
         let info = self.codec.registry().kind(&kvp.key.kind)?;
         let mut obj = DynamicObject::new(&kvp.key.name, &api_resource(info)).data(json!({
             "spec": kvp.value,
         }));
         obj.metadata.namespace = kvp.key.namespace.clone();
-        obj.metadata.resource_version = resource_version;
         Ok(obj)
     }
 
@@ -186,7 +211,15 @@ impl Client for KubernetesBackend {
         // No TTLs, no reads of the past, no compaction from a client, opaque
         // resourceVersions, values stored as JSON objects; the API server's request limit
         // (3 MiB) and etcd's (1.5 MiB by default) bound an object.
-        Capabilities::none().with_max_value_bytes(Some(1_572_864 - 4_096))
+        Capabilities::none()
+            .with_max_value_bytes(Some(1_572_864 - 4_096))
+            .with_locks(true)
+    }
+
+    /// Locks and elections are coordination.k8s.io/v1 Lease objects in
+    /// [`KubernetesConfig::lease_namespace`].
+    fn lock_records(&self) -> Option<&dyn crate::LockRecords> {
+        Some(self)
     }
 
     async fn write(&self, kvp: KVPair, mode: WriteMode) -> Result<KVPair> {
