@@ -91,8 +91,13 @@ fn crd_schemas_check_the_spec_fields() {
 #[test]
 fn every_yaml_file_parses_and_rbac_covers_every_crd_exactly() {
     let registry = Registry::with_demo_kinds();
-    let needed: BTreeSet<&str> = ["get", "list", "watch", "create", "update", "delete"].into();
+    let needed: BTreeSet<&str> = [
+        "get", "list", "watch", "create", "patch", "update", "delete",
+    ]
+    .into();
     let mut rules = Vec::new();
+    // The Leases of locks and elections, in the controller's namespace only.
+    let mut lease_rules = Vec::new();
     let mut kinds_seen = BTreeSet::new();
     let mut service_accounts = BTreeSet::new();
     let mut bound = BTreeSet::new();
@@ -104,8 +109,10 @@ fn every_yaml_file_parses_and_rbac_covers_every_crd_exactly() {
                 .unwrap_or_else(|| panic!("{}: a document without kind", file.display()));
             kinds_seen.insert(kind.to_owned());
             match kind {
-                "ClusterRole" | "Role" => {
-                    rules.extend(doc["rules"].as_array().cloned().unwrap_or_default())
+                "ClusterRole" => rules.extend(doc["rules"].as_array().cloned().unwrap_or_default()),
+                "Role" => {
+                    assert_eq!(doc["metadata"]["namespace"], "kvsync-system");
+                    lease_rules.extend(doc["rules"].as_array().cloned().unwrap_or_default());
                 }
                 "ServiceAccount" => {
                     service_accounts.insert(
@@ -135,6 +142,8 @@ fn every_yaml_file_parses_and_rbac_covers_every_crd_exactly() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "Deployment",
     ] {
         assert!(kinds_seen.contains(k), "deploy/ has no {k}");
@@ -178,6 +187,23 @@ fn every_yaml_file_parses_and_rbac_covers_every_crd_exactly() {
                 "extra verb {v}"
             );
         }
+    }
+    // Leader election as client-go's needs it (get, create, update), on Leases only.
+    let lease_verbs: BTreeSet<&str> = ["get", "list", "watch", "create", "update"].into();
+    assert!(
+        !lease_rules.is_empty(),
+        "no Role for the Leases of elections"
+    );
+    for r in &lease_rules {
+        assert_eq!(r["apiGroups"], serde_json::json!(["coordination.k8s.io"]));
+        assert_eq!(r["resources"], serde_json::json!(["leases"]));
+        let verbs: BTreeSet<&str> = r["verbs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(verbs, lease_verbs, "{r}");
     }
     let sa = deployment_sa.expect("the Deployment names its service account");
     assert!(

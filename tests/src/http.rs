@@ -37,8 +37,8 @@ impl Answer {
     }
 }
 
-/// Sends `method path` to `addr` (`host:port`) with `headers` and a JSON `body`, and reads
-/// the whole answer.
+/// Sends `method path` to `addr` (`host:port`) with `headers` and a JSON `body` (sent as
+/// `application/json` unless `headers` name a content type), and reads the whole answer.
 ///
 /// # Panics
 /// If the server cannot be reached or written to.
@@ -54,9 +54,15 @@ pub fn request(
         .expect("timeout");
     let body = body.map(ToString::to_string).unwrap_or_default();
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
+    if !headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+    {
+        head.push_str("Content-Type: application/json\r\n");
+    }
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }

@@ -330,4 +330,44 @@ impl Client for Isolated {
     async fn current_revision(&self) -> Result<Revision> {
         self.inner.current_revision().await
     }
+
+    /// The inner client's lock records, with lock names and written keys tagged.
+    fn lock_records(&self) -> Option<&dyn kvsync_backend::LockRecords> {
+        self.inner
+            .lock_records()
+            .map(|_| self as &dyn kvsync_backend::LockRecords)
+    }
+}
+
+#[async_trait]
+impl kvsync_backend::LockRecords for Isolated {
+    async fn read_lock_record(&self, name: &str) -> Result<Option<kvsync_backend::LockRecord>> {
+        let records = self.inner.lock_records().expect("records");
+        records
+            .read_lock_record(&format!("{}{name}", self.tags.mark))
+            .await
+    }
+
+    async fn write_lock_record(
+        &self,
+        name: &str,
+        record: &kvsync_backend::LockRecord,
+    ) -> Result<kvsync_backend::LockRecord> {
+        let records = self.inner.lock_records().expect("records");
+        records
+            .write_lock_record(&format!("{}{name}", self.tags.mark), record)
+            .await
+    }
+
+    async fn fenced_write(&self, kvp: KVPair, fence: &kvsync_backend::Fence) -> Result<KVPair> {
+        let kvp = self.prepare_write(kvp).await?;
+        let fence =
+            kvsync_backend::Fence::new(format!("{}{}", self.tags.mark, fence.lock), fence.token);
+        let records = self.inner.lock_records().expect("records");
+        records
+            .fenced_write(kvp, &fence)
+            .await
+            .map(|k| self.tags.shown_kvp(k))
+            .map_err(|e| self.tags.untag_error(e))
+    }
 }

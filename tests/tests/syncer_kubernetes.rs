@@ -247,7 +247,7 @@ async fn lists_come_page_by_page_from_one_snapshot() {
 
 /// Creating an object is one POST, and so is applying a new one: no GET before it (50,000
 /// needless 404s were seen creating 50,000 objects on a real API server). Applying over an
-/// existing object reads it and PUTs with its resourceVersion.
+/// existing object reads it and patches its spec under its resourceVersion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_and_apply_of_a_new_object_is_one_post() {
     let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
@@ -277,5 +277,5 @@ async fn create_and_apply_of_a_new_object_is_one_post() {
         updated.value.as_value().expect("json")["cidr"],
         "10.99.0.0/16"
     );
-    assert_eq!(double.requests("PUT"), 1);
+    assert_eq!(double.requests("PATCH"), 1);
 }
