@@ -6,8 +6,9 @@
 //! 2. snapshot save and restore of `KVSYNC_BENCH_KEYS` keys (100,000) on etcd: save to a file
 //!    against a raw paged range of the same keys; restore into an empty prefix; the peak
 //!    resident memory of the process after each;
-//! 3. leader failover after kill -9 on SQLite (elector processes, lease 2 s): time from the
-//!    kill to the new leader's first line, against the lease duration.
+//! 3. leader failover after kill -9 on SQLite, etcd and Kubernetes (the API server double)
+//!    (elector processes, lease 2 s): time from the kill to the new leader's first line,
+//!    against the lease duration.
 //!
 //! Run with `cargo bench -p kvsync-tests --bench coordination`; `KVSYNC_BENCH_PARTS=1,3` runs
 //! some of the measures.
@@ -219,28 +220,46 @@ async fn main() {
     }
 
     if part(3) {
-        println!("3. leader failover after kill -9 (SQLite, lease 2 s, retry 0.3 s)");
-        let mut times = Vec::new();
-        for _ in 0..3 {
-            times.push(failover_ms());
+        println!("3. leader failover after kill -9 (lease 2 s, retry 0.3 s), 3 rounds each");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let double = kvsync_tests::kube_double::ApiServerDouble::start(
+            &kvsync_model::Registry::with_demo_kinds(),
+            100_000,
+        )
+        .await;
+        for (name, spec) in [
+            (
+                "sqlite",
+                format!("sqlite:{}#/bench", dir.path().join("election.db").display()),
+            ),
+            (
+                "etcd",
+                format!("etcd:{}#/bench-election", cluster.endpoints().join(",")),
+            ),
+            (
+                "kubernetes (double)",
+                format!("kubernetes:{}", double.kubeconfig().display()),
+            ),
+        ] {
+            let mut times = Vec::new();
+            for round in 0..3 {
+                let spec = spec.clone();
+                let ms = tokio::task::spawn_blocking(move || failover_ms(&spec, round))
+                    .await
+                    .expect("failover");
+                times.push(ms);
+            }
+            report(&format!("failover on {name}"), &mut times);
         }
-        report("failover", &mut times);
     }
 }
 
-fn failover_ms() -> f64 {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("election.db");
+fn failover_ms(spec: &str, round: usize) -> f64 {
     let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
     let mut children = Vec::new();
     for who in 0..2 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvsync-elector"))
-            .args([
-                db.to_str().expect("path"),
-                "/bench",
-                "leader",
-                &format!("c{who}"),
-            ])
+            .args([spec, &format!("leader-{round}"), &format!("c{who}")])
             .stdout(Stdio::piped())
             .spawn()
             .expect("start a candidate");
