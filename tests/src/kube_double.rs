@@ -36,8 +36,10 @@
 //!   strategic merge patches and server-side apply, label selectors and field selectors other
 //!   than `metadata.name`; the `copy` and `move` ops of JSON patches;
 //! - `remainingItemCount` in lists, `resourceVersionMatch`, reads at a resourceVersion;
-//! - the watch cache's timing: bookmarks come when asked for and at the end of the initial
-//!   events, not every minute; a watch is not closed after `timeoutSeconds`;
+//! - the watch cache's timing: bookmarks come at the start, at the end of the initial events
+//!   and after half a second without events (the real server sends one about every minute);
+//!   a watch ends after its `timeoutSeconds` (or [`ApiServerDouble::close_watches_after`]),
+//!   not after a randomized request timeout;
 //! - authorization beyond one bearer token (no RBAC, no 403s), admission, rate limits (429).
 
 // Handlers return the error response itself; boxing it would only add noise to a test server.
@@ -90,6 +92,11 @@ struct Inner {
     cluster_objects: BTreeMap<(String, String), Value>,
     /// Whether objects may only be created in namespaces created first.
     strict_namespaces: bool,
+    /// The longest a watch stays open, whatever its `timeoutSeconds` (the real server also
+    /// ends watches after a time of its own choosing).
+    watch_cap: Option<Duration>,
+    /// Bumped to make every open watch go silent (no events, no bookmarks, never closed).
+    stall_epoch: u64,
 }
 
 #[derive(Clone)]
@@ -197,6 +204,8 @@ impl ApiServerDouble {
                 expire_epoch: 0,
                 cluster_objects: BTreeMap::new(),
                 strict_namespaces: false,
+                watch_cap: None,
+                stall_epoch: 0,
             })),
             changed: watch::Sender::new(0),
         };
@@ -293,6 +302,23 @@ impl ApiServerDouble {
     /// How many custom resources are stored.
     pub fn object_count(&self) -> usize {
         self.shared.lock().objects.len()
+    }
+
+    /// Ends every watch (with a normal end of its stream) at most `cap` after it opened, as
+    /// the real server ends a watch after its `timeoutSeconds` or its own request timeout.
+    pub fn close_watches_after(&self, cap: Duration) {
+        self.shared.lock().watch_cap = Some(cap);
+    }
+
+    /// Makes every watch open now go silent for good: no events, no bookmarks, no end (a
+    /// connection that died without a reset). Watches opened later are served normally.
+    pub fn stall_watches(&self) {
+        let rv = {
+            let mut inner = self.shared.lock();
+            inner.stall_epoch += 1;
+            inner.rv
+        };
+        self.shared.changed.send_replace(rv);
     }
 
     /// Ends every open watch with `410 Gone` and forgets the history, as an API server whose
@@ -727,7 +753,10 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response {
             .cluster_objects
             .contains_key(&("namespaces".to_owned(), ns.clone()))
     {
-        return fail(404, "NotFound", format!("namespaces \"{ns}\" not found"));
+        // As the API server words it, with details naming the namespace.
+        let mut body = status(404, "NotFound", format!("namespaces \"{ns}\" not found"));
+        body["details"] = json!({"name": ns, "kind": "namespaces"});
+        return reply(404, &body);
     }
     let key = key_of(t, &name);
     if inner.objects.contains_key(&key) {
@@ -1191,6 +1220,14 @@ fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Respo
         );
     }
     let mut rx = shared.changed.subscribe();
+    let (timeout, stall_epoch) = {
+        let inner = shared.lock();
+        let timeout = match (timeout, inner.watch_cap) {
+            (Some(t), Some(c)) => Some(t.min(c)),
+            (t, c) => t.or(c),
+        };
+        (timeout, inner.stall_epoch)
+    };
     let (start, epoch, initial) = {
         let inner = shared.lock();
         match from {
@@ -1224,7 +1261,7 @@ fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Respo
         fname,
         api_version,
         start,
-        epoch,
+        (epoch, stall_epoch),
         bookmarks,
         deadline,
         initial,
@@ -1241,7 +1278,7 @@ fn event_stream(
     fname: Option<String>,
     api_version: String,
     start: u64,
-    epoch: u64,
+    (epoch, stall_epoch): (u64, u64),
     bookmarks: bool,
     deadline: Option<tokio::time::Instant>,
     initial: Vec<Value>,
@@ -1255,6 +1292,7 @@ fn event_stream(
         api_version: String,
         after: u64,
         epoch: u64,
+        stall_epoch: u64,
         bookmarks: bool,
         deadline: Option<tokio::time::Instant>,
         pending: VecDeque<Result<Bytes, Infallible>>,
@@ -1283,6 +1321,7 @@ fn event_stream(
         api_version,
         after: start,
         epoch,
+        stall_epoch,
         bookmarks,
         deadline,
         pending,
@@ -1298,6 +1337,10 @@ fn event_stream(
                 return None;
             }
             s.rx.borrow_and_update();
+            if s.shared.lock().stall_epoch != s.stall_epoch {
+                // Silent for good.
+                futures::future::pending::<()>().await;
+            }
             {
                 let inner = s.shared.lock();
                 if inner.expire_epoch != s.epoch || s.after < inner.oldest {

@@ -20,6 +20,9 @@ pub struct KubeDoubleTestBackend {
     pub window: usize,
     /// Whether the backend reads the initial state with watch-list requests.
     pub watch_list: bool,
+    /// Whether the double ends every watch this soon after it opened (as a real server ends
+    /// watches after their timeout), so that the backend must reopen them.
+    pub watch_cap: Option<std::time::Duration>,
 }
 
 impl Default for KubeDoubleTestBackend {
@@ -27,6 +30,7 @@ impl Default for KubeDoubleTestBackend {
         KubeDoubleTestBackend {
             window: 10_000,
             watch_list: false,
+            watch_cap: None,
         }
     }
 }
@@ -66,11 +70,20 @@ pub async fn connect(double: &ApiServerDouble) -> KubernetesBackend {
 /// # Panics
 /// If the kubeconfig the double wrote cannot be used.
 pub async fn connect_with(double: &ApiServerDouble, watch_list: bool) -> KubernetesBackend {
-    KubernetesBackend::connect(
-        KubernetesConfig::new(kvsync_model::demo::registry())
-            .with_kubeconfig(double.kubeconfig())
-            .with_watch_list(watch_list),
-    )
+    connect_configured(double, |c| c.with_watch_list(watch_list)).await
+}
+
+/// Connects the backend to a double with a configuration `configure` finishes.
+///
+/// # Panics
+/// If the kubeconfig the double wrote cannot be used.
+pub async fn connect_configured(
+    double: &ApiServerDouble,
+    configure: impl FnOnce(KubernetesConfig) -> KubernetesConfig,
+) -> KubernetesBackend {
+    KubernetesBackend::connect(configure(
+        KubernetesConfig::new(kvsync_model::demo::registry()).with_kubeconfig(double.kubeconfig()),
+    ))
     .await
     .expect("connect to the API server double")
 }
@@ -80,6 +93,9 @@ impl TestBackend for KubeDoubleTestBackend {
     async fn client(&self) -> TestClient {
         let double =
             Arc::new(ApiServerDouble::start(&Registry::with_demo_kinds(), self.window).await);
+        if let Some(cap) = self.watch_cap {
+            double.close_watches_after(cap);
+        }
         let backend = connect_with(&double, self.watch_list).await;
         let codec = kvsync_backend::Client::codec(&backend).clone();
         TestClient {
@@ -132,6 +148,23 @@ impl ClusterTestBackend {
             cleaned: std::sync::atomic::AtomicBool::new(false),
         };
         let kube = backend.connect().await.kube_client().clone();
+        // The Leases of the run's locks and elections live in a namespace of its own.
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(kube.clone());
+        let leases = backend.lease_namespace();
+        let ns = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": leases, "labels": {"app.kubernetes.io/created-by": "kvsync-tests"}}
+        }))
+        .expect("a namespace");
+        match namespaces.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("create namespace {leases}: {e}"),
+        }
+        backend
+            .namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(leases);
         let crds: Api<CustomResourceDefinition> = Api::all(kube);
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
         let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -181,10 +214,16 @@ impl ClusterTestBackend {
         &self.run
     }
 
+    /// The namespace of this run's lock Leases (made in [`Self::prepare`]).
+    fn lease_namespace(&self) -> String {
+        format!("{}-leases", self.run)
+    }
+
     async fn connect(&self) -> KubernetesBackend {
         KubernetesBackend::connect(
             KubernetesConfig::new(kvsync_model::demo::registry())
-                .with_kubeconfig(self.kubeconfig.clone()),
+                .with_kubeconfig(self.kubeconfig.clone())
+                .with_lease_namespace(self.lease_namespace()),
         )
         .await
         .expect("connect to the cluster")

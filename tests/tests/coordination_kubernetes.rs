@@ -281,3 +281,37 @@ async fn updates_keep_what_other_owners_set() {
         );
     }
 }
+
+/// A write into a namespace that does not exist says so (not NotFound of the key), and so does
+/// a lock whose Lease namespace is missing: an error at once, not a wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_namespace_is_named_as_such() {
+    let (double, backend) = start().await;
+    double.require_namespaces();
+    let err = backend
+        .create(KVPair::new(
+            ResourceKey::namespaced("NetworkPolicy", "nope", "p"),
+            json!({"order": 1.0, "selector": "all()"}),
+        ))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Invalid { field, reason } => {
+            assert_eq!(field, "namespace");
+            assert!(reason.contains("\"nope\" does not exist"), "{reason}");
+        }
+        other => panic!("{other}"),
+    }
+    let client: Arc<dyn Client> = backend;
+    let err = lock(
+        client,
+        "ctl",
+        &LockOptions::new().with_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::Invalid { reason, .. } if reason.contains("\"default\" does not exist")),
+        "{err}"
+    );
+}

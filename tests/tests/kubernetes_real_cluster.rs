@@ -109,8 +109,8 @@ async fn clients_of_one_cluster_never_see_each_others_keys() {
     }
     assert_eq!(
         double.namespaces().len(),
-        2,
-        "one fresh namespace per client"
+        3,
+        "one fresh namespace per client, and one for the run's lock Leases"
     );
     assert_eq!(double.object_count(), 4);
     let list = a

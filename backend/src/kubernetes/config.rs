@@ -34,6 +34,10 @@ pub struct KubernetesConfig {
     /// client-go's `--leader-elect-resource-namespace`); `None`: the kubeconfig context's
     /// namespace, in a pod its own namespace, else `default`.
     pub lease_namespace: Option<String>,
+    /// How long a watch may bring nothing, not even a bookmark, before it is taken for dead
+    /// and reopened from the last resourceVersion seen (3 minutes: three of the API server's
+    /// one-minute bookmark intervals). At least 100 ms.
+    pub watch_idle_timeout: std::time::Duration,
 }
 
 impl KubernetesConfig {
@@ -46,6 +50,7 @@ impl KubernetesConfig {
             registry: registry.into(),
             watch_list: false,
             lease_namespace: None,
+            watch_idle_timeout: std::time::Duration::from_secs(180),
         }
     }
 
@@ -68,6 +73,13 @@ impl KubernetesConfig {
     #[must_use]
     pub fn with_lease_namespace(mut self, namespace: impl Into<String>) -> Self {
         self.lease_namespace = Some(namespace.into());
+        self
+    }
+
+    /// Sets [`KubernetesConfig::watch_idle_timeout`].
+    #[must_use]
+    pub fn with_watch_idle_timeout(mut self, idle: std::time::Duration) -> Self {
+        self.watch_idle_timeout = idle;
         self
     }
 

@@ -40,6 +40,35 @@ pub(super) fn status_err(s: &Status, key: Option<&ResourceKey>, at: Option<&Revi
     }
 }
 
+/// What a refused write into a namespace says about the namespace itself, if anything: a
+/// `404` naming the namespace (it does not exist: not the object's NotFound), or a `403`
+/// because it is being deleted (not a question of permissions).
+pub(super) fn namespace_err(e: &kube::Error, namespace: Option<&str>) -> Option<Error> {
+    let (kube::Error::Api(s), Some(ns)) = (e, namespace) else {
+        return None;
+    };
+    let names_namespace = s.details.as_ref().is_some_and(|d| d.kind == "namespaces")
+        || s.message
+            .contains(&format!("namespaces \"{ns}\" not found"));
+    match s.code {
+        404 if names_namespace => Some(Error::Invalid {
+            field: "namespace".into(),
+            reason: format!("the namespace {ns:?} does not exist"),
+        }),
+        403 if s.message.contains("being terminated")
+            || s.details
+                .as_ref()
+                .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")) =>
+        {
+            Some(Error::Invalid {
+                field: "namespace".into(),
+                reason: format!("the namespace {ns:?} is being deleted"),
+            })
+        }
+        _ => None,
+    }
+}
+
 /// Maps a kube error onto the crate's kinds (see [`status_err`]).
 pub(super) fn map_err(e: kube::Error, key: Option<&ResourceKey>, at: Option<&Revision>) -> Error {
     match e {

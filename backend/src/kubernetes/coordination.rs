@@ -11,7 +11,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kvsync_model::{KVPair, ResourceKey, Revision};
 use serde_json::json;
 
-use super::convert::map_err;
+use super::convert::{map_err, namespace_err};
 use super::{KubernetesBackend, MAX_WRITE_RETRIES};
 use crate::error::{Error, Result};
 use crate::lock_record::{Fence, LockRecord, LockRecords};
@@ -134,7 +134,8 @@ impl LockRecords for KubernetesBackend {
                 expected: record.revision.clone(),
                 actual: None,
             }),
-            Err(e) => Err(map_err(e, Some(&key), None)),
+            Err(e) => Err(namespace_err(&e, Some(&self.lease_namespace))
+                .unwrap_or_else(|| map_err(e, Some(&key), None))),
         }
     }
 

@@ -4,7 +4,7 @@ use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Pre
 use kvsync_model::{DeleteOptions, GetOptions, KVPair, ResourceKey, Revision};
 use serde_json::json;
 
-use super::convert::{map_err, status_err};
+use super::convert::{map_err, namespace_err, status_err};
 use super::{KubernetesBackend, MAX_WRITE_RETRIES};
 use crate::error::{Error, Result};
 use crate::kernel::{check_delete, undecodable_last_value};
@@ -83,7 +83,8 @@ impl KubernetesBackend {
             Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::AlreadyExists {
                 key: kvp.key.clone(),
             }),
-            Err(e) => Err(map_err(e, Some(&kvp.key), None)),
+            Err(e) => Err(namespace_err(&e, kvp.key.namespace.as_deref())
+                .unwrap_or_else(|| map_err(e, Some(&kvp.key), None))),
         }
     }
 

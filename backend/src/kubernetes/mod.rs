@@ -17,7 +17,8 @@
 //! - `watch` follows on from `opts.revision` (from the current resourceVersion, read with a
 //!   one-object list, when it is `None`) with bookmarks requested. `410 Gone` (an expired
 //!   resourceVersion) is [`Error::Compacted`], so the Syncer relists; the server closing the
-//!   stream is a retryable [`Error::Unavailable`], so it resumes. kube's errors map onto the
+//!   stream (its `timeoutSeconds`) reopens it quietly from the last resourceVersion seen, and
+//!   so does a watch silent past [`KubernetesConfig::watch_idle_timeout`]. kube's errors map onto the
 //!   crate's kinds: 401/403 -> [`Error::Unauthorized`], 422 -> [`Error::Invalid`], 5xx and
 //!   transport errors -> [`Error::Unavailable`].
 //! - **TTLs are not supported** by the Kubernetes API: a KVPair with a `ttl` gets
@@ -81,6 +82,7 @@ pub struct KubernetesBackend {
     watch_list: bool,
     /// Where the Leases of locks and elections live.
     lease_namespace: String,
+    watch_idle_timeout: std::time::Duration,
 }
 
 impl fmt::Debug for KubernetesBackend {
@@ -121,11 +123,21 @@ impl KubernetesBackend {
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_owned());
         kvsync_model::validation::validate_namespace(&lease_namespace)?;
+        if config.watch_idle_timeout < std::time::Duration::from_millis(100) {
+            return Err(Error::invalid(
+                "watch_idle_timeout",
+                format!(
+                    "must be at least 100 ms, not {:?}",
+                    config.watch_idle_timeout
+                ),
+            ));
+        }
         Ok(KubernetesBackend {
             client,
             codec: PathCodec::with_registry(config.registry),
             watch_list: config.watch_list,
             lease_namespace,
+            watch_idle_timeout: config.watch_idle_timeout,
         })
     }
 

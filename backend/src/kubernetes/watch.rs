@@ -1,14 +1,164 @@
-//! Watches from a resourceVersion, with bookmarks; `410 Gone` is `Compacted`.
+//! Watches from a resourceVersion, with bookmarks, that outlive the API server's own ends:
+//!
+//! - a normal close (the server's `timeoutSeconds`, a restart of the watch cache) reopens the
+//!   watch from the last resourceVersion seen, without an error to the consumer;
+//! - a watch silent for longer than [`KubernetesConfig::watch_idle_timeout`] (no event, no
+//!   bookmark: the API server sends one about every minute) is treated as dead and reopened
+//!   the same way;
+//! - `410 Gone` ends the stream with [`Error::Compacted`](crate::Error::Compacted) (the caller relists), and other
+//!   errors end it with their kind.
+//!
+//! Reopens that the server closes again at once back off (100 ms doubling up to 5 s), so a
+//! server that keeps ending watches is not stormed.
+//!
+//! [`KubernetesConfig::watch_idle_timeout`]: super::KubernetesConfig::watch_idle_timeout
 
-use futures::{StreamExt, TryStreamExt};
-use kube::api::{DynamicObject, ListParams, WatchEvent as KubeEvent, WatchParams};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use kube::api::{Api, DynamicObject, ListParams, WatchEvent as KubeEvent, WatchParams};
 use kvsync_model::{ListOptions, Revision};
 
 use super::KubernetesBackend;
 use super::convert::{map_err, status_err};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernel::{fuse_after_error, put_event};
 use crate::watch::{WatchEvent, WatchStream};
+
+/// How long the API server may keep one watch open (it picks its own, shorter, limit too).
+const WATCH_TIMEOUT_SECS: u32 = 290;
+
+type KubeStream = BoxStream<'static, kube::Result<KubeEvent<DynamicObject>>>;
+
+/// One watch, reopened from `last` as the server ends its streams.
+struct Resuming {
+    this: KubernetesBackend,
+    api: Api<DynamicObject>,
+    opts: ListOptions,
+    /// The last resourceVersion seen (of an event or a bookmark).
+    last: String,
+    stream: Option<KubeStream>,
+    /// Whether the current stream delivered anything yet.
+    delivered: bool,
+    /// The pause before the next reopen, after streams that ended without delivering.
+    backoff: Duration,
+}
+
+impl Resuming {
+    async fn open(&mut self) -> Result<()> {
+        let wp = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
+        let at = Revision::from(self.last.as_str());
+        let stream = self
+            .api
+            .watch(&wp, &self.last)
+            .await
+            .map_err(|e| map_err(e, None, Some(&at)))?;
+        self.stream = Some(stream.boxed());
+        self.delivered = false;
+        Ok(())
+    }
+
+    /// Drops the current stream; the next one opens after a pause when this one brought
+    /// nothing.
+    async fn reopen_later(&mut self, why: &str) {
+        self.stream = None;
+        if self.delivered {
+            self.backoff = Duration::ZERO;
+        } else {
+            self.backoff =
+                (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            tokio::time::sleep(self.backoff).await;
+        }
+        tracing::debug!(kind = %self.opts.kind, from = %self.last, why, "reopening the watch");
+    }
+
+    /// The next event for the consumer: `None` never comes (errors end the stream).
+    async fn next(&mut self) -> Result<WatchEvent> {
+        let idle = self.this.watch_idle_timeout;
+        loop {
+            if self.stream.is_none() {
+                self.open().await?;
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                continue;
+            };
+            let item = match tokio::time::timeout(idle, stream.next()).await {
+                Err(_) => {
+                    tracing::warn!(
+                        kind = %self.opts.kind,
+                        idle = ?idle,
+                        "a watch brought nothing, not even a bookmark, for too long: reopening it"
+                    );
+                    self.reopen_later("idle").await;
+                    continue;
+                }
+                Ok(None) => {
+                    self.reopen_later("closed by the server").await;
+                    continue;
+                }
+                Ok(Some(item)) => item,
+            };
+            self.delivered = true;
+            let at = Revision::from(self.last.as_str());
+            let event = item.map_err(|e| map_err(e, None, Some(&at)))?;
+            if let Some(out) = self.convert(event)? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The consumer's event for one of the server's, if `opts` covers it; notes its
+    /// resourceVersion as the place to resume from.
+    fn convert(&mut self, event: KubeEvent<DynamicObject>) -> Result<Option<WatchEvent>> {
+        let kind = &self.opts.kind;
+        let (obj, created) = match event {
+            KubeEvent::Bookmark(b) => {
+                self.last.clone_from(&b.metadata.resource_version);
+                return Ok(Some(WatchEvent::Bookmark(Revision::from(
+                    b.metadata.resource_version,
+                ))));
+            }
+            KubeEvent::Error(s) => {
+                return Err(status_err(
+                    &s,
+                    None,
+                    Some(&Revision::from(self.last.as_str())),
+                ));
+            }
+            KubeEvent::Added(o) => (o, Some(true)),
+            KubeEvent::Modified(o) => (o, Some(false)),
+            KubeEvent::Deleted(o) => (o, None),
+        };
+        if let Some(rv) = &obj.metadata.resource_version {
+            self.last.clone_from(rv);
+        }
+        let decoded = self.this.decode(kind, obj);
+        Ok(match created {
+            Some(created) => put_event(&self.opts, decoded, created, None),
+            None => match decoded {
+                Ok(k) if self.opts.matches(&k.key) => Some(WatchEvent::Deleted {
+                    key: k.key.clone(),
+                    revision: k.revision.clone().unwrap_or_else(|| Revision::from("")),
+                    old: Some(k),
+                }),
+                Ok(_) => None,
+                // Gone without a readable value: still gone.
+                Err(f) => {
+                    let f = *f;
+                    let revision = f.revision.unwrap_or_else(|| Revision::from(""));
+                    f.key
+                        .filter(|key| self.opts.matches(key))
+                        .map(|key| WatchEvent::Deleted {
+                            key,
+                            revision,
+                            old: None,
+                        })
+                }
+            },
+        })
+    }
+}
 
 impl KubernetesBackend {
     pub(super) async fn open_watch(&self, opts: &ListOptions) -> Result<WatchStream> {
@@ -24,65 +174,21 @@ impl KubernetesBackend {
                 page.metadata.resource_version.unwrap_or_default()
             }
         };
-        let wp = WatchParams::default().timeout(290);
-        let requested = Revision::from(from.as_str());
-        let stream = api
-            .watch(&wp, &from)
-            .await
-            .map_err(|e| map_err(e, None, Some(&requested)))?;
-        let kind = opts.kind.clone();
-        let opts = opts.clone();
-        let this = self.clone();
-        let at = requested.clone();
-        let events = stream
-            .map_err(move |e| map_err(e, None, Some(&at)))
-            .filter_map(move |item| {
-                let out = match item {
-                    Err(e) => Some(Err(e)),
-                    Ok(KubeEvent::Bookmark(b)) => Some(Ok(WatchEvent::Bookmark(Revision::from(
-                        b.metadata.resource_version,
-                    )))),
-                    Ok(KubeEvent::Error(s)) => Some(Err(status_err(&s, None, Some(&requested)))),
-                    Ok(KubeEvent::Added(o)) => convert(&this, &kind, &opts, o, true),
-                    Ok(KubeEvent::Modified(o)) => convert(&this, &kind, &opts, o, false),
-                    Ok(KubeEvent::Deleted(o)) => match this.decode(&kind, o) {
-                        Ok(k) if opts.matches(&k.key) => Some(Ok(WatchEvent::Deleted {
-                            key: k.key.clone(),
-                            revision: k.revision.clone().unwrap_or_else(|| Revision::from("")),
-                            old: Some(k),
-                        })),
-                        Ok(_) => None,
-                        // Gone without a readable value: still gone.
-                        Err(f) => {
-                            let f = *f;
-                            let revision = f.revision.unwrap_or_else(|| Revision::from(""));
-                            f.key.filter(|key| opts.matches(key)).map(|key| {
-                                Ok(WatchEvent::Deleted {
-                                    key,
-                                    revision,
-                                    old: None,
-                                })
-                            })
-                        }
-                    },
-                };
-                futures::future::ready(out)
-            });
-        // An error ends the stream; so does the server closing it, which is retryable.
-        let ended = futures::stream::once(async {
-            Err(Error::unavailable("the API server closed the watch"))
+        let mut watch = Resuming {
+            this: self.clone(),
+            api,
+            opts: opts.clone(),
+            last: from,
+            stream: None,
+            delivered: false,
+            backoff: Duration::ZERO,
+        };
+        // The first open answers here: a refused watch is the caller's error at once.
+        watch.open().await?;
+        let events = futures::stream::unfold(watch, |mut w| async move {
+            let item = w.next().await;
+            Some((item, w))
         });
-        Ok(fuse_after_error(events.chain(ended)))
+        Ok(fuse_after_error(events))
     }
-}
-
-/// The watch event of an added or modified object, if `opts` covers it.
-fn convert(
-    this: &KubernetesBackend,
-    kind: &str,
-    opts: &ListOptions,
-    obj: DynamicObject,
-    created: bool,
-) -> Option<Result<WatchEvent>> {
-    put_event(opts, this.decode(kind, obj), created, None).map(Ok)
 }
