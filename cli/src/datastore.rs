@@ -69,9 +69,14 @@ pub struct DatastoreArgs {
     #[arg(long, env = "KUBECONFIG", global = true)]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Read the initial state with streaming watch-list requests (kubernetes datastore; needs
-    /// Kubernetes 1.27+ with WatchList and etcd 3.4.31+ under the API server).
-    #[arg(long, env = "KVSYNC_KUBE_WATCH_LIST", global = true)]
+    /// Read the initial state with paged LISTs only (kubernetes datastore). By default it is
+    /// read with streaming watch-list requests where the API server serves them (Kubernetes
+    /// 1.27+ with WatchList, etcd 3.4.31+ under it), and with paged LISTs where it does not.
+    #[arg(long, env = "KVSYNC_KUBE_PAGED_LISTS", global = true)]
+    pub kube_paged_lists: bool,
+
+    /// Accepted for scripts written before watch-list requests became the default.
+    #[arg(long, env = "KVSYNC_KUBE_WATCH_LIST", global = true, hide = true)]
     pub kube_watch_list: bool,
 
     /// The key prefix.
@@ -165,7 +170,7 @@ impl DatastoreArgs {
             }
             DatastoreType::Kubernetes => {
                 let mut config = KubernetesConfig::new(kvsync_model::demo::registry())
-                    .with_watch_list(self.kube_watch_list);
+                    .with_watch_list(!self.kube_paged_lists);
                 if let Some(path) = &self.kubeconfig {
                     config = config.with_kubeconfig(path.clone());
                 }

@@ -385,13 +385,15 @@ fn the_cli_works_against_the_kubernetes_api_server_double() {
             .unwrap()
     };
     apply_get_and_watch_pools(&run, &pools);
-    let out = run(&["--kube-watch-list", "get", "ippools", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(
-        v["items"].as_array().map(Vec::len),
-        Some(2),
-        "watch-list reads the same"
-    );
+    for flag in ["--kube-paged-lists", "--kube-watch-list"] {
+        let out = run(&[flag, "get", "ippools", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(
+            v["items"].as_array().map(Vec::len),
+            Some(2),
+            "{flag} reads the same"
+        );
+    }
     let out = run(&["delete", "ippool", "pool-a"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = env

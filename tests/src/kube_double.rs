@@ -97,6 +97,10 @@ struct Inner {
     watch_cap: Option<Duration>,
     /// Bumped to make every open watch go silent (no events, no bookmarks, never closed).
     stall_epoch: u64,
+    /// How watch-list requests (`sendInitialEvents`) are refused, if they are.
+    refuse_watch_list: Option<(u16, String)>,
+    /// How many watch-list requests came.
+    watch_list_requests: u64,
 }
 
 #[derive(Clone)]
@@ -206,6 +210,8 @@ impl ApiServerDouble {
                 strict_namespaces: false,
                 watch_cap: None,
                 stall_epoch: 0,
+                refuse_watch_list: None,
+                watch_list_requests: 0,
             })),
             changed: watch::Sender::new(0),
         };
@@ -308,6 +314,24 @@ impl ApiServerDouble {
     /// the real server ends a watch after its `timeoutSeconds` or its own request timeout.
     pub fn close_watches_after(&self, cap: Duration) {
         self.shared.lock().watch_cap = Some(cap);
+    }
+
+    /// Refuses watch-list requests as a server that cannot serve them does: `500` with
+    /// "RequestWatchProgress is disabled" (etcd 3.4 under the API server, as a real server
+    /// answered), or `422` with the validation message of a server without the WatchList
+    /// feature ("sendInitialEvents is forbidden for watch unless the WatchList feature gate is
+    /// enabled").
+    pub fn refuse_watch_list(&self, code: u16) {
+        let message = match code {
+            500 => "etcdserver: RequestWatchProgress is disabled".to_owned(),
+            _ => "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled".to_owned(),
+        };
+        self.shared.lock().refuse_watch_list = Some((code, message));
+    }
+
+    /// How many watch-list requests (`sendInitialEvents=true`) were made.
+    pub fn watch_list_requests(&self) -> u64 {
+        self.shared.lock().watch_list_requests
     }
 
     /// Makes every watch open now go silent for good: no events, no bookmarks, no end (a
@@ -1218,6 +1242,18 @@ fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Respo
             "Invalid",
             "sendInitialEvents needs resourceVersionMatch=NotOlderThan and allowWatchBookmarks=true",
         );
+    }
+    if initial_events {
+        let mut inner = shared.lock();
+        inner.watch_list_requests += 1;
+        if let Some((code, message)) = inner.refuse_watch_list.clone() {
+            let reason = if code == 500 {
+                "InternalError"
+            } else {
+                "Invalid"
+            };
+            return fail(code, reason, message);
+        }
     }
     let mut rx = shared.changed.subscribe();
     let (timeout, stall_epoch) = {

@@ -158,6 +158,67 @@ async fn a_silent_watch_is_reopened_and_misses_nothing() {
     assert_eq!(added(&mut watch, 4).await, ["p2", "p3", "p4", "p5"]);
 }
 
+/// By default the state is read with one watch-list request, and the watch that follows on
+/// from that list continues the same stream: no second request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_list_read_goes_on_as_the_watch_on_the_same_stream() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 10_000).await;
+    let client = kvsync_tests::kubernetes::connect_configured(&double, |c| c).await;
+    write_pools(&client, 3, Duration::ZERO).await;
+    let gets = double.requests("GET");
+    let list = client
+        .list(&ListOptions::new("IPPool"))
+        .await
+        .expect("list");
+    assert_eq!(list.items.len(), 3);
+    assert_eq!(double.watch_list_requests(), 1, "watch-list is the default");
+    let mut watch = client
+        .watch(&ListOptions::new("IPPool").with_revision(list.revision.clone()))
+        .await
+        .expect("watch");
+    assert_eq!(
+        double.requests("GET") - gets,
+        1,
+        "the watch continued the list's stream"
+    );
+    client
+        .create(KVPair::new(
+            ResourceKey::cluster("IPPool", "later"),
+            json!({"cidr": "10.9.0.0/16"}),
+        ))
+        .await
+        .expect("create");
+    assert_eq!(added(&mut watch, 1).await, ["later"]);
+    // A watch from another revision opens a request of its own.
+    let _other = client
+        .watch(&ListOptions::new("IPPool").with_revision(list.revision))
+        .await
+        .expect("watch");
+    assert_eq!(double.requests("GET") - gets, 2);
+}
+
+/// A server that refuses watch-list requests (500 "RequestWatchProgress is disabled" with etcd
+/// 3.4 under it, 422 without the WatchList feature): the list falls back to paged lists, and
+/// no later list asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_watch_list_falls_back_to_paged_lists_once() {
+    for code in [500, 422] {
+        let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 10_000).await;
+        double.refuse_watch_list(code);
+        let client = kvsync_tests::kubernetes::connect_configured(&double, |c| c).await;
+        write_pools(&client, 3, Duration::ZERO).await;
+        for kind in ["IPPool", "Node", "IPPool"] {
+            let list = client.list(&ListOptions::new(kind)).await.expect("list");
+            assert_eq!(list.items.len(), if kind == "IPPool" { 3 } else { 0 });
+        }
+        assert_eq!(
+            double.watch_list_requests(),
+            1,
+            "{code}: asked once, then paged lists for every kind"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_in_the_middle_of_a_watch_relists_and_sends_the_difference() {
     let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 10_000).await;

@@ -10,10 +10,13 @@
 //! - `delete` reads the object, then deletes it with that read's resourceVersion and uid as
 //!   preconditions, reading again on 409: a real API server answers the DELETE of a custom
 //!   resource with a `Status`, not the object, so the value read is the last value returned.
-//! - `list_pages` hands on the API server's pages (`limit`/`continue`) as they come; all
-//!   pages are one snapshot, at the first page's resourceVersion. With
-//!   [`KubernetesConfig::watch_list`] the list is one streaming watch-list request
-//!   (`sendInitialEvents`), read up to its `k8s.io/initial-events-end` bookmark.
+//! - `list_pages` reads with one streaming watch-list request by default
+//!   ([`KubernetesConfig::watch_list`]: `sendInitialEvents`, a consistent read), up to its
+//!   `k8s.io/initial-events-end` bookmark; the rest of that stream is kept for the watch
+//!   that follows on from the list (same options, the list's revision), which then opens no
+//!   second request. Where the server refuses watch-list requests, one log line, then paged
+//!   lists for good: the API server's pages (`limit`/`continue`) as they come, all one
+//!   snapshot at the first page's resourceVersion.
 //! - `watch` follows on from `opts.revision` (from the current resourceVersion, read with a
 //!   one-object list, when it is `None`) with bookmarks requested. `410 Gone` (an expired
 //!   resourceVersion) is [`Error::Compacted`], so the Syncer relists; the server closing the
@@ -83,6 +86,10 @@ pub struct KubernetesBackend {
     /// Where the Leases of locks and elections live.
     lease_namespace: String,
     watch_idle_timeout: std::time::Duration,
+    /// Set once the API server refused a watch-list request: paged lists from then on.
+    watch_list_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Watch-list streams waiting for the watch that follows on from their list.
+    parked: std::sync::Arc<std::sync::Mutex<Vec<list::Parked>>>,
 }
 
 impl fmt::Debug for KubernetesBackend {
@@ -138,6 +145,8 @@ impl KubernetesBackend {
             watch_list: config.watch_list,
             lease_namespace,
             watch_idle_timeout: config.watch_idle_timeout,
+            watch_list_refused: std::sync::Arc::default(),
+            parked: std::sync::Arc::default(),
         })
     }
 

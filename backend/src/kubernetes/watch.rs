@@ -27,9 +27,9 @@ use crate::kernel::{fuse_after_error, put_event};
 use crate::watch::{WatchEvent, WatchStream};
 
 /// How long the API server may keep one watch open (it picks its own, shorter, limit too).
-const WATCH_TIMEOUT_SECS: u32 = 290;
+pub(super) const WATCH_TIMEOUT_SECS: u32 = 290;
 
-type KubeStream = BoxStream<'static, kube::Result<KubeEvent<DynamicObject>>>;
+pub(super) type KubeStream = BoxStream<'static, kube::Result<KubeEvent<DynamicObject>>>;
 
 /// One watch, reopened from `last` as the server ends its streams.
 struct Resuming {
@@ -179,12 +179,14 @@ impl KubernetesBackend {
             api,
             opts: opts.clone(),
             last: from,
-            stream: None,
+            stream: self.take_parked(opts),
             delivered: false,
             backoff: Duration::ZERO,
         };
         // The first open answers here: a refused watch is the caller's error at once.
-        watch.open().await?;
+        if watch.stream.is_none() {
+            watch.open().await?;
+        }
         let events = futures::stream::unfold(watch, |mut w| async move {
             let item = w.next().await;
             Some((item, w))
