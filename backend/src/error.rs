@@ -119,6 +119,30 @@ impl Error {
         matches!(self, Error::Unavailable { .. })
     }
 
+    /// How long the datastore asked the caller to wait before trying again (a Kubernetes API
+    /// server's `429 Too Many Requests` with `Retry-After`), if it did: the source of an
+    /// [`Error::Unavailable`] is then a [`RetryAfter`]. Retry loops wait at least this long.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use kvsync_backend::{Error, RetryAfter};
+    ///
+    /// let e = Error::Unavailable {
+    ///     message: "too many requests".into(),
+    ///     source: Some(Box::new(RetryAfter::new(Duration::from_secs(3), "throttled"))),
+    /// };
+    /// assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+    /// assert_eq!(Error::unavailable("down").retry_after(), None);
+    /// ```
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Unavailable {
+                source: Some(s), ..
+            } => s.downcast_ref::<RetryAfter>().map(|r| r.after),
+            _ => None,
+        }
+    }
+
     /// An [`Error::Unavailable`] with a message and no source.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Error::Unavailable {
@@ -149,6 +173,27 @@ impl From<kvsync_model::Error> for Error {
                 field: "key".into(),
                 reason: other.to_string(),
             },
+        }
+    }
+}
+
+/// The datastore's request to wait before trying again: the source of an
+/// [`Error::Unavailable`] (see [`Error::retry_after`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (retry after {after:?})")]
+pub struct RetryAfter {
+    /// How long to wait.
+    pub after: std::time::Duration,
+    /// What the datastore said.
+    pub message: String,
+}
+
+impl RetryAfter {
+    /// A request to wait `after`, with the datastore's message.
+    pub fn new(after: std::time::Duration, message: impl Into<String>) -> Self {
+        RetryAfter {
+            after,
+            message: message.into(),
         }
     }
 }

@@ -54,7 +54,7 @@ mod watch;
 
 pub use client::{Api, Capabilities, Client, ListPages, WriteMode};
 pub use election::{Election, ElectionOptions, Leadership};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, Result, RetryAfter};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdConfig};
 #[cfg(feature = "testing")]

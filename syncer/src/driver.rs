@@ -692,7 +692,12 @@ impl TypeRun {
                 Input::CurrentRevision(current)
             }
             Action::Backoff(attempt) => {
-                let delay = self.task.retry.delay(attempt);
+                // At least as long as the datastore asked (429 Retry-After).
+                let delay = self
+                    .task
+                    .retry
+                    .delay(attempt)
+                    .max(self.state.retry_after().unwrap_or_default());
                 warn!(attempt, ?delay, "retrying after backoff");
                 tokio::time::sleep(delay).await;
                 Input::BackoffElapsed

@@ -110,6 +110,11 @@ pub(crate) struct TypeState {
     pending: Pending,
     /// Events since the current watch opened, to back off a watch that breaks at once.
     events_in_watch: u64,
+    /// Relists in a row because the resume point was compacted, with no event between: the
+    /// second and later back off, so a server whose history keeps expiring is not stormed.
+    compacted_in_a_row: u32,
+    /// How long the datastore asked to wait before the next try (429 Retry-After).
+    retry_after: Option<std::time::Duration>,
     /// While resuming after an outage: the revision to reach before being in sync again.
     catch_up: Option<u64>,
     /// Resume after an outage when the revisions missed are at most tracked keys / this;
@@ -172,6 +177,8 @@ impl TypeState {
             attempt: 0,
             pending: Pending::List,
             events_in_watch: 0,
+            compacted_in_a_row: 0,
+            retry_after: None,
             relist: None,
         }
     }
@@ -199,6 +206,7 @@ impl TypeState {
     }
 
     fn fail(&mut self, err: Error, then: Pending, out: &mut Vec<Out>) -> Action {
+        self.retry_after = err.retry_after();
         self.set_status(TypeStatus::Waiting, out);
         out.push(Out::Error(err));
         self.attempt = self.attempt.saturating_add(1);
@@ -234,7 +242,7 @@ impl TypeState {
             }
             Input::WatchFailedToStart(err) => match err {
                 // The resume point is gone: relist and diff.
-                Error::Compacted { .. } => Action::List,
+                Error::Compacted { .. } => self.on_compacted(),
                 // Unreachable (or refused): wait, then relist, since a long gap may follow.
                 err => self.fail(err, Pending::List, &mut out),
             },
@@ -244,13 +252,17 @@ impl TypeState {
                 self.check_caught_up(&mut out);
                 Action::Continue
             }
-            Input::WatchBroken(Error::Compacted { .. }) => Action::List,
+            Input::WatchBroken(Error::Compacted { .. }) => self.on_compacted(),
             Input::WatchBroken(err) if err.is_retryable() => {
+                self.retry_after = err.retry_after();
                 out.push(Out::Error(err));
                 self.on_watch_closed()
             }
             Input::WatchBroken(err) => self.fail(err, Pending::List, &mut out),
-            Input::WatchEnded => self.on_watch_closed(),
+            Input::WatchEnded => {
+                self.retry_after = None;
+                self.on_watch_closed()
+            }
             Input::BackoffElapsed => match self.pending {
                 // After an outage, resuming may be cheaper than relisting: look at the gap.
                 Pending::List
@@ -311,6 +323,28 @@ impl TypeState {
 
     /// A watch closed with a retryable error: resume it from the last revision at once, but
     /// back off if it closed before delivering anything (a flapping connection).
+    /// The resume point is gone: relist and diff, at once the first time; again right after a
+    /// relist (no event came between), after a backoff.
+    fn on_compacted(&mut self) -> Action {
+        if self.events_in_watch > 0 {
+            self.compacted_in_a_row = 0;
+        }
+        self.compacted_in_a_row = self.compacted_in_a_row.saturating_add(1);
+        if self.compacted_in_a_row == 1 {
+            return Action::List;
+        }
+        self.retry_after = None;
+        self.attempt = self.attempt.saturating_add(1);
+        self.pending = Pending::List;
+        Action::Backoff(self.attempt)
+    }
+
+    /// How long the datastore asked to wait before the next try, if it did (a
+    /// Kubernetes API server's 429 with Retry-After): a backoff lasts at least this.
+    pub(crate) fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
+    }
+
     fn on_watch_closed(&mut self) -> Action {
         if self.events_in_watch == 0 {
             self.attempt = self.attempt.saturating_add(1);
@@ -739,6 +773,58 @@ mod tests {
             s.step(Input::BackoffElapsed).action,
             Action::Watch(6u64.into())
         );
+    }
+
+    #[test]
+    fn compactions_in_a_row_relist_at_once_then_back_off() {
+        let compacted = || Error::Compacted {
+            requested: 1u64.into(),
+            compacted: None,
+        };
+        let mut s = TypeState::new("IPPool", None, Some(20));
+        s.step(Input::Listed(list(vec![], 1)));
+        s.step(Input::WatchStarted);
+        assert_eq!(
+            s.step(Input::WatchBroken(compacted())).action,
+            Action::List,
+            "the first relists at once"
+        );
+        s.step(Input::Listed(list(vec![], 5)));
+        s.step(Input::WatchStarted);
+        let st = s.step(Input::WatchBroken(compacted()));
+        assert_eq!(
+            st.action,
+            Action::Backoff(1),
+            "again before any event: wait"
+        );
+        assert!(statuses(&st).is_empty(), "not an outage");
+        assert_eq!(s.step(Input::BackoffElapsed).action, Action::List);
+        s.step(Input::Listed(list(vec![], 9)));
+        s.step(Input::WatchStarted);
+        s.step(Input::Event(WatchEvent::Bookmark(10u64.into())));
+        assert_eq!(
+            s.step(Input::WatchBroken(compacted())).action,
+            Action::List,
+            "after a watch that worked, at once again"
+        );
+    }
+
+    #[test]
+    fn a_retry_after_from_the_datastore_is_kept_for_the_backoff() {
+        let throttled = || Error::Unavailable {
+            message: "429".into(),
+            source: Some(Box::new(kvsync_backend::RetryAfter::new(
+                std::time::Duration::from_secs(3),
+                "too many requests",
+            ))),
+        };
+        let mut s = TypeState::new("IPPool", None, Some(20));
+        let st = s.step(Input::ListFailed(throttled()));
+        assert_eq!(st.action, Action::Backoff(1));
+        assert_eq!(s.retry_after(), Some(std::time::Duration::from_secs(3)));
+        s.step(Input::BackoffElapsed);
+        s.step(Input::ListFailed(Error::unavailable("down")));
+        assert_eq!(s.retry_after(), None, "only the error that asked");
     }
 
     #[test]

@@ -40,7 +40,8 @@
 //!   and after half a second without events (the real server sends one about every minute);
 //!   a watch ends after its `timeoutSeconds` (or [`ApiServerDouble::close_watches_after`]),
 //!   not after a randomized request timeout;
-//! - authorization beyond one bearer token (no RBAC, no 403s), admission, rate limits (429).
+//! - authorization beyond one bearer token (no RBAC, no 403s), admission; rate limits only as
+//!   asked for ([`ApiServerDouble::throttle`]: 429 with Retry-After).
 
 // Handlers return the error response itself; boxing it would only add noise to a test server.
 #![allow(clippy::result_large_err)]
@@ -101,6 +102,8 @@ struct Inner {
     refuse_watch_list: Option<(u16, String)>,
     /// How many watch-list requests came.
     watch_list_requests: u64,
+    /// The next this many requests are throttled (429) with this retryAfterSeconds.
+    throttle: (u64, u32),
 }
 
 #[derive(Clone)]
@@ -212,6 +215,7 @@ impl ApiServerDouble {
                 stall_epoch: 0,
                 refuse_watch_list: None,
                 watch_list_requests: 0,
+                throttle: (0, 0),
             })),
             changed: watch::Sender::new(0),
         };
@@ -327,6 +331,12 @@ impl ApiServerDouble {
             _ => "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled".to_owned(),
         };
         self.shared.lock().refuse_watch_list = Some((code, message));
+    }
+
+    /// Answers the next `n` requests with `429 Too Many Requests`, as API priority and
+    /// fairness does: a `Retry-After` header and `details.retryAfterSeconds`.
+    pub fn throttle(&self, n: u64, retry_after_seconds: u32) {
+        self.shared.lock().throttle = (n, retry_after_seconds);
     }
 
     /// How many watch-list requests (`sendInitialEvents=true`) were made.
@@ -536,6 +546,21 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     {
         let mut inner = shared.lock();
         *inner.requests.entry(method.to_string()).or_default() += 1;
+        if inner.throttle.0 > 0 {
+            inner.throttle.0 -= 1;
+            let secs = inner.throttle.1;
+            let mut body = status(
+                429,
+                "TooManyRequests",
+                "Too many requests, please try again later.",
+            );
+            body["details"] = json!({"retryAfterSeconds": secs});
+            let mut resp = reply(429, &body);
+            if let Ok(v) = secs.to_string().parse() {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return resp;
+        }
         if let Some(token) = &inner.token {
             let auth = req
                 .headers()

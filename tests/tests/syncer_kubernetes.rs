@@ -219,6 +219,41 @@ async fn a_refused_watch_list_falls_back_to_paged_lists_once() {
     }
 }
 
+/// Throttled requests (429 with Retry-After, as API priority and fairness answers) are
+/// retried after the time the server asks for (kube's server-aware retry; past its retries the
+/// backend's error carries the time, see `Error::retry_after`), and a Syncer comes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_requests_wait_as_the_server_asks_and_the_syncer_gets_through() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 10_000).await;
+    let client: Arc<dyn Client> = Arc::new(connect(&double).await);
+    write_pools(&*client, 2, Duration::ZERO).await;
+    double.throttle(2, 1);
+    let t0 = std::time::Instant::now();
+    let list = client
+        .list(&ListOptions::new("IPPool"))
+        .await
+        .expect("list");
+    assert_eq!(list.items.len(), 2);
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "each retry waited the second the server asked for: {:?}",
+        t0.elapsed()
+    );
+    double.throttle(3, 1);
+    let consumer = CheckingConsumer::start(
+        Syncer::new(client.clone())
+            .with_resource(ResourceType::new(ListOptions::new("IPPool")))
+            .stream(),
+    );
+    let expected = datastore_state(&*client, &[ListOptions::new("IPPool")]).await;
+    let ok = consumer
+        .wait_for(Duration::from_secs(30), |s| {
+            s.status() == Some(SyncStatus::InSync) && s.cache == expected
+        })
+        .await;
+    assert!(ok, "{}", consumer.with(|s| diff(&expected, &s.cache)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_in_the_middle_of_a_watch_relists_and_sends_the_difference() {
     let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 10_000).await;

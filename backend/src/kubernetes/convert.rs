@@ -29,6 +29,22 @@ pub(super) fn status_err(s: &Status, key: Option<&ResourceKey>, at: Option<&Revi
             },
         },
         (401 | 403, _) => Error::Unauthorized { message },
+        // Throttled (API priority and fairness, max-in-flight): wait as long as the server
+        // asks (details.retryAfterSeconds, which it also sends as Retry-After; 1 s if absent).
+        (429, _) => {
+            let secs = s
+                .details
+                .as_ref()
+                .map_or(0, |d| d.retry_after_seconds)
+                .max(1);
+            Error::Unavailable {
+                message: format!("kubernetes: {message} (429)"),
+                source: Some(Box::new(crate::error::RetryAfter::new(
+                    std::time::Duration::from_secs(u64::from(secs)),
+                    message,
+                ))),
+            }
+        }
         (400 | 422, _) => Error::Invalid {
             field: "object".into(),
             reason: format!("the API server refused it: {message}"),
@@ -90,4 +106,67 @@ pub(super) fn api_resource(info: &KindInfo) -> ApiResource {
         &GroupVersionKind::gvk(&info.group, &info.version, &info.kind),
         &info.plural,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16, reason: &str, details: serde_json::Value) -> Status {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "code": code, "reason": reason, "message": "Too many requests, please try again later.",
+            "details": details,
+        }))
+        .expect("a status")
+    }
+
+    #[test]
+    fn a_429_is_retryable_and_carries_the_servers_retry_after() {
+        let e = status_err(
+            &status(
+                429,
+                "TooManyRequests",
+                serde_json::json!({"retryAfterSeconds": 4}),
+            ),
+            None,
+            None,
+        );
+        assert!(e.is_retryable(), "{e}");
+        assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(4)));
+        let e = status_err(
+            &status(429, "TooManyRequests", serde_json::json!({})),
+            None,
+            None,
+        );
+        assert_eq!(
+            e.retry_after(),
+            Some(std::time::Duration::from_secs(1)),
+            "a second when the server names no time"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_terminating_namespace_is_named() {
+        let missing = kube::Error::Api(Box::new(
+            serde_json::from_value(serde_json::json!({
+                "code": 404, "reason": "NotFound", "message": "namespaces \"x\" not found",
+                "details": {"name": "x", "kind": "namespaces"},
+            }))
+            .expect("a status"),
+        ));
+        let e = namespace_err(&missing, Some("x")).expect("named");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        let terminating = kube::Error::Api(Box::new(
+            serde_json::from_value(serde_json::json!({
+                "code": 403, "reason": "Forbidden",
+                "message": "ippools \"p\" is forbidden: unable to create new content in namespace x because it is being terminated",
+                "details": {"name": "p", "kind": "ippools", "causes": [{"reason": "NamespaceTerminating", "field": "metadata.namespace"}]},
+            }))
+            .expect("a status"),
+        ));
+        let e = namespace_err(&terminating, Some("x")).expect("named");
+        assert!(e.to_string().contains("being deleted"), "{e}");
+        assert!(namespace_err(&missing, None).is_none(), "cluster-scoped");
+    }
 }
