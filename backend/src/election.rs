@@ -240,7 +240,7 @@ impl Election {
     }
 
     fn jittered_retry(&self) -> Duration {
-        let jitter = rand_fraction() * 0.2;
+        let jitter = crate::kernel::rand_fraction() * 0.2;
         self.options.retry_period.mul_f64(1.0 + jitter)
     }
 
@@ -327,16 +327,4 @@ impl Election {
         )
         .boxed()
     }
-}
-
-/// A number in [0, 1) for jitter, without a random number crate.
-fn rand_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos().into()),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }

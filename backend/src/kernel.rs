@@ -282,3 +282,15 @@ impl<B, R, E> LogTail<B, R, E> {
         fuse_after_error(futures::stream::unfold(self, next))
     }
 }
+
+/// A number in [0, 1) for jitter, without a random number crate.
+pub(crate) fn rand_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos().into()),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -176,7 +176,9 @@ pub(crate) async fn acquire(
                 }
                 let since = observed.as_ref().map_or(now, |(_, at)| *at);
                 if r.is_held() && now < since + r.lease_duration {
-                    tokio::time::sleep(every).await;
+                    // Up to 20% later, as client-go's JitterUntil spreads its candidates.
+                    tokio::time::sleep(every.mul_f64(1.0 + crate::kernel::rand_fraction() * 0.2))
+                        .await;
                     continue;
                 }
                 let mut next = LockRecord::held(holder, ttl, r.transitions + 1);

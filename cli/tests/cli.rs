@@ -53,6 +53,17 @@ fn apply_get_and_watch_pools(
 ) {
     let out = run(&["apply", "-f", pools.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("pool-a created"),
+        "a new object is created: {}",
+        stdout(&out)
+    );
+    let out = run(&["apply", "-f", pools.to_str().unwrap()]);
+    assert!(
+        stdout(&out).contains("pool-a configured"),
+        "an existing one configured: {}",
+        stdout(&out)
+    );
     let out = run(&["get", "ippools", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
