@@ -39,6 +39,7 @@ mod error;
 pub mod etcd;
 #[cfg(feature = "testing")]
 mod faults;
+mod instrument;
 mod kernel;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
@@ -59,6 +60,7 @@ pub use error::{BoxError, Error, Result, RetryAfter};
 pub use etcd::{EtcdBackend, EtcdConfig};
 #[cfg(feature = "testing")]
 pub use faults::{Faults, FaultyClient};
+pub use instrument::{ClientMetrics, Instrumented, instrumented};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::{KubernetesBackend, KubernetesConfig};
 pub use lease::{Lease, LeaseId};

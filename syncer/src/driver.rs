@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
+use crate::metrics::{SyncerMetrics, TypeMetrics};
 use crate::state::{Action, Input, Out, TypeState, TypeStatus};
 use crate::status::{SyncStatus, SyncerEvent, Update};
 use crate::{ResourceType, Syncer};
@@ -321,12 +322,16 @@ struct Aggregator {
     status: SyncStatus,
     pending: Vec<Update>,
     max_batch: usize,
+    metrics: Option<SyncerMetrics>,
 }
 
 impl Aggregator {
     fn flush(&mut self) {
         if !self.pending.is_empty() {
             let batch = std::mem::take(&mut self.pending);
+            if let Some(m) = &self.metrics {
+                m.batch(batch.len());
+            }
             self.out.push_back(SyncerEvent::Updates(batch));
         }
     }
@@ -355,6 +360,9 @@ impl Aggregator {
                 let agg = aggregate_status(&self.statuses);
                 if agg != self.status {
                     info!(status = %agg, "sync status changed");
+                    if let Some(m) = &self.metrics {
+                        m.set_status(agg);
+                    }
                     self.status = agg;
                     self.out.push_back(SyncerEvent::Status(agg));
                 }
@@ -383,6 +391,7 @@ fn events(syncer: Syncer) -> BoxStream<'static, SyncerEvent> {
             TypeTask {
                 idx,
                 client: syncer.client.clone(),
+                metrics: syncer.metrics.as_ref().map(|m| m.for_kind(&rt.options.kind)),
                 rt,
                 retry: syncer.retry.clone(),
                 request_timeout: syncer.request_timeout,
@@ -398,10 +407,14 @@ fn events(syncer: Syncer) -> BoxStream<'static, SyncerEvent> {
         status: SyncStatus::WaitForDatastore,
         pending: Vec::new(),
         max_batch: syncer.max_batch.max(1),
+        metrics: syncer.metrics.clone(),
     };
     agg.out.push_back(SyncerEvent::Status(agg.status));
     if n == 0 {
         agg.status = SyncStatus::InSync;
+        if let Some(m) = &agg.metrics {
+            m.set_status(SyncStatus::InSync);
+        }
         agg.out.push_back(SyncerEvent::Status(SyncStatus::InSync));
     }
     futures::stream::unfold((agg, merged), |(mut agg, mut merged)| async move {
@@ -432,6 +445,7 @@ fn events(syncer: Syncer) -> BoxStream<'static, SyncerEvent> {
 struct TypeTask {
     idx: usize,
     client: Arc<dyn Client>,
+    metrics: Option<TypeMetrics>,
     rt: ResourceType,
     retry: Arc<dyn RetryPolicy>,
     request_timeout: Duration,
@@ -469,6 +483,27 @@ struct TypeRun {
     outs: VecDeque<Out>,
     /// When a resumed watch must have confirmed catching up.
     catch_up_deadline: Option<tokio::time::Instant>,
+    /// Whether the type was listed before (a later list is a relist, with a cause).
+    listed: bool,
+}
+
+/// Why a list that `input` leads to happens (for the relist counter).
+fn relist_cause(input: &Input, listed: bool) -> &'static str {
+    if !listed {
+        return "initial";
+    }
+    match input {
+        Input::WatchBroken(Error::Compacted { .. })
+        | Input::WatchFailedToStart(Error::Compacted { .. }) => "compacted",
+        Input::CurrentRevision(Ok(_)) => "gap",
+        Input::CatchUpTimedOut => "catch_up_timeout",
+        _ => "outage",
+    }
+}
+
+/// Whether a watch that `input` leads to is opened again (not the one following a list).
+fn restarts(input: &Input) -> bool {
+    !matches!(input, Input::ListDone | Input::ListPage(_))
 }
 
 impl TypeTask {
@@ -498,8 +533,13 @@ impl TypeTask {
             self.rt.processor.clone(),
             gap_ratio,
         );
+        let first = state.start();
+        if let (Some(m), Action::List) = (&self.metrics, &first) {
+            m.relist("initial");
+        }
         let run = TypeRun {
-            action: state.start(),
+            listed: first == Action::List,
+            action: first,
             task: self,
             state,
             watch: None,
@@ -522,7 +562,24 @@ impl TypeTask {
                     {
                         warn!(error = %e, "datastore call failed");
                     }
+                    let (cause, restart) = (relist_cause(&input, run.listed), restarts(&input));
                     let step = run.state.step(input);
+                    if let Some(m) = &run.task.metrics {
+                        for o in &step.out {
+                            if let Out::Updates(v) = o {
+                                m.updates(v);
+                            }
+                        }
+                        match &step.action {
+                            Action::List => m.relist(cause),
+                            Action::Watch(_) if restart => m.watch_restart(),
+                            _ => {}
+                        }
+                        m.tracked(run.state.tracked());
+                    }
+                    if step.action == Action::List {
+                        run.listed = true;
+                    }
                     run.outs.extend(step.out);
                     run.action = step.action;
                     run.catch_up_deadline = match (run.state.catching_up(), run.catch_up_deadline) {
@@ -709,6 +766,34 @@ impl TypeRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relists_are_counted_with_their_cause() {
+        use kvsync_model::Revision;
+        let compacted = || Error::Compacted {
+            requested: Revision::from(1u64),
+            compacted: None,
+        };
+        assert_eq!(relist_cause(&Input::BackoffElapsed, false), "initial");
+        assert_eq!(
+            relist_cause(&Input::WatchBroken(compacted()), true),
+            "compacted"
+        );
+        assert_eq!(
+            relist_cause(&Input::WatchFailedToStart(compacted()), true),
+            "compacted"
+        );
+        assert_eq!(
+            relist_cause(&Input::CurrentRevision(Ok(Revision::from(9u64))), true),
+            "gap"
+        );
+        assert_eq!(
+            relist_cause(&Input::CatchUpTimedOut, true),
+            "catch_up_timeout"
+        );
+        assert_eq!(relist_cause(&Input::BackoffElapsed, true), "outage");
+        assert!(!restarts(&Input::ListDone) && restarts(&Input::WatchEnded));
+    }
 
     #[test]
     fn backoff_with_the_same_seed_repeats_its_delays() {

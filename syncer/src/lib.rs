@@ -95,12 +95,14 @@ use kvsync_model::{KVPair, ListOptions, Resource};
 
 mod callbacks;
 mod driver;
+mod metrics;
 mod shared;
 mod state;
 mod status;
 
 pub use callbacks::SyncerCallbacks;
 pub use driver::{Backoff, RetryPolicy, SyncerHandle, SyncerStream};
+pub use metrics::SyncerMetrics;
 pub use shared::{SharedObserver, SharedStore};
 pub use status::{SyncStatus, SyncerEvent, Update, UpdateType};
 
@@ -201,6 +203,7 @@ pub struct Syncer {
     request_timeout: Duration,
     gap_ratio: u64,
     catch_up_timeout: Duration,
+    metrics: Option<SyncerMetrics>,
 }
 
 impl fmt::Debug for Syncer {
@@ -226,7 +229,16 @@ impl Syncer {
             request_timeout: Duration::from_secs(30),
             gap_ratio: DEFAULT_GAP_RATIO,
             catch_up_timeout: Duration::from_secs(10),
+            metrics: None,
         }
+    }
+
+    /// Records the Syncer's status, updates, batches, relists and watch restarts into
+    /// `metrics` (see [`SyncerMetrics`] for the names).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: SyncerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// How long a watch resumed after an outage may take to confirm that it reached the

@@ -485,3 +485,93 @@ async fn the_watch_after_a_list_is_opened_while_the_list_is_read() {
     assert_eq!(faults.calls("watch"), 1, "the early watch is the one used");
     events.stop().await;
 }
+
+/// The Syncer's and the client's metrics count what happened: statuses, updates by type,
+/// batches, a relist after compaction (and the initial lists), a watch restart, and calls by
+/// operation and outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_updates_relists_restarts_and_calls() {
+    use kvsync_backend::{ClientMetrics, instrumented};
+    use kvsync_syncer::SyncerMetrics;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let memory = Arc::new(FaultyClient::new(MemoryBackend::new(
+        kvsync_model::demo::registry(),
+    )));
+    let faults = memory.faults();
+    let client = instrumented(memory.clone(), Some(ClientMetrics::new(&mut registry)));
+    client.create(pool("a", "10.0.0.0/16")).await.expect("a");
+    client.create(pool("b", "10.1.0.0/16")).await.expect("b");
+    let metrics = SyncerMetrics::new(&mut registry);
+    let consumer =
+        CheckingConsumer::start(fast_syncer(client.clone()).with_metrics(metrics).stream());
+    assert!(in_sync_with(&consumer, &*client).await);
+    let a = client
+        .get(&ResourceKey::cluster("IPPool", "a"), &Default::default())
+        .await
+        .expect("get");
+    let mut a2 = a.clone();
+    a2.value = json!({"cidr": "10.9.0.0/16"}).into();
+    client.update(a2).await.expect("update");
+    client
+        .delete(&ResourceKey::cluster("IPPool", "b"), &Default::default())
+        .await
+        .expect("delete");
+    assert!(in_sync_with(&consumer, &*client).await);
+    faults.break_watches();
+    client.create(pool("c", "10.2.0.0/16")).await.expect("c");
+    assert!(in_sync_with(&consumer, &*client).await);
+    let text = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text
+    };
+    let t = text();
+    for line in [
+        r#"kvsync_syncer_status{status="in_sync"} 1"#,
+        r#"kvsync_syncer_status{status="wait_for_datastore"} 0"#,
+        r#"kvsync_syncer_updates_total{kind="IPPool",type="new"} 3"#,
+        r#"kvsync_syncer_updates_total{kind="IPPool",type="updated"} 1"#,
+        r#"kvsync_syncer_updates_total{kind="IPPool",type="deleted"} 1"#,
+        r#"kvsync_syncer_relists_total{kind="IPPool",cause="initial"} 1"#,
+        r#"kvsync_syncer_relists_total{kind="NetworkPolicy",cause="initial"} 1"#,
+        r#"kvsync_syncer_watch_restarts_total{kind="IPPool"} 1"#,
+        r#"kvsync_syncer_tracked_keys{kind="IPPool"} 2"#,
+        r#"kvsync_backend_requests_total{backend="memory",op="create",outcome="ok"} 3"#,
+        r#"kvsync_backend_requests_total{backend="memory",op="delete",outcome="ok"} 1"#,
+        r#"kvsync_backend_watch_events_total{backend="memory",kind="IPPool"}"#,
+        "kvsync_syncer_batch_size_count",
+        r#"kvsync_backend_request_duration_seconds_bucket{le="#,
+    ] {
+        assert!(t.contains(line), "no {line:?} in\n{t}");
+    }
+    // An outage during which the datastore moved on: the type relists (the gap is more than
+    // its two keys / 20 could resume), counted with its cause.
+    faults.set_unavailable(true);
+    faults.break_watches();
+    memory
+        .inner()
+        .create(pool("d", "10.3.0.0/16"))
+        .await
+        .expect("d");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    faults.set_unavailable(false);
+    assert!(in_sync_with(&consumer, &*client).await);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !text().contains(r#"kvsync_syncer_relists_total{kind="IPPool",cause="gap"} 1"#) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no relist for the gap in\n{}",
+            text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        text().contains(
+            r#"kvsync_backend_requests_total{backend="memory",op="list",outcome="unavailable"}"#
+        ) || text().contains(r#"op="watch",outcome="unavailable""#)
+            || text().contains(r#"op="current_revision",outcome="unavailable""#),
+        "failed calls are counted by outcome:\n{}",
+        text()
+    );
+    consumer.stop().await;
+}
