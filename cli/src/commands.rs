@@ -122,6 +122,17 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Migrate { .. } => unreachable!("handled above"),
         Command::Crds { .. } => unreachable!("handled above"),
         Command::Version { output, .. } => version(Some(&*client), output),
+        Command::Controller { kinds, listen } => {
+            let registry = client.codec().registry().clone();
+            let mut opts = Vec::new();
+            if kinds.is_empty() {
+                opts.extend(registry.kinds().iter().map(|k| ListOptions::new(&k.kind)));
+            }
+            for k in &kinds {
+                opts.push(ListOptions::new(&resolve(&registry, k)?.kind));
+            }
+            crate::controller::run(client, opts, listen).await
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! unreachable datastore), 2 for usage errors. Errors are one line on stderr.
 
 mod commands;
+mod controller;
 mod datastore;
 mod output;
 
@@ -173,6 +174,18 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         kinds: Vec<String>,
     },
+    /// Run as a controller: follow the kinds through a Syncer into memory and serve
+    /// `/metrics` (Prometheus), `/healthz` (the process works) and `/readyz` (in sync with the
+    /// datastore) until SIGTERM or Ctrl-C. What deploy/deployment.yaml runs.
+    Controller {
+        /// The kinds to follow (default: every kind).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Where to serve the endpoints (`127.0.0.1:0` picks a free port; the address is
+        /// printed on stderr).
+        #[arg(long, env = "KVSYNC_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: std::net::SocketAddr,
+    },
     /// Print the client's version and what the datastore can do (its capabilities), as
     /// `kubectl version` prints the server's.
     Version {
@@ -194,6 +207,14 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("KVSYNC_LOG"))
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    } else if matches!(cli.command, Command::Controller { .. }) {
+        // A long-running process logs what it does by default.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -207,7 +228,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    let result = runtime.block_on(commands::run(cli));
+    // Blocking tasks still running (a SQLite watch's poll) do not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes.

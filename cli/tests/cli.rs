@@ -1026,3 +1026,114 @@ fn snapshots_and_migrate_from_sqlite_to_etcd_and_back() {
         "a bad datastore is a usage error"
     );
 }
+
+/// `kvsync controller` follows the kinds, serves /healthz, /readyz (once in sync) and
+/// /metrics (the Syncer's and the client's), counts the updates another process writes, and
+/// stops within a second of SIGTERM with status 0.
+#[test]
+fn the_controller_serves_probes_and_metrics_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let env = Env::new();
+    let pools = env.file("pools.yaml", POOLS);
+    let out = env
+        .kvsync()
+        .args(["apply", "-f"])
+        .arg(&pools)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kvsync"))
+        .env_remove("KVSYNC_DATASTORE_TYPE")
+        .env_remove("ETCD_ENDPOINTS")
+        .env("KVSYNC_DB", env.db())
+        .args([
+            "controller",
+            "--kinds",
+            "ippools,nodes",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the controller");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the controller says where it listens")
+            .expect("stderr");
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    // The rest of the log is drained, so that the controller never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    let get = |path: &str| kvsync_tests::http::request(&addr, "GET", path, &[], None);
+    assert_eq!(get("/healthz").code, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while get("/readyz").code != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let metrics = get("/metrics");
+    assert_eq!(metrics.code, 200);
+    assert!(
+        metrics
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
+        "{:?}",
+        metrics.headers
+    );
+    for want in [
+        r#"kvsync_syncer_status{status="in_sync"} 1"#,
+        r#"kvsync_syncer_updates_total{kind="IPPool",type="new"} 2"#,
+        r#"kvsync_syncer_tracked_keys{kind="IPPool"} 2"#,
+        r#"kvsync_backend_requests_total{backend="sqlite",op="list",outcome="ok"} 2"#,
+    ] {
+        assert!(
+            metrics.body.contains(want),
+            "no {want:?} in\n{}",
+            metrics.body
+        );
+    }
+    // Another process writes: the controller follows.
+    let out = env
+        .kvsync()
+        .args(["delete", "ippool", "pool-a"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    while !get("/metrics")
+        .body
+        .contains(r#"kvsync_syncer_updates_total{kind="IPPool",type="deleted"} 1"#)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delete never arrived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let t0 = std::time::Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(1),
+        "stopped {:?} after SIGTERM",
+        t0.elapsed()
+    );
+}

@@ -88,54 +88,73 @@ fn crd_schemas_check_the_spec_fields() {
     assert_eq!(pool["spec"]["scope"], "Cluster");
 }
 
-#[test]
-fn every_yaml_file_parses_and_rbac_covers_every_crd_exactly() {
+/// Every document of every YAML file in deploy/, with its file.
+fn all_documents() -> Vec<(PathBuf, Value)> {
+    yaml_files(&deploy_dir())
+        .into_iter()
+        .flat_map(|f| documents(&f).into_iter().map(move |d| (f.clone(), d)))
+        .collect()
+}
+
+fn named<'a>(docs: &'a [(PathBuf, Value)], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .map(|(_, d)| d)
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("deploy/ has no {kind} {name}"))
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The CRD rules of a ClusterRole: exactly `verbs` on every kind of the model, nothing more.
+fn assert_crd_rules(role: &Value, verbs: &[&str]) {
     let registry = Registry::with_demo_kinds();
-    let needed: BTreeSet<&str> = [
-        "get", "list", "watch", "create", "patch", "update", "delete",
-    ]
-    .into();
-    let mut rules = Vec::new();
-    // The Leases of locks and elections, in the controller's namespace only.
-    let mut lease_rules = Vec::new();
-    let mut kinds_seen = BTreeSet::new();
-    let mut service_accounts = BTreeSet::new();
-    let mut bound = BTreeSet::new();
-    let mut deployment_sa = None;
-    for file in yaml_files(&deploy_dir()) {
-        for doc in documents(&file) {
-            let kind = doc["kind"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{}: a document without kind", file.display()));
-            kinds_seen.insert(kind.to_owned());
-            match kind {
-                "ClusterRole" => rules.extend(doc["rules"].as_array().cloned().unwrap_or_default()),
-                "Role" => {
-                    assert_eq!(doc["metadata"]["namespace"], "kvsync-system");
-                    lease_rules.extend(doc["rules"].as_array().cloned().unwrap_or_default());
-                }
-                "ServiceAccount" => {
-                    service_accounts.insert(
-                        doc["metadata"]["name"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_owned(),
-                    );
-                }
-                "ClusterRoleBinding" | "RoleBinding" => {
-                    for s in doc["subjects"].as_array().cloned().unwrap_or_default() {
-                        bound.insert(s["name"].as_str().unwrap_or_default().to_owned());
-                    }
-                }
-                "Deployment" => {
-                    deployment_sa = doc["spec"]["template"]["spec"]["serviceAccountName"]
-                        .as_str()
-                        .map(str::to_owned);
-                }
-                _ => {}
-            }
-        }
+    let want: BTreeSet<String> = verbs.iter().map(|v| (*v).to_owned()).collect();
+    let rules = role["rules"].as_array().cloned().unwrap_or_default();
+    let groups: BTreeSet<String> = registry.kinds().iter().map(|k| k.group.clone()).collect();
+    let plurals: BTreeSet<String> = registry.kinds().iter().map(|k| k.plural.clone()).collect();
+    for info in registry.kinds() {
+        assert!(
+            rules
+                .iter()
+                .any(|r| strings(&r["apiGroups"]).contains(&info.group)
+                    && strings(&r["resources"]).contains(&info.plural)),
+            "{}: no rule for {}.{}",
+            role["metadata"]["name"],
+            info.plural,
+            info.group
+        );
     }
+    for r in &rules {
+        assert!(
+            strings(&r["apiGroups"]).is_subset(&groups),
+            "extra API group in {r}"
+        );
+        assert!(
+            strings(&r["resources"]).is_subset(&plurals),
+            "extra resource in {r}"
+        );
+        assert_eq!(
+            strings(&r["verbs"]),
+            want,
+            "{}: {r}",
+            role["metadata"]["name"]
+        );
+    }
+}
+
+#[test]
+fn every_yaml_file_parses_and_each_program_gets_only_what_it_does() {
+    let docs = all_documents();
+    let kinds: BTreeSet<String> = docs
+        .iter()
+        .filter_map(|(_, d)| d["kind"].as_str().map(str::to_owned))
+        .collect();
     for k in [
         "CustomResourceDefinition",
         "Namespace",
@@ -145,70 +164,155 @@ fn every_yaml_file_parses_and_rbac_covers_every_crd_exactly() {
         "Role",
         "RoleBinding",
         "Deployment",
+        "Service",
     ] {
-        assert!(kinds_seen.contains(k), "deploy/ has no {k}");
+        assert!(kinds.contains(k), "deploy/ has no {k}");
     }
-    for info in registry.kinds() {
-        let covered = rules.iter().any(|r| {
-            let has = |field: &str, want: &str| {
-                r[field]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|v| v == want))
-            };
-            has("apiGroups", &info.group)
-                && has("resources", &info.plural)
-                && needed.iter().all(|v| has("verbs", v))
-        });
-        assert!(
-            covered,
-            "no RBAC rule grants {needed:?} on {}.{}",
-            info.plural, info.group
+    // Readers read; writers write; nothing else anywhere.
+    assert_crd_rules(
+        named(&docs, "ClusterRole", "kvsync-reader"),
+        &["get", "list", "watch"],
+    );
+    assert_crd_rules(
+        named(&docs, "ClusterRole", "kvsync-writer"),
+        &[
+            "get", "list", "watch", "create", "patch", "update", "delete",
+        ],
+    );
+    let cluster_roles: Vec<&Value> = docs
+        .iter()
+        .map(|(_, d)| d)
+        .filter(|d| d["kind"] == "ClusterRole")
+        .collect();
+    assert_eq!(
+        cluster_roles.len(),
+        2,
+        "only the reader and the writer roles"
+    );
+    // Leader election as client-go's needs it (get, create, update), on Leases only, in the
+    // controllers' namespace only.
+    let lease_role = named(&docs, "Role", "kvsync-leader-election");
+    assert_eq!(lease_role["metadata"]["namespace"], "kvsync-system");
+    for r in lease_role["rules"].as_array().expect("rules") {
+        assert_eq!(
+            strings(&r["apiGroups"]),
+            ["coordination.k8s.io".to_owned()].into()
+        );
+        assert_eq!(strings(&r["resources"]), ["leases".to_owned()].into());
+        assert_eq!(
+            strings(&r["verbs"]),
+            ["get", "list", "watch", "create", "update"]
+                .map(str::to_owned)
+                .into()
         );
     }
-    // Nothing beyond the CRDs and those verbs.
-    let plurals: BTreeSet<String> = registry.kinds().iter().map(|k| k.plural.clone()).collect();
-    let groups: BTreeSet<String> = registry.kinds().iter().map(|k| k.group.clone()).collect();
-    for r in &rules {
-        for g in r["apiGroups"].as_array().into_iter().flatten() {
-            assert!(
-                groups.contains(g.as_str().unwrap_or_default()),
-                "extra API group in {r}"
-            );
-        }
-        for res in r["resources"].as_array().into_iter().flatten() {
-            assert!(
-                plurals.contains(res.as_str().unwrap_or_default()),
-                "extra resource {res}"
-            );
-        }
-        for v in r["verbs"].as_array().into_iter().flatten() {
-            assert!(
-                needed.contains(v.as_str().unwrap_or_default()),
-                "extra verb {v}"
-            );
-        }
-    }
-    // Leader election as client-go's needs it (get, create, update), on Leases only.
-    let lease_verbs: BTreeSet<&str> = ["get", "list", "watch", "create", "update"].into();
-    assert!(
-        !lease_rules.is_empty(),
-        "no Role for the Leases of elections"
+    // What each service account is bound to.
+    let bound = |sa: &str| -> BTreeSet<String> {
+        docs.iter()
+            .map(|(_, d)| d)
+            .filter(|d| {
+                matches!(
+                    d["kind"].as_str(),
+                    Some("ClusterRoleBinding" | "RoleBinding")
+                )
+            })
+            .filter(|d| {
+                d["subjects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s["name"] == sa && s["namespace"] == "kvsync-system")
+            })
+            .map(|d| d["roleRef"]["name"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let deployment = named(&docs, "Deployment", "kvsync-controller");
+    let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("the Deployment names its service account");
+    named(&docs, "ServiceAccount", sa);
+    assert_eq!(
+        bound(sa),
+        ["kvsync-reader".to_owned()].into(),
+        "the controller only reads"
     );
-    for r in &lease_rules {
-        assert_eq!(r["apiGroups"], serde_json::json!(["coordination.k8s.io"]));
-        assert_eq!(r["resources"], serde_json::json!(["leases"]));
-        let verbs: BTreeSet<&str> = r["verbs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-            .collect();
-        assert_eq!(verbs, lease_verbs, "{r}");
+    named(&docs, "ServiceAccount", "kvsync-writer");
+    assert_eq!(
+        bound("kvsync-writer"),
+        ["kvsync-writer", "kvsync-leader-election"]
+            .map(str::to_owned)
+            .into()
+    );
+}
+
+/// The controller's pod passes the Pod Security "restricted" profile, runs the controller
+/// (not a debugging command) with its probes on the endpoints it serves, and has memory
+/// requests and limits.
+#[test]
+fn the_deployment_runs_the_controller_and_passes_pod_security_restricted() {
+    let docs = all_documents();
+    let deployment = named(&docs, "Deployment", "kvsync-controller");
+    let pod = &deployment["spec"]["template"]["spec"];
+    for forbidden in ["hostNetwork", "hostPID", "hostIPC"] {
+        assert!(pod[forbidden].as_bool() != Some(true), "{forbidden}");
     }
-    let sa = deployment_sa.expect("the Deployment names its service account");
+    for v in pod["volumes"].as_array().into_iter().flatten() {
+        assert!(v.get("hostPath").is_none(), "no hostPath volumes: {v}");
+    }
+    let pod_sc = &pod["securityContext"];
+    assert_eq!(pod_sc["runAsNonRoot"], true);
+    assert!(pod_sc["runAsUser"].as_u64().is_some_and(|u| u > 0));
+    let containers = pod["containers"].as_array().expect("containers");
+    for c in containers
+        .iter()
+        .chain(pod["initContainers"].as_array().into_iter().flatten())
+    {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", c["name"]);
+        assert!(sc["privileged"].as_bool() != Some(true));
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert!(strings(&sc["capabilities"]["drop"]).contains("ALL"));
+        assert!(
+            strings(&sc["capabilities"]["add"])
+                .iter()
+                .all(|c| c == "NET_BIND_SERVICE"),
+            "restricted allows adding only NET_BIND_SERVICE"
+        );
+        let seccomp = sc["seccompProfile"]["type"]
+            .as_str()
+            .or(pod_sc["seccompProfile"]["type"].as_str());
+        assert!(
+            matches!(seccomp, Some("RuntimeDefault" | "Localhost")),
+            "seccompProfile: {seccomp:?}"
+        );
+        assert!(sc["runAsNonRoot"] != false);
+        assert!(
+            c["resources"]["requests"]["memory"].is_string(),
+            "memory request"
+        );
+        assert!(
+            c["resources"]["limits"]["memory"].is_string(),
+            "memory limit"
+        );
+    }
+    let c = &containers[0];
+    let args = strings(&c["args"]);
     assert!(
-        service_accounts.contains(&sa) && bound.contains(&sa),
-        "{sa} exists and is bound"
+        args.contains("controller"),
+        "runs `kvsync controller`: {args:?}"
+    );
+    assert!(!args.contains("watch"), "not a debugging command");
+    let port_of = |probe: &str| c[probe]["httpGet"]["path"].as_str().map(str::to_owned);
+    assert_eq!(port_of("livenessProbe").as_deref(), Some("/healthz"));
+    assert_eq!(port_of("readinessProbe").as_deref(), Some("/readyz"));
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert!(
+        c["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .any(|a| a == "0.0.0.0:8080"),
+        "listens where the probes look"
     );
 }
 

@@ -368,6 +368,32 @@ impl ApiServerDouble {
         self.shared.changed.send_replace(rv);
     }
 
+    /// Stores many cluster-scoped objects of `plural` at once, each with its spec, as if
+    /// created one by one (for benchmarks that need a large starting state fast).
+    pub fn put_objects(&self, plural: &str, objects: impl IntoIterator<Item = (String, Value)>) {
+        let mut inner = self.shared.lock();
+        let Some((group, version, kind, _)) = inner.kinds.get(plural).cloned() else {
+            return;
+        };
+        for (name, spec) in objects {
+            inner.rv += 1;
+            let rv = inner.rv;
+            let obj = json!({
+                "apiVersion": format!("{group}/{version}"), "kind": kind,
+                "metadata": {"name": name, "uid": uuid(), "resourceVersion": rv.to_string(),
+                    "creationTimestamp": "2026-01-01T00:00:00Z", "generation": 1},
+                "spec": spec,
+            });
+            inner
+                .objects
+                .insert((plural.to_owned(), None, name), obj.clone());
+            record(&mut inner, rv, plural, None, "ADDED", obj);
+        }
+        let rv = inner.rv;
+        drop(inner);
+        self.shared.changed.send_replace(rv);
+    }
+
     /// Stores an object whose `spec` is missing, as a foreign writer could.
     pub fn put_without_spec(&self, plural: &str, namespace: Option<&str>, name: &str) -> u64 {
         let mut inner = self.shared.lock();

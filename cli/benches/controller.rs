@@ -1,0 +1,97 @@
+//! The resident memory and sync time of `kvsync controller` following `KVSYNC_BENCH_OBJECTS`
+//! IPPools (50,000 by default, an ~80-byte spec each) on the Kubernetes API server double:
+//! the figures behind the Deployment's memory request and limit (deploy/README.md).
+//!
+//! Run with `cargo bench -p kvsync-cli --bench controller`. Prints the time from start to
+//! `/readyz` answering 200 and the controller's peak resident set (VmHWM) then, for the
+//! default mode (watch-list reads) and for `--kube-paged-lists`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvsync_model::Registry;
+use kvsync_tests::kube_double::ApiServerDouble;
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn run(double: &ApiServerDouble, extra: &[&str]) -> (Duration, f64) {
+    let t0 = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvsync"))
+        .args(["--datastore", "kubernetes", "--kubeconfig"])
+        .arg(double.kubeconfig())
+        .args(extra)
+        .args([
+            "controller",
+            "--kinds",
+            "ippools",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("KVSYNC_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the controller");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = loop {
+        let line = lines.next().expect("a line").expect("stderr");
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    while kvsync_tests::http::request(&addr, "GET", "/readyz", &[], None).code != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(300), "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    let rss = peak_rss_mib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    (took, rss)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: usize = std::env::var("KVSYNC_BENCH_OBJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 1_000).await;
+    double.put_objects(
+        "ippools",
+        (0..n).map(|i| {
+            (
+                format!("pool-{i:06}"),
+                serde_json::json!({
+                    "cidr": format!("10.{}.{}.0/24", i / 256 % 256, i % 256),
+                    "blockSize": 26, "natOutgoing": true, "disabled": false
+                }),
+            )
+        }),
+    );
+    println!("kvsync controller following {n} IPPools on the API server double");
+    for (name, extra) in [
+        ("watch-list (default)", &[][..]),
+        ("paged lists", &["--kube-paged-lists"][..]),
+    ] {
+        for round in 1..=2 {
+            let (took, rss) = tokio::task::block_in_place(|| run(&double, extra));
+            println!(
+                "   {name}, round {round}: ready after {:.2} s, peak RSS {rss:.0} MiB ({:.0} bytes an object)",
+                took.as_secs_f64(),
+                rss * 1024.0 * 1024.0 / n as f64
+            );
+        }
+    }
+}
