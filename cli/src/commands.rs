@@ -305,13 +305,15 @@ async fn write(client: &Arc<dyn Client>, files: &[String], create_only: bool) ->
         let result = if create_only {
             client.create(doc.kvp).await.map(|_| "created")
         } else {
-            client.apply(doc.kvp).await.map(|k| {
-                if k.create_revision == k.revision {
-                    "created"
-                } else {
-                    "configured"
+            // Created, or configured: told by the create that fails when the resource exists
+            // (the Kubernetes API has no create revision to compare).
+            match client.create(doc.kvp.clone()).await {
+                Ok(_) => Ok("created"),
+                Err(kvsync_backend::Error::AlreadyExists { .. }) => {
+                    client.apply(doc.kvp).await.map(|_| "configured")
                 }
-            })
+                Err(e) => Err(e),
+            }
         };
         match result {
             Ok(verb) => {

@@ -79,13 +79,7 @@ impl KubernetesBackend {
             ..PostParams::default()
         };
         match api.create(&pp, obj).await {
-            // Created by this write: its first revision is the one it was created at (the
-            // API has no create revision of its own; a CLI tells "created" from "configured"
-            // by it).
-            Ok(o) => self.to_kvp(&kvp.key.kind, o).map(|mut k| {
-                k.create_revision = k.revision.clone();
-                k
-            }),
+            Ok(o) => self.to_kvp(&kvp.key.kind, o),
             Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::AlreadyExists {
                 key: kvp.key.clone(),
             }),
