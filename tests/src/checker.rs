@@ -148,29 +148,57 @@ pub async fn datastore_state(client: &dyn Client, kinds: &[ListOptions]) -> Cach
 pub struct CheckingConsumer {
     /// What it saw so far.
     pub seen: Arc<Mutex<Seen>>,
-    task: tokio::task::JoinHandle<SyncerStream>,
+    task: tokio::task::JoinHandle<Option<SyncerStream>>,
     stop: tokio::sync::oneshot::Sender<()>,
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 impl CheckingConsumer {
-    /// Starts consuming `stream`.
-    pub fn start(mut stream: SyncerStream) -> Self {
+    /// Starts consuming a Syncer's `stream`.
+    pub fn start(stream: SyncerStream) -> Self {
+        Self::spawn(Box::new(stream), true)
+    }
+
+    /// Starts consuming any stream of Syncer events (a `RemoteSyncer`'s).
+    pub fn start_stream(stream: futures::stream::BoxStream<'static, SyncerEvent>) -> Self {
+        Self::spawn(Box::new(Remote(stream)), false)
+    }
+
+    fn spawn(mut stream: Box<dyn EventSource>, local: bool) -> Self {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (stop, mut stop_rx) = tokio::sync::oneshot::channel();
+        let (paused, mut paused_rx) = tokio::sync::watch::channel(false);
         let s = seen.clone();
         let task = tokio::spawn(async move {
             loop {
+                // While paused, the stream is not polled: nothing is read from it.
                 tokio::select! {
                     _ = &mut stop_rx => break,
-                    ev = stream.next() => match ev {
+                    _ = paused_rx.wait_for(|p| !*p) => {}
+                }
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    _ = paused_rx.changed() => {}
+                    ev = stream.next_event() => match ev {
                         Some(ev) => s.lock().expect("lock").apply(ev),
                         None => break,
                     },
                 }
             }
-            stream
+            if local { stream.into_syncer() } else { None }
         });
-        CheckingConsumer { seen, task, stop }
+        CheckingConsumer {
+            seen,
+            task,
+            stop,
+            paused,
+        }
+    }
+
+    /// Stops reading the stream (`true`) or reads it again (`false`): a consumer that does
+    /// not keep up.
+    pub fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
     }
 
     /// Runs `f` on what was seen so far.
@@ -198,8 +226,40 @@ impl CheckingConsumer {
     /// If the consumer task panicked.
     pub async fn stop(self) -> Seen {
         let _ = self.stop.send(());
-        let stream = self.task.await.expect("consumer task");
-        stream.stop().await;
+        if let Some(stream) = self.task.await.expect("consumer task") {
+            stream.stop().await;
+        }
         std::mem::take(&mut *self.seen.lock().expect("lock"))
+    }
+}
+
+/// Where a [`CheckingConsumer`] reads events from.
+#[async_trait::async_trait]
+trait EventSource: Send {
+    async fn next_event(&mut self) -> Option<SyncerEvent>;
+    fn into_syncer(self: Box<Self>) -> Option<SyncerStream>;
+}
+
+#[async_trait::async_trait]
+impl EventSource for SyncerStream {
+    async fn next_event(&mut self) -> Option<SyncerEvent> {
+        self.next().await
+    }
+
+    fn into_syncer(self: Box<Self>) -> Option<SyncerStream> {
+        Some(*self)
+    }
+}
+
+struct Remote(futures::stream::BoxStream<'static, SyncerEvent>);
+
+#[async_trait::async_trait]
+impl EventSource for Remote {
+    async fn next_event(&mut self) -> Option<SyncerEvent> {
+        self.0.next().await
+    }
+
+    fn into_syncer(self: Box<Self>) -> Option<SyncerStream> {
+        None
     }
 }

@@ -1,0 +1,428 @@
+//! The client: the same `SyncerEvent` stream a local Syncer yields, read from a server.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use kvsync_backend::Error;
+use kvsync_model::{Json, KVPair, ResourceKey, Revision};
+use kvsync_syncer::{Backoff, RetryPolicy, SyncStatus, SyncerEvent, Update, UpdateType};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::protocol::{
+    BUCKETS, DEFAULT_MAX_FRAME, Incoming, Message, Mode, ProtocolError, Resume, VERSION,
+    WireUpdate, bucket_of, contribution, frame, read_frame,
+};
+
+/// Follows a [`Server`](crate::Server): yields exactly the [`SyncerEvent`] stream a local
+/// [`Syncer`](kvsync_syncer::Syncer) yields (WaitForDatastore -> ResyncInProgress -> InSync,
+/// batched New/Updated/Deleted updates with the same guarantees), so a consumer moves from a
+/// local Syncer to a server by changing the line that makes the stream.
+///
+/// It keeps the revision of every key it handed on (not the values), so that after a
+/// reconnect it resumes from the server's log when it can, and otherwise has the server send
+/// only the buckets whose digests differ, with deletions for what went away (as a local
+/// Syncer's relist does). Reconnects back off with jitter; while disconnected the status is
+/// WaitForDatastore.
+///
+/// ```no_run
+/// # async fn follow() {
+/// use futures::StreamExt;
+/// use kvsync_server::RemoteSyncer;
+/// use kvsync_syncer::SyncerEvent;
+///
+/// let mut events = RemoteSyncer::new("127.0.0.1:7878").stream();
+/// while let Some(ev) = events.next().await {
+///     if let SyncerEvent::Updates(batch) = ev {
+///         println!("{} updates", batch.len());
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RemoteSyncer {
+    addr: String,
+    name: String,
+    retry: Arc<dyn RetryPolicy>,
+    ping_interval: Duration,
+    max_frame: usize,
+}
+
+impl RemoteSyncer {
+    /// A client of the server at `addr` (`host:port`).
+    pub fn new(addr: impl Into<String>) -> Self {
+        RemoteSyncer {
+            addr: addr.into(),
+            name: format!("pid-{}", std::process::id()),
+            retry: Arc::new(Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(10),
+            )),
+            ping_interval: Duration::from_secs(10),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+
+    /// The name the server's logs show for this client.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// How reconnects back off (capped exponential with jitter, 100 ms to 10 s, by default).
+    #[must_use]
+    pub fn with_retry_policy(mut self, policy: impl RetryPolicy) -> Self {
+        self.retry = Arc::new(policy);
+        self
+    }
+
+    /// How often it pings the server (10 s); a server silent for three times this is dead.
+    #[must_use]
+    pub fn with_ping_interval(mut self, every: Duration) -> Self {
+        self.ping_interval = every;
+        self
+    }
+
+    /// The events, as a local Syncer's `stream()` yields them.
+    pub fn stream(self) -> BoxStream<'static, SyncerEvent> {
+        let state = ClientState {
+            cfg: self,
+            held: HashMap::new(),
+            digests: vec![0; BUCKETS],
+            resume: None,
+            status: None,
+            out: VecDeque::new(),
+            conn: None,
+            attempt: 0,
+        };
+        futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if let Some(ev) = st.out.pop_front() {
+                    return Some((ev, st));
+                }
+                st.step().await;
+            }
+        })
+        .boxed()
+    }
+}
+
+struct Conn {
+    /// The frames a task of the connection reads (a read is never cut in the middle of a
+    /// frame by a ping to send).
+    frames: tokio::sync::mpsc::Receiver<Result<Vec<u8>, ProtocolError>>,
+    reader: tokio::task::JoinHandle<()>,
+    last_heard: tokio::time::Instant,
+    w: WriteHalf<TcpStream>,
+    epoch: u64,
+    /// Whether a resync's buckets are coming (their deletions are synthesized per bucket).
+    resyncing: bool,
+    ping: tokio::time::Interval,
+}
+
+struct ClientState {
+    cfg: RemoteSyncer,
+    /// The revision of every key handed on.
+    held: HashMap<ResourceKey, Revision>,
+    digests: Vec<u64>,
+    resume: Option<Resume>,
+    status: Option<SyncStatus>,
+    out: VecDeque<SyncerEvent>,
+    conn: Option<Conn>,
+    attempt: u32,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Reads whole frames into `tx` until the connection ends or fails.
+async fn read_frames(
+    mut r: ReadHalf<TcpStream>,
+    max: usize,
+    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, ProtocolError>>,
+) {
+    loop {
+        let f = read_frame(&mut r, max).await;
+        let failed = f.is_err();
+        if tx.send(f).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+impl ClientState {
+    fn set_status(&mut self, s: SyncStatus) {
+        if self.status != Some(s) {
+            self.status = Some(s);
+            self.out.push_back(SyncerEvent::Status(s));
+        }
+    }
+
+    /// One step: connect, or read and apply the next frame.
+    async fn step(&mut self) {
+        if self.status.is_none() {
+            self.set_status(SyncStatus::WaitForDatastore);
+            return;
+        }
+        if self.conn.is_none() {
+            if self.attempt > 0 {
+                tokio::time::sleep(self.cfg.retry.delay(self.attempt)).await;
+            }
+            match self.connect().await {
+                Ok(conn) => {
+                    self.attempt = 0;
+                    self.conn = Some(conn);
+                }
+                Err(e) => {
+                    debug!(error = %e, addr = %self.cfg.addr, "cannot follow the server");
+                    self.attempt = self.attempt.saturating_add(1);
+                    self.set_status(SyncStatus::WaitForDatastore);
+                    self.out
+                        .push_back(SyncerEvent::Error(Arc::new(Error::Unavailable {
+                            message: format!("kvsync server at {}: {e}", self.cfg.addr),
+                            source: None,
+                        })));
+                }
+            }
+            return;
+        }
+        if let Err(e) = self.read_next().await {
+            debug!(error = %e, "connection to the server ended");
+            self.conn = None;
+            self.attempt = self.attempt.saturating_add(1);
+            self.set_status(SyncStatus::WaitForDatastore);
+        }
+    }
+
+    async fn connect(&mut self) -> Result<Conn, ProtocolError> {
+        let stream =
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.cfg.addr))
+                .await
+                .map_err(|_| ProtocolError::Unexpected("connect timed out".into()))??;
+        let _ = stream.set_nodelay(true);
+        let (mut r, mut w) = tokio::io::split(stream);
+        w.write_all(&frame(&Message::Hello {
+            version: VERSION,
+            client: self.cfg.name.clone(),
+            features: Vec::new(),
+            resume: self.resume,
+            digests: (!self.held.is_empty()).then(|| self.digests.clone()),
+        }))
+        .await?;
+        let body = read_frame(&mut r, self.cfg.max_frame).await?;
+        match Incoming::decode(&body)? {
+            Incoming::Welcome {
+                epoch,
+                mode,
+                position,
+                ..
+            } => {
+                info!(?mode, epoch, position, "following the server");
+                if mode != Mode::Resume {
+                    // Its old resume point means nothing now; it holds `position` once every
+                    // bucket came (a connection lost before resyncs again).
+                    self.resume = None;
+                }
+                if self.status != Some(SyncStatus::InSync) || mode != Mode::Resume {
+                    self.set_status(SyncStatus::ResyncInProgress);
+                }
+                let mut ping = tokio::time::interval(self.cfg.ping_interval);
+                ping.tick().await;
+                let (tx, frames) = tokio::sync::mpsc::channel(64);
+                let max = self.cfg.max_frame;
+                let reader = tokio::spawn(read_frames(r, max, tx));
+                Ok(Conn {
+                    frames,
+                    reader,
+                    last_heard: tokio::time::Instant::now(),
+                    w,
+                    epoch,
+                    resyncing: mode != Mode::Resume,
+                    ping,
+                })
+            }
+            Incoming::Refused { reason } => Err(ProtocolError::Unexpected(format!(
+                "the server refused: {reason}"
+            ))),
+            other => Err(ProtocolError::Unexpected(format!(
+                "expected a welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    async fn read_next(&mut self) -> Result<(), ProtocolError> {
+        let silent = self.cfg.ping_interval * 3;
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let body = loop {
+            tokio::select! {
+                f = conn.frames.recv() => match f {
+                    Some(f) => {
+                        conn.last_heard = tokio::time::Instant::now();
+                        break f?;
+                    }
+                    None => return Err(ProtocolError::Unexpected("the connection ended".into())),
+                },
+                () = tokio::time::sleep_until(conn.last_heard + silent) => {
+                    return Err(ProtocolError::Unexpected("the server went silent".into()));
+                }
+                _ = conn.ping.tick() => {
+                    conn.w.write_all(&frame(&Message::Ping { nonce: 0 })).await?;
+                }
+            }
+        };
+        let epoch = conn.epoch;
+        match Incoming::decode(&body)? {
+            Incoming::Updates { position, updates } => {
+                let batch = self.apply(updates);
+                if !batch.is_empty() {
+                    self.out.push_back(SyncerEvent::Updates(batch));
+                }
+                self.resume = Some(Resume { epoch, position });
+            }
+            Incoming::Status { position, status } => {
+                self.set_status(status.into());
+                self.resume = Some(Resume { epoch, position });
+            }
+            Incoming::Bucket { bucket, entries } => {
+                let batch = self.resync_bucket(bucket, entries);
+                if !batch.is_empty() {
+                    self.out.push_back(SyncerEvent::Updates(batch));
+                }
+            }
+            Incoming::ResyncDone { position } => {
+                if let Some(c) = self.conn.as_mut() {
+                    c.resyncing = false;
+                }
+                self.resume = Some(Resume { epoch, position });
+            }
+            Incoming::Ping { nonce } => {
+                if let Some(c) = self.conn.as_mut() {
+                    c.w.write_all(&frame(&Message::Pong { nonce })).await?;
+                }
+            }
+            Incoming::Pong { .. } => {}
+            Incoming::GoAway { reason, .. } => {
+                info!(
+                    reason,
+                    "the server asked this client to go away; reconnecting"
+                );
+                self.conn = None;
+                self.set_status(SyncStatus::WaitForDatastore);
+            }
+            other => {
+                return Err(ProtocolError::Unexpected(format!("unexpected {other:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn held_revision(&self, key: &ResourceKey) -> Option<&Revision> {
+        self.held.get(key)
+    }
+
+    fn track(&mut self, key: &ResourceKey, revision: Option<&Revision>) {
+        let b = usize::from(bucket_of(key));
+        if let Some(old) = self.held.remove(key) {
+            self.digests[b] ^= contribution(key, &old.to_string());
+        }
+        if let Some(r) = revision {
+            self.digests[b] ^= contribution(key, &r.to_string());
+            self.held.insert(key.clone(), r.clone());
+        }
+    }
+
+    /// One wire update as the consumer's update, by what this client handed on before: New
+    /// for a key it does not hold, Updated for another revision, nothing for the same one,
+    /// Deleted for a key it holds.
+    fn take_update(&mut self, u: WireUpdate) -> Option<Update> {
+        let revision = Revision::from(u.revision);
+        let held = self.held_revision(&u.key).cloned();
+        match u.value {
+            None => {
+                held?;
+                self.track(&u.key, None);
+                Some(Update {
+                    kvp: KVPair {
+                        key: u.key,
+                        value: Json::default(),
+                        revision: Some(revision),
+                        create_revision: None,
+                        uid: None,
+                        ttl: None,
+                    },
+                    update_type: UpdateType::Deleted,
+                })
+            }
+            Some(raw) => {
+                if held.as_ref() == Some(&revision) {
+                    return None;
+                }
+                self.track(&u.key, Some(&revision));
+                Some(Update {
+                    kvp: KVPair {
+                        key: u.key,
+                        value: Json::from_raw(raw),
+                        revision: Some(revision),
+                        create_revision: None,
+                        uid: None,
+                        ttl: None,
+                    },
+                    update_type: if held.is_some() {
+                        UpdateType::Updated
+                    } else {
+                        UpdateType::New
+                    },
+                })
+            }
+        }
+    }
+
+    fn apply(&mut self, updates: Vec<WireUpdate>) -> Vec<Update> {
+        updates
+            .into_iter()
+            .filter_map(|u| self.take_update(u))
+            .collect()
+    }
+
+    /// A resync's bucket: the server's whole content of it. What differs is handed on; keys
+    /// of the bucket the server does not hold are deleted.
+    fn resync_bucket(&mut self, bucket: u16, entries: Vec<WireUpdate>) -> Vec<Update> {
+        let present: std::collections::HashSet<ResourceKey> =
+            entries.iter().map(|e| e.key.clone()).collect();
+        let gone: Vec<(ResourceKey, Revision)> = self
+            .held
+            .iter()
+            .filter(|(k, _)| bucket_of(k) == bucket && !present.contains(*k))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        let mut out: Vec<Update> = entries
+            .into_iter()
+            .filter_map(|u| self.take_update(u))
+            .collect();
+        for (key, revision) in gone {
+            self.track(&key, None);
+            out.push(Update {
+                kvp: KVPair {
+                    key,
+                    value: Json::default(),
+                    revision: Some(revision),
+                    create_revision: None,
+                    uid: None,
+                    ttl: None,
+                },
+                update_type: UpdateType::Deleted,
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,478 @@
+//! The server: one Syncer upstream, many clients downstream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kvsync_backend::Client;
+use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::hub::{Catch, Hub, HubStats};
+use crate::protocol::{Message, Mode, ProtocolError, VERSION, frame, read_frame};
+
+/// How a [`Server`] runs.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// The most bytes of recent frames the log keeps (64 MiB).
+    pub max_log_bytes: usize,
+    /// The oldest a frame of the log may be (5 minutes).
+    pub max_log_age: Duration,
+    /// The largest frame accepted from a client (1 MiB: clients send only small messages).
+    pub max_client_frame: usize,
+    /// How often each side pings the other (10 s); a peer silent for three times this is dead.
+    pub ping_interval: Duration,
+    /// The most clients connected at once (10,000); more are refused.
+    pub max_connections: usize,
+    /// How long a client may take to say hello (10 s).
+    pub hello_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_log_bytes: 64 << 20,
+            max_log_age: Duration::from_secs(300),
+            max_client_frame: 1 << 20,
+            ping_interval: Duration::from_secs(10),
+            max_connections: 10_000,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        ServerConfig::default()
+    }
+
+    /// Sets the log's bounds.
+    #[must_use]
+    pub fn with_log(mut self, max_bytes: usize, max_age: Duration) -> Self {
+        self.max_log_bytes = max_bytes;
+        self.max_log_age = max_age;
+        self
+    }
+
+    /// Sets [`ServerConfig::ping_interval`].
+    #[must_use]
+    pub fn with_ping_interval(mut self, every: Duration) -> Self {
+        self.ping_interval = every;
+        self
+    }
+
+    /// Sets [`ServerConfig::max_connections`].
+    #[must_use]
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+}
+
+/// A server: follows `types` on `client` with one Syncer and serves what it follows to
+/// [`RemoteSyncer`](crate::RemoteSyncer)s.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// use std::sync::Arc;
+/// use kvsync_backend::MemoryBackend;
+/// use kvsync_model::{ListOptions, demo};
+/// use kvsync_server::{Server, ServerConfig};
+/// use kvsync_syncer::ResourceType;
+///
+/// let client = Arc::new(MemoryBackend::new(demo::registry()));
+/// let server = Server::bind(
+///     "127.0.0.1:0".parse().unwrap(),
+///     client,
+///     vec![ResourceType::new(ListOptions::new("IPPool"))],
+///     ServerConfig::new(),
+/// )
+/// .await?;
+/// println!("serving on {}", server.local_addr());
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct Server {
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .field("epoch", &self.hub.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds `addr` (plain TCP) and starts following `types` on `client`.
+    ///
+    /// # Errors
+    /// When `addr` cannot be bound.
+    pub async fn bind(
+        addr: SocketAddr,
+        client: Arc<dyn Client>,
+        types: Vec<ResourceType>,
+        config: ServerConfig,
+    ) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let epoch = rand::random::<u64>() | 1;
+        let hub = Arc::new(Hub::new(epoch, config.max_log_bytes, config.max_log_age));
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let mut syncer = Syncer::new(client);
+        for t in types {
+            syncer = syncer.with_resource(t);
+        }
+        let upstream = {
+            let hub = hub.clone();
+            let mut stop_rx = stop.subscribe();
+            tokio::spawn(async move {
+                let mut events = syncer.stream();
+                loop {
+                    let ev = tokio::select! {
+                        ev = events.next() => ev,
+                        _ = stop_rx.wait_for(|s| *s) => None,
+                    };
+                    match ev {
+                        Some(SyncerEvent::Updates(batch)) => hub.apply(batch),
+                        Some(SyncerEvent::Status(s)) => hub.set_status(s),
+                        Some(SyncerEvent::ParseFailed(f)) => {
+                            warn!(raw_key = %f.raw_key, "upstream: an entry does not decode");
+                        }
+                        Some(SyncerEvent::Error(e)) => debug!(error = %e, "upstream error"),
+                        None => return,
+                    }
+                }
+            })
+        };
+        let acceptor = {
+            let hub = hub.clone();
+            let stop = stop.clone();
+            tokio::spawn(accept_loop(listener, hub, config, stop))
+        };
+        info!(%addr, epoch, "kvsync server listening");
+        Ok(Server {
+            addr,
+            hub,
+            stop,
+            tasks: vec![upstream, acceptor],
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The server's epoch: positions are meaningful within it.
+    pub fn epoch(&self) -> u64 {
+        self.hub.epoch
+    }
+
+    /// How clients were brought up to date so far.
+    pub fn stats(&self) -> HubStats {
+        self.hub.lock().stats
+    }
+
+    /// The upstream Syncer's status.
+    pub fn status(&self) -> SyncStatus {
+        self.hub.status().0
+    }
+
+    /// How many bytes the log holds now.
+    pub fn log_bytes(&self) -> usize {
+        self.hub.log_bytes()
+    }
+
+    /// Tells every client to go away (with where to resume) and stops.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        let s = self.hub.lock().stats;
+        info!(
+            resumes = s.resumes,
+            resyncs = s.resyncs,
+            snapshots = s.snapshots,
+            snapshot_builds = s.snapshot_builds,
+            fell_behind = s.fell_behind,
+            "kvsync server stopped"
+        );
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    config: ServerConfig,
+    stop: tokio::sync::watch::Sender<bool>,
+) {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mut stop_rx = stop.subscribe();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop_rx.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let n = connections.fetch_add(1, Ordering::SeqCst) + 1;
+        let (hub, config, connections, stop_rx) = (
+            hub.clone(),
+            config.clone(),
+            connections.clone(),
+            stop.subscribe(),
+        );
+        conns.spawn(
+            async move {
+                if n > config.max_connections {
+                    refuse(stream, "the server is at its connection limit").await;
+                } else if let Err(e) = serve(stream, &hub, &config, stop_rx).await {
+                    match e {
+                        ProtocolError::Io(e) => debug!(error = %e, "connection ended"),
+                        e => warn!(error = %e, "connection refused"),
+                    }
+                }
+                connections.fetch_sub(1, Ordering::SeqCst);
+            }
+            .instrument(info_span!("kvsync_server_client", %peer)),
+        );
+        while conns.try_join_next().is_some() {}
+    }
+    // Every connection sends its GoAway and ends.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    conns.abort_all();
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, reason: &str) {
+    warn!(reason, "connection refused");
+    let _ = stream
+        .write_all(&frame(&Message::Refused {
+            reason: reason.to_owned(),
+        }))
+        .await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads the client's messages (pongs and pings) and reports pings to answer; ends when the
+/// client goes silent for too long or breaks the protocol.
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut r: R,
+    limit: usize,
+    silent: Duration,
+    pings: tokio::sync::mpsc::Sender<u64>,
+) -> ProtocolError {
+    loop {
+        let body = match tokio::time::timeout(silent, read_frame(&mut r, limit)).await {
+            Err(_) => return ProtocolError::Unexpected("the client went silent".into()),
+            Ok(Err(e)) => return e,
+            Ok(Ok(b)) => b,
+        };
+        match serde_json::from_slice::<Message>(&body) {
+            Ok(Message::Ping { nonce }) => {
+                if pings.send(nonce).await.is_err() {
+                    return ProtocolError::Unexpected("closed".into());
+                }
+            }
+            Ok(Message::Pong { .. }) => {}
+            Ok(other) => {
+                return ProtocolError::Unexpected(format!("unexpected message {other:?}"));
+            }
+            Err(e) => return ProtocolError::Garbage(e),
+        }
+    }
+}
+
+/// One client: hello, catch-up, then the log as it grows, with pings both ways.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    hub: &Hub,
+    config: &ServerConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ProtocolError> {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let hello = match tokio::time::timeout(
+        config.hello_timeout,
+        read_frame(&mut r, config.max_client_frame),
+    )
+    .await
+    {
+        Err(_) => {
+            refuse(&mut w, "no hello in time").await;
+            return Err(ProtocolError::Unexpected("no hello in time".into()));
+        }
+        Ok(Err(e @ ProtocolError::TooLarge { .. })) => {
+            refuse(&mut w, &e.to_string()).await;
+            return Err(e);
+        }
+        Ok(r) => r?,
+    };
+    let (client, resume, digests) = match serde_json::from_slice::<Message>(&hello) {
+        Ok(Message::Hello {
+            version: VERSION,
+            client,
+            resume,
+            digests,
+            ..
+        }) => (client, resume, digests),
+        Ok(Message::Hello { version, .. }) => {
+            let reason = format!("protocol version {version} is not spoken here (only {VERSION})");
+            refuse(&mut w, &reason).await;
+            return Err(ProtocolError::Unexpected(reason));
+        }
+        Ok(other) => {
+            let reason = format!("the first message must be a hello, not {other:?}");
+            refuse(&mut w, &reason).await;
+            return Err(ProtocolError::Unexpected(reason));
+        }
+        Err(e) => {
+            refuse(&mut w, "the first frame is not a message").await;
+            return Err(ProtocolError::Garbage(e));
+        }
+    };
+    let resume_at = resume.filter(|r| r.epoch == hub.epoch).map(|r| r.position);
+    // A client is brought up to date only from a state that was whole once: until the
+    // upstream Syncer's first InSync it waits (and says WaitForDatastore).
+    let mut synced = hub.synced.subscribe();
+    tokio::select! {
+        _ = synced.wait_for(|s| *s) => {}
+        () = async { let _ = stop.wait_for(|s| *s).await; } => return Ok(()),
+    }
+    let catch = hub.catch_up(resume_at, digests.as_deref());
+    let (mode, mut cursor, buckets) = match catch {
+        Catch::Resume => (Mode::Resume, resume_at.unwrap_or(0), None),
+        Catch::Buckets {
+            position,
+            frames,
+            snapshot,
+        } => (
+            if snapshot {
+                Mode::Snapshot
+            } else {
+                Mode::Resync
+            },
+            position,
+            Some(frames),
+        ),
+    };
+    info!(client, ?mode, position = cursor, "client connected");
+    w.write_all(&frame(&Message::Welcome {
+        version: VERSION,
+        epoch: hub.epoch,
+        position: cursor,
+        mode,
+        features: Vec::new(),
+    }))
+    .await?;
+    if let Some(frames) = buckets {
+        for f in frames.iter() {
+            w.write_all(f).await?;
+        }
+        w.write_all(&frame(&Message::ResyncDone { position: cursor }))
+            .await?;
+    }
+    let (ping_tx, mut ping_rx) = tokio::sync::mpsc::channel(8);
+    let mut reader = tokio::spawn(read_loop(
+        r,
+        config.max_client_frame,
+        config.ping_interval * 3,
+        ping_tx,
+    ));
+    let mut head = hub.head.subscribe();
+    let mut ping = tokio::time::interval(config.ping_interval);
+    ping.tick().await;
+    let mut told_status = false;
+    let result = loop {
+        let Some(frames) = hub.after(cursor, 256) else {
+            hub.lock().stats.fell_behind += 1;
+            info!(
+                client,
+                position = cursor,
+                "client fell behind the log: moved to a resync"
+            );
+            let _ = w
+                .write_all(&frame(&Message::GoAway {
+                    epoch: hub.epoch,
+                    position: cursor,
+                    reason: "fell behind the log".into(),
+                }))
+                .await;
+            break Ok(());
+        };
+        if let Some((last, _)) = frames.last() {
+            for (_, f) in &frames {
+                w.write_all(f).await?;
+            }
+            cursor = *last;
+            continue;
+        }
+        // Caught up with the log: tell this client the status now, once.
+        if !told_status {
+            let (status, at) = hub.status();
+            if at == cursor {
+                w.write_all(&frame(&Message::Status {
+                    position: cursor,
+                    status: status.into(),
+                }))
+                .await?;
+                told_status = true;
+            } else {
+                continue;
+            }
+        }
+        head.borrow_and_update();
+        tokio::select! {
+            _ = head.changed() => {}
+            _ = ping.tick() => {
+                w.write_all(&frame(&Message::Ping { nonce: cursor })).await?;
+            }
+            Some(nonce) = ping_rx.recv() => {
+                w.write_all(&frame(&Message::Pong { nonce })).await?;
+            }
+            // The watch's guard is dropped inside: it is not held across the write.
+            () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                let _ = w
+                    .write_all(&frame(&Message::GoAway {
+                        epoch: hub.epoch,
+                        position: cursor,
+                        reason: "the server is shutting down".into(),
+                    }))
+                    .await;
+                break Ok(());
+            }
+            ended = &mut reader => {
+                break match ended {
+                    Ok(e) => Err(e),
+                    Err(_) => Ok(()),
+                };
+            }
+        }
+    };
+    reader.abort();
+    let _ = w.shutdown().await;
+    result
+}

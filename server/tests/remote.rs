@@ -1,0 +1,316 @@
+//! The RemoteSyncer against a server over the memory backend: the consumer's map equals the
+//! datastore at every InSync, through dropped connections, server restarts, a client stalled
+//! past the log window, bad peers, and fifty clients at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvsync_backend::{Client, MemoryBackend};
+use kvsync_model::{KVPair, ListOptions, ResourceKey};
+use kvsync_server::{RemoteSyncer, Server, ServerConfig};
+use kvsync_syncer::{Backoff, ResourceType, SyncStatus};
+use kvsync_tests::checker::{CheckingConsumer, datastore_state, diff};
+use kvsync_tests::proxy::Proxy;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn kinds() -> Vec<ListOptions> {
+    vec![
+        ListOptions::new("IPPool"),
+        ListOptions::new("NetworkPolicy"),
+    ]
+}
+
+fn types() -> Vec<ResourceType> {
+    kinds().into_iter().map(ResourceType::new).collect()
+}
+
+fn pool(i: usize) -> KVPair {
+    KVPair::new(
+        ResourceKey::cluster("IPPool", format!("pool-{i}")),
+        json!({"cidr": format!("10.{}.{}.0/24", i / 256 % 256, i % 256)}),
+    )
+}
+
+fn remote(addr: impl ToString) -> RemoteSyncer {
+    RemoteSyncer::new(addr.to_string())
+        .with_retry_policy(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        ))
+        .with_ping_interval(Duration::from_millis(500))
+}
+
+async fn serve(store: Arc<dyn Client>, addr: SocketAddr, config: ServerConfig) -> Server {
+    Server::bind(addr, store, types(), config)
+        .await
+        .expect("bind")
+}
+
+async fn in_sync(consumer: &CheckingConsumer, store: &dyn Client) -> Result<(), String> {
+    let expected = datastore_state(store, &kinds()).await;
+    if consumer
+        .wait_for(WAIT, |s| {
+            s.status() == Some(SyncStatus::InSync) && s.cache == expected
+        })
+        .await
+    {
+        Ok(())
+    } else {
+        Err(consumer.with(|s| format!("{:?}: {}", s.status(), diff(&expected, &s.cache))))
+    }
+}
+
+async fn write(store: &dyn Client, from: usize, n: usize) {
+    for i in from..from + n {
+        store.apply(pool(i)).await.expect("write");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_syncer_holds_what_the_datastore_holds_at_every_in_sync() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 20).await;
+    let server = serve(
+        store.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::new(),
+    )
+    .await;
+    let consumer = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
+    in_sync(&consumer, &*store).await.expect("first sync");
+    write(&*store, 10, 20).await;
+    for i in 0..5 {
+        store
+            .delete(&pool(i).key, &Default::default())
+            .await
+            .expect("delete");
+    }
+    in_sync(&consumer, &*store).await.expect("follows");
+    let seen = consumer.stop().await;
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    assert_eq!(server.stats().snapshots, 1, "{:?}", server.stats());
+    server.shutdown().await;
+}
+
+/// Connections cut between client and server: the client resumes from the log (nothing sent
+/// twice, nothing missed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_resumes_from_the_log() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 10).await;
+    let server = serve(
+        store.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::new(),
+    )
+    .await;
+    let proxy = Proxy::start(server.local_addr()).await;
+    let consumer = CheckingConsumer::start_stream(remote(proxy.addr()).stream());
+    in_sync(&consumer, &*store).await.expect("first sync");
+    for round in 0..3 {
+        proxy.cut();
+        write(&*store, 10 + round * 10, 10).await;
+        in_sync(&consumer, &*store).await.expect("after a cut");
+    }
+    let seen = consumer.stop().await;
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    let stats = server.stats();
+    assert!(stats.resumes >= 3, "{stats:?}");
+    assert_eq!(stats.snapshots, 1, "only the first connection: {stats:?}");
+    server.shutdown().await;
+}
+
+/// A server restart (a new epoch): the client resyncs by digests and is sent only the buckets
+/// that differ, with deletions for what went away meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_server_restart_only_differing_buckets_are_resent() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 300).await;
+    let server = serve(
+        store.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::new(),
+    )
+    .await;
+    let addr = server.local_addr();
+    let consumer = CheckingConsumer::start_stream(remote(addr).stream());
+    in_sync(&consumer, &*store).await.expect("first sync");
+    let updates_before: usize = consumer.with(|s| s.batch_sizes.iter().sum());
+    server.shutdown().await;
+    // While it is down: 3 keys change, 2 go.
+    write(&*store, 0, 3).await;
+    store
+        .apply(pool(0).clone())
+        .await
+        .expect("same value, new revision");
+    for i in [100, 200] {
+        store
+            .delete(&pool(i).key, &Default::default())
+            .await
+            .expect("delete");
+    }
+    let server = serve(store.clone(), addr, ServerConfig::new()).await;
+    in_sync(&consumer, &*store)
+        .await
+        .expect("after the restart");
+    let seen = consumer.stop().await;
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    let stats = server.stats();
+    assert_eq!((stats.resyncs, stats.snapshots), (1, 0), "{stats:?}");
+    let resent = seen.batch_sizes.iter().sum::<usize>() - updates_before;
+    assert!(
+        resent < 40,
+        "only the differing buckets came again: {resent} updates for 5 changed keys of 300"
+    );
+    server.shutdown().await;
+}
+
+/// A client that stops reading is moved to a resync once it falls off the log: the log stays
+/// within its bound, the others go on, and the stalled one converges once it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_falls_behind_resyncs_and_never_holds_memory() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    let bound = 256 << 10;
+    let config = ServerConfig::new().with_log(bound, Duration::from_secs(300));
+    let server = serve(store.clone(), "127.0.0.1:0".parse().unwrap(), config).await;
+    let stalled = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
+    let other = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
+    in_sync(&stalled, &*store).await.expect("first sync");
+    // It stops reading: its socket fills, and the log moves on past it.
+    stalled.pause(true);
+    let big = "x".repeat(4000);
+    for i in 0..5000 {
+        store
+            .apply(KVPair::new(
+                ResourceKey::namespaced("NetworkPolicy", "ns", format!("p{}", i % 2000)),
+                json!({"order": i as f64, "selector": format!("a == '{big}'")}),
+            ))
+            .await
+            .expect("write");
+        if i % 500 == 0 {
+            assert!(
+                server.log_bytes() <= bound + (64 << 10),
+                "the log stays within its bound: {}",
+                server.log_bytes()
+            );
+        }
+    }
+    in_sync(&other, &*store).await.expect("the others go on");
+    stalled.pause(false);
+    in_sync(&stalled, &*store)
+        .await
+        .expect("the stalled one converges");
+    let stats = server.stats();
+    assert!(stats.fell_behind >= 1, "{stats:?}");
+    for c in [stalled, other] {
+        let seen = c.stop().await;
+        assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    }
+    server.shutdown().await;
+}
+
+/// Bad peers are refused with a reason, and the server goes on serving the good ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_are_refused_and_others_are_served() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 5).await;
+    let server = serve(
+        store.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::new(),
+    )
+    .await;
+    let good = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
+    in_sync(&good, &*store).await.expect("first sync");
+    let answer = |bytes: Vec<u8>| {
+        let addr = server.local_addr();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(&bytes).await.expect("write");
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let framed = |body: &str| {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body.as_bytes());
+        f
+    };
+    let cases = [
+        (
+            framed(r#"{"type":"hello","version":99,"client":"x"}"#),
+            "version 99",
+        ),
+        ((u32::MAX).to_be_bytes().to_vec(), "over the limit"),
+        (framed("not json at all"), "not a message"),
+        (framed(r#"{"type":"ping","nonce":1}"#), "must be a hello"),
+    ];
+    for (bytes, reason) in cases {
+        let text = answer(bytes).await;
+        assert!(
+            text.contains("refused") && text.contains(reason),
+            "expected a refusal naming {reason:?}, got {text:?}"
+        );
+    }
+    write(&*store, 5, 5).await;
+    in_sync(&good, &*store)
+        .await
+        .expect("the good client is still served");
+    good.stop().await;
+    server.shutdown().await;
+}
+
+/// Fifty clients, the server restarted under load: every client comes back and converges; the
+/// server says how each was brought up to date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_come_back_after_a_restart_under_load() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 200).await;
+    let server = serve(
+        store.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::new(),
+    )
+    .await;
+    let addr = server.local_addr();
+    let clients: Vec<CheckingConsumer> = (0..50)
+        .map(|i| CheckingConsumer::start_stream(remote(addr).with_name(format!("c{i}")).stream()))
+        .collect();
+    for c in &clients {
+        in_sync(c, &*store).await.expect("first sync");
+    }
+    let first = server.stats();
+    assert_eq!(first.snapshots, 50);
+    assert!(first.snapshot_builds <= 3, "shared snapshots: {first:?}");
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move { write(&*store, 150, 200).await })
+    };
+    server.shutdown().await;
+    let server = serve(store.clone(), addr, ServerConfig::new()).await;
+    writer.await.expect("writer");
+    for c in &clients {
+        in_sync(c, &*store).await.expect("back in sync");
+    }
+    let stats = server.stats();
+    eprintln!(
+        "after the restart: {} resumed, {} resynced, {} snapshots ({} built)",
+        stats.resumes, stats.resyncs, stats.snapshots, stats.snapshot_builds
+    );
+    assert_eq!(
+        stats.resyncs + stats.resumes + stats.snapshots,
+        50,
+        "{stats:?}"
+    );
+    assert_eq!(stats.snapshots, 0, "every client held its state: {stats:?}");
+    for c in clients {
+        let seen = c.stop().await;
+        assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    }
+    server.shutdown().await;
+}
