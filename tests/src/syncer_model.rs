@@ -48,14 +48,16 @@ impl ModelConfig {
     }
 }
 
-fn kinds() -> Vec<ListOptions> {
+/// The kinds the model writes.
+pub fn kinds() -> Vec<ListOptions> {
     vec![
         ListOptions::new("IPPool"),
         ListOptions::new("NetworkPolicy"),
     ]
 }
 
-fn random_key(rng: &mut StdRng) -> ResourceKey {
+/// A key of the model's small key space (collisions make updates and deletes likely).
+pub fn random_key(rng: &mut StdRng) -> ResourceKey {
     if rng.random_bool(0.5) {
         ResourceKey::cluster("IPPool", format!("pool-{}", rng.random_range(0..6)))
     } else {
@@ -67,7 +69,8 @@ fn random_key(rng: &mut StdRng) -> ResourceKey {
     }
 }
 
-fn random_value(rng: &mut StdRng, key: &ResourceKey) -> serde_json::Value {
+/// A valid value for `key`.
+pub fn random_value(rng: &mut StdRng, key: &ResourceKey) -> serde_json::Value {
     if key.kind == "IPPool" {
         json!({"cidr": format!("10.{}.0.0/16", rng.random_range(0..=255)), "blockSize": 26})
     } else {
