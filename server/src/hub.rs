@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kvsync_model::{KVPair, ResourceKey};
 use kvsync_syncer::{SyncStatus, Update, UpdateType};
 
+use crate::metrics::ServerMetrics;
 use crate::protocol::{
     BUCKETS, Message, bucket_frame, bucket_of, contribution, frame, updates_frame,
 };
@@ -75,10 +76,16 @@ pub(crate) struct Hub {
     pub(crate) epoch: u64,
     max_log_bytes: usize,
     max_log_age: Duration,
+    pub(crate) metrics: ServerMetrics,
 }
 
 impl Hub {
-    pub(crate) fn new(epoch: u64, max_log_bytes: usize, max_log_age: Duration) -> Self {
+    pub(crate) fn new(
+        epoch: u64,
+        max_log_bytes: usize,
+        max_log_age: Duration,
+        metrics: ServerMetrics,
+    ) -> Self {
         Hub {
             state: Mutex::new(State {
                 entries: HashMap::new(),
@@ -96,6 +103,7 @@ impl Hub {
             epoch,
             max_log_bytes,
             max_log_age,
+            metrics,
         }
     }
 
@@ -125,6 +133,9 @@ impl Hub {
                 st.dropped = old.position;
             }
         }
+        self.metrics
+            .log_bytes
+            .set(i64::try_from(st.log_bytes).unwrap_or(i64::MAX));
     }
 
     /// Applies a batch of the upstream Syncer: the state, the digests, one frame in the log.
@@ -132,6 +143,7 @@ impl Hub {
         let mut st = self.lock();
         st.head += 1;
         let position = st.head;
+        let started = Instant::now();
         let frame: Frame = updates_frame(
             position,
             batch
@@ -139,6 +151,7 @@ impl Hub {
                 .map(|u| (&u.kvp, u.update_type == UpdateType::Deleted)),
         )
         .into();
+        self.metrics.encode.observe(started.elapsed().as_secs_f64());
         for u in batch {
             let b = usize::from(bucket_of(&u.kvp.key));
             let rev = u
@@ -193,12 +206,14 @@ impl Hub {
             && p <= st.head
         {
             st.stats.resumes += 1;
+            self.metrics.catch_up("resume");
             return Catch::Resume;
         }
         let position = st.head;
         match digests.filter(|d| d.len() == BUCKETS) {
             Some(d) => {
                 st.stats.resyncs += 1;
+                self.metrics.catch_up("resync");
                 let differ: Vec<u16> = (0..BUCKETS)
                     .filter(|&b| d[b] != st.digests[b])
                     .map(|b| b as u16)
@@ -212,11 +227,13 @@ impl Hub {
             }
             None => {
                 st.stats.snapshots += 1;
+                self.metrics.catch_up("snapshot");
                 let frames = match &st.snapshot {
                     // Built once for everyone who needs one at this position.
                     Some((p, f)) if *p == position => f.clone(),
                     _ => {
                         st.stats.snapshot_builds += 1;
+                        self.metrics.snapshot_builds.inc();
                         let all: Vec<u16> = (0..BUCKETS as u16).collect();
                         let f = Arc::new(Self::bucket_frames(&st, &all));
                         st.snapshot = Some((position, f.clone()));

@@ -53,9 +53,11 @@
 
 mod client;
 mod hub;
+mod metrics;
 pub mod protocol;
 mod server;
 
 pub use client::RemoteSyncer;
 pub use hub::HubStats;
+pub use metrics::ServerMetrics;
 pub use server::{Server, ServerConfig};

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::hub::{Catch, Hub, HubStats};
+use crate::metrics::ServerMetrics;
 use crate::protocol::{Message, Mode, ProtocolError, VERSION, frame, read_frame};
 
 /// How a [`Server`] runs.
@@ -31,6 +32,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a client may take to say hello (10 s).
     pub hello_timeout: Duration,
+    /// Where the server's metrics go (see [`ServerMetrics`]); none by default.
+    pub metrics: Option<ServerMetrics>,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +45,7 @@ impl Default for ServerConfig {
             ping_interval: Duration::from_secs(10),
             max_connections: 10_000,
             hello_timeout: Duration::from_secs(10),
+            metrics: None,
         }
     }
 }
@@ -64,6 +68,13 @@ impl ServerConfig {
     #[must_use]
     pub fn with_ping_interval(mut self, every: Duration) -> Self {
         self.ping_interval = every;
+        self
+    }
+
+    /// Records the server's metrics into `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: ServerMetrics) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -129,7 +140,12 @@ impl Server {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let epoch = rand::random::<u64>() | 1;
-        let hub = Arc::new(Hub::new(epoch, config.max_log_bytes, config.max_log_age));
+        let hub = Arc::new(Hub::new(
+            epoch,
+            config.max_log_bytes,
+            config.max_log_age,
+            config.metrics.clone().unwrap_or_default(),
+        ));
         let (stop, _) = tokio::sync::watch::channel(false);
         let mut syncer = Syncer::new(client);
         for t in types {
@@ -246,14 +262,17 @@ async fn accept_loop(
         );
         conns.spawn(
             async move {
+                hub.metrics.clients.inc();
                 if n > config.max_connections {
+                    hub.metrics.refused.inc();
                     refuse(stream, "the server is at its connection limit").await;
                 } else if let Err(e) = serve(stream, &hub, &config, stop_rx).await {
                     match e {
                         ProtocolError::Io(e) => debug!(error = %e, "connection ended"),
-                        e => warn!(error = %e, "connection refused"),
+                        e => warn!(error = %e, "connection ended with an error"),
                     }
                 }
+                hub.metrics.clients.dec();
                 connections.fetch_sub(1, Ordering::SeqCst);
             }
             .instrument(info_span!("kvsync_server_client", %peer)),
@@ -322,10 +341,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     .await
     {
         Err(_) => {
+            hub.metrics.refused.inc();
             refuse(&mut w, "no hello in time").await;
             return Err(ProtocolError::Unexpected("no hello in time".into()));
         }
         Ok(Err(e @ ProtocolError::TooLarge { .. })) => {
+            hub.metrics.refused.inc();
             refuse(&mut w, &e.to_string()).await;
             return Err(e);
         }
@@ -341,15 +362,18 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }) => (client, resume, digests),
         Ok(Message::Hello { version, .. }) => {
             let reason = format!("protocol version {version} is not spoken here (only {VERSION})");
+            hub.metrics.refused.inc();
             refuse(&mut w, &reason).await;
             return Err(ProtocolError::Unexpected(reason));
         }
         Ok(other) => {
             let reason = format!("the first message must be a hello, not {other:?}");
+            hub.metrics.refused.inc();
             refuse(&mut w, &reason).await;
             return Err(ProtocolError::Unexpected(reason));
         }
         Err(e) => {
+            hub.metrics.refused.inc();
             refuse(&mut w, "the first frame is not a message").await;
             return Err(ProtocolError::Garbage(e));
         }
@@ -409,6 +433,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let result = loop {
         let Some(frames) = hub.after(cursor, 256) else {
             hub.lock().stats.fell_behind += 1;
+            hub.metrics.fell_behind.inc();
             info!(
                 client,
                 position = cursor,
@@ -424,8 +449,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             break Ok(());
         };
         if let Some((last, _)) = frames.last() {
+            let (_, head_now) = hub.status();
+            hub.metrics.lag.observe((head_now - cursor) as f64);
             for (_, f) in &frames {
                 w.write_all(f).await?;
+                hub.metrics.bytes_sent.inc_by(f.len() as u64);
             }
             cursor = *last;
             continue;
