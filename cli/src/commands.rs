@@ -88,6 +88,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     {
         return migrate(&cli.datastore, from.as_deref(), to, restore, kinds).await;
     }
+    if let Command::Watch {
+        kinds,
+        namespace,
+        output,
+        once,
+        server: Some(server),
+    } = &cli.command
+    {
+        return watch_remote(server, kinds, namespace.clone(), *output, *once).await;
+    }
     let client = cli.datastore.connect().await?;
     match cli.command {
         Command::Get {
@@ -110,6 +120,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             namespace,
             output,
             once,
+            ..
         } => watch(client, &kinds, namespace, output, once).await,
         Command::Compact { revision } => compact(&client, revision).await,
         Command::Demo => demo(client, &cli.datastore.describe()).await,
@@ -123,17 +134,43 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Crds { .. } => unreachable!("handled above"),
         Command::Version { output, .. } => version(Some(&*client), output),
         Command::Controller { kinds, listen } => {
-            let registry = client.codec().registry().clone();
-            let mut opts = Vec::new();
-            if kinds.is_empty() {
-                opts.extend(registry.kinds().iter().map(|k| ListOptions::new(&k.kind)));
-            }
-            for k in &kinds {
-                opts.push(ListOptions::new(&resolve(&registry, k)?.kind));
-            }
+            let opts = kind_options(&client, &kinds)?;
             crate::controller::run(client, opts, listen).await
         }
+        Command::Serve {
+            kinds,
+            listen,
+            http_listen,
+            log_mib,
+            log_seconds,
+        } => {
+            let opts = kind_options(&client, &kinds)?;
+            let args = crate::serve::ServeArgs {
+                kinds: opts,
+                listen,
+                http_listen,
+                log_bytes: log_mib << 20,
+                log_age: std::time::Duration::from_secs(log_seconds),
+            };
+            crate::serve::run(client, args).await
+        }
     }
+}
+
+/// The list options of the kinds named (every kind of the registry when none is).
+fn kind_options(client: &Arc<dyn Client>, kinds: &[String]) -> Result<Vec<ListOptions>> {
+    let registry = client.codec().registry().clone();
+    if kinds.is_empty() {
+        return Ok(registry
+            .kinds()
+            .iter()
+            .map(|k| ListOptions::new(&k.kind))
+            .collect());
+    }
+    kinds
+        .iter()
+        .map(|k| Ok(ListOptions::new(&resolve(&registry, k)?.kind)))
+        .collect()
 }
 
 /// Checks list options built from flags against the kind (namespace rules, DNS names).
@@ -405,19 +442,19 @@ fn update_json(u: &kvsync_syncer::Update, registry: &Registry) -> Value {
     })
 }
 
-async fn watch(
-    client: Arc<dyn Client>,
+/// The list options of the kinds named on the command line, checked against `client`'s
+/// codec when there is one.
+fn watch_options(
+    registry: &Registry,
+    client: Option<&dyn Client>,
     kinds: &[String],
-    namespace: Option<String>,
-    out: WatchOutput,
-    once: bool,
-) -> Result<()> {
-    let registry = client.codec().registry().clone();
-    let mut syncer = Syncer::new(client.clone());
+    namespace: &Option<String>,
+) -> Result<Vec<ListOptions>> {
+    let mut all = Vec::new();
     for k in kinds {
-        let info = resolve(&registry, k)?;
+        let info = resolve(registry, k)?;
         let mut opts = ListOptions::new(&info.kind);
-        match (info.namespaced, &namespace) {
+        match (info.namespaced, namespace) {
             (true, ns) => opts.namespace = ns.clone(),
             (false, Some(_)) if kinds.len() == 1 => {
                 return Err(usage(format!(
@@ -429,10 +466,62 @@ async fn watch(
             (false, _) => {}
         }
         // Checked before the Syncer starts: it would retry options that can never work.
-        check_flags(&*client, &opts)?;
+        if let Some(c) = client {
+            check_flags(c, &opts)?;
+        }
+        all.push(opts);
+    }
+    Ok(all)
+}
+
+async fn watch(
+    client: Arc<dyn Client>,
+    kinds: &[String],
+    namespace: Option<String>,
+    out: WatchOutput,
+    once: bool,
+) -> Result<()> {
+    let registry = client.codec().registry().clone();
+    let mut syncer = Syncer::new(client.clone());
+    for opts in watch_options(&registry, Some(&*client), kinds, &namespace)? {
         syncer = syncer.with_resource(ResourceType::new(opts));
     }
     let mut events = syncer.stream();
+    print_events(&mut events, &registry, out, once, |_| true).await?;
+    events.stop().await;
+    Ok(())
+}
+
+/// `kvsync watch --server ADDR`: the same, from a `kvsync serve` (which serves its own kinds:
+/// the ones asked for are picked out here).
+pub async fn watch_remote(
+    server: &str,
+    kinds: &[String],
+    namespace: Option<String>,
+    out: WatchOutput,
+    once: bool,
+) -> Result<()> {
+    let registry = kvsync_model::demo::registry();
+    let wanted = watch_options(&registry, None, kinds, &namespace)?;
+    let mut events = kvsync_server::RemoteSyncer::new(server).stream();
+    print_events(&mut events, &registry, out, once, |k| {
+        wanted.iter().any(|o| o.matches(k))
+    })
+    .await
+}
+
+/// Prints events as they come until Ctrl-C (or the first InSync with `once`); only the
+/// updates of keys `wanted` says yes to.
+async fn print_events<S>(
+    events: &mut S,
+    registry: &Registry,
+    out: WatchOutput,
+    once: bool,
+    wanted: impl Fn(&kvsync_model::ResourceKey) -> bool,
+) -> Result<()>
+where
+    S: futures::Stream<Item = SyncerEvent> + Unpin,
+{
     let mut stdout = std::io::stdout().lock();
     loop {
         let ev = tokio::select! {
@@ -450,7 +539,7 @@ async fn watch(
                 )?;
             }
             (SyncerEvent::Updates(batch), WatchOutput::Text) => {
-                for u in batch {
+                for u in batch.iter().filter(|u| wanted(&u.kvp.key)) {
                     let rev = u
                         .kvp
                         .revision
@@ -471,8 +560,8 @@ async fn watch(
                 }
             }
             (SyncerEvent::Updates(batch), WatchOutput::Json) => {
-                for u in batch {
-                    writeln!(stdout, "{}", update_json(u, &registry))?;
+                for u in batch.iter().filter(|u| wanted(&u.kvp.key)) {
+                    writeln!(stdout, "{}", update_json(u, registry))?;
                 }
             }
             (SyncerEvent::ParseFailed(f), _) => {
@@ -485,7 +574,6 @@ async fn watch(
             break;
         }
     }
-    events.stop().await;
     Ok(())
 }
 

@@ -6,7 +6,9 @@
 mod commands;
 mod controller;
 mod datastore;
+mod endpoints;
 mod output;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -139,6 +141,9 @@ enum Command {
         /// Exit after the first InSync.
         #[arg(long)]
         once: bool,
+        /// Follow a `kvsync serve` at this address (`host:port`) instead of the datastore.
+        #[arg(long)]
+        server: Option<String>,
     },
     /// Compact the datastore's history (at its current revision unless given).
     Compact {
@@ -186,6 +191,27 @@ enum Command {
         #[arg(long, env = "KVSYNC_LISTEN", default_value = "0.0.0.0:8080")]
         listen: std::net::SocketAddr,
     },
+    /// Serve the kinds to many followers (`kvsync watch --server`, `RemoteSyncer`): one Syncer
+    /// upstream, clients resuming from a log of recent changes instead of relisting. Also
+    /// serves `/metrics`, `/healthz` and `/readyz` (in sync). Stops on SIGTERM or Ctrl-C,
+    /// telling clients where to resume.
+    Serve {
+        /// The kinds to serve (default: every kind).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Where clients connect (plain TCP).
+        #[arg(long, env = "KVSYNC_SERVE_LISTEN", default_value = "0.0.0.0:7878")]
+        listen: std::net::SocketAddr,
+        /// Where `/metrics`, `/healthz` and `/readyz` are served.
+        #[arg(long, env = "KVSYNC_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+        http_listen: std::net::SocketAddr,
+        /// The most recent changes kept for resuming clients, in MiB.
+        #[arg(long, default_value_t = 64)]
+        log_mib: usize,
+        /// The oldest change kept for resuming clients, in seconds.
+        #[arg(long, default_value_t = 300)]
+        log_seconds: u64,
+    },
     /// Print the client's version and what the datastore can do (its capabilities), as
     /// `kubectl version` prints the server's.
     Version {
@@ -209,7 +235,10 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
-    } else if matches!(cli.command, Command::Controller { .. }) {
+    } else if matches!(
+        cli.command,
+        Command::Controller { .. } | Command::Serve { .. }
+    ) {
         // A long-running process logs what it does by default.
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new("info"))

@@ -1137,3 +1137,91 @@ fn the_controller_serves_probes_and_metrics_and_stops_on_sigterm() {
         t0.elapsed()
     );
 }
+
+/// `kvsync serve` on the embedded SQLite and `kvsync watch --server` in another process: the
+/// follower sees the state, then InSync; /readyz says ready once the server is in sync; the
+/// server stops on SIGTERM.
+#[test]
+fn serve_on_sqlite_and_follow_it_from_another_process() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let env = Env::new();
+    let pools = env.file("pools.yaml", POOLS);
+    let out = env
+        .kvsync()
+        .args(["apply", "-f"])
+        .arg(&pools)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut server = std::process::Command::new(assert_cmd::cargo::cargo_bin("kvsync"))
+        .env_remove("KVSYNC_DATASTORE_TYPE")
+        .env_remove("ETCD_ENDPOINTS")
+        .env("KVSYNC_DB", env.db())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the server");
+    let mut lines = BufReader::new(server.stderr.take().expect("stderr")).lines();
+    let (mut http, mut serving) = (None, None);
+    while http.is_none() || serving.is_none() {
+        let line = lines.next().expect("a line").expect("stderr");
+        if let Some(a) = line.strip_prefix("listening on ") {
+            http = Some(a.to_owned());
+        }
+        if let Some(a) = line.strip_prefix("serving on ") {
+            serving = Some(a.to_owned());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let (http, serving) = (http.unwrap(), serving.unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while kvsync_tests::http::request(&http, "GET", "/readyz", &[], None).code != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = env
+        .kvsync()
+        .args(["watch", "--server", &serving, "ippools", "--once"])
+        .timeout(std::time::Duration::from_secs(30))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("IPPool(pool-a)") && text.contains("IPPool(pool-b)"),
+        "{text}"
+    );
+    assert!(text.ends_with("status InSync\n"), "{text}");
+    let metrics = kvsync_tests::http::request(&http, "GET", "/metrics", &[], None);
+    assert!(
+        metrics
+            .body
+            .contains(r#"kvsync_server_catch_ups_total{mode="snapshot"} 1"#),
+        "{}",
+        metrics.body
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let t0 = std::time::Instant::now();
+    let exit = loop {
+        if let Some(s) = server.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "still running"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(exit.success(), "{exit:?}");
+}

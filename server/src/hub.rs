@@ -73,6 +73,8 @@ pub(crate) struct Hub {
     /// Whether the upstream Syncer was ever in sync: until then the state is partial, and no
     /// client is resynced against it (it would be told to delete what it holds).
     pub(crate) synced: tokio::sync::watch::Sender<bool>,
+    /// The upstream Syncer's status, for those who follow it.
+    pub(crate) status_tx: tokio::sync::watch::Sender<SyncStatus>,
     pub(crate) epoch: u64,
     max_log_bytes: usize,
     max_log_age: Duration,
@@ -100,6 +102,7 @@ impl Hub {
             }),
             head: tokio::sync::watch::Sender::new(0),
             synced: tokio::sync::watch::Sender::new(false),
+            status_tx: tokio::sync::watch::Sender::new(SyncStatus::WaitForDatastore),
             epoch,
             max_log_bytes,
             max_log_age,
@@ -194,6 +197,7 @@ impl Hub {
         if status == SyncStatus::InSync {
             self.synced.send_replace(true);
         }
+        self.status_tx.send_replace(status);
         self.head.send_replace(position);
     }
 

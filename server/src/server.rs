@@ -207,6 +207,11 @@ impl Server {
         self.hub.status().0
     }
 
+    /// The upstream Syncer's status as it changes (readiness: in sync).
+    pub fn watch_status(&self) -> tokio::sync::watch::Receiver<SyncStatus> {
+        self.hub.status_tx.subscribe()
+    }
+
     /// How many bytes the log holds now.
     pub fn log_bytes(&self) -> usize {
         self.hub.log_bytes()
