@@ -94,9 +94,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         output,
         once,
         server: Some(server),
+        tls,
     } = &cli.command
     {
-        return watch_remote(server, kinds, namespace.clone(), *output, *once).await;
+        let tls = follow_tls(server, tls)?;
+        return watch_remote(server, tls, kinds, namespace.clone(), *output, *once).await;
     }
     let client = cli.datastore.connect().await?;
     match cli.command {
@@ -143,7 +145,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             http_listen,
             log_mib,
             log_seconds,
+            tls,
         } => {
+            let tls = serve_tls(&tls)?;
             let opts = kind_options(&client, &kinds)?;
             let args = crate::serve::ServeArgs {
                 kinds: opts,
@@ -151,10 +155,55 @@ pub async fn run(cli: Cli) -> Result<()> {
                 http_listen,
                 log_bytes: log_mib << 20,
                 log_age: std::time::Duration::from_secs(log_seconds),
+                tls,
             };
             crate::serve::run(client, args).await
         }
     }
+}
+
+fn read_pem(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The server's TLS from the flags; `None` for `--plaintext`.
+fn serve_tls(args: &crate::ServeTlsArgs) -> Result<Option<kvsync_server::ServerTls>> {
+    match (&args.tls_cert, &args.tls_key, args.plaintext) {
+        (Some(cert), Some(key), _) => {
+            let mut tls = kvsync_server::ServerTls::new(read_pem(cert)?, read_pem(key)?);
+            if let Some(ca) = &args.client_ca {
+                tls = tls.with_client_auth(read_pem(ca)?, args.allowed_clients.clone());
+            }
+            Ok(Some(tls))
+        }
+        (_, _, true) => Ok(None),
+        _ => Err(usage(
+            "kvsync serve needs TLS (--tls-cert and --tls-key) or --plaintext",
+        )),
+    }
+}
+
+/// A follower's TLS from the flags; `None` without `--server-ca` (plain TCP).
+fn follow_tls(
+    server: &str,
+    args: &crate::FollowTlsArgs,
+) -> Result<Option<kvsync_server::ClientTls>> {
+    let Some(ca) = &args.server_ca else {
+        return Ok(None);
+    };
+    let name = match &args.server_name {
+        Some(n) => n.clone(),
+        None => server
+            .rsplit_once(':')
+            .map_or(server, |(host, _)| host)
+            .trim_matches(['[', ']'])
+            .to_owned(),
+    };
+    let mut tls = kvsync_server::ClientTls::new(read_pem(ca)?, name);
+    if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+        tls = tls.with_identity(read_pem(cert)?, read_pem(key)?);
+    }
+    Ok(Some(tls))
 }
 
 /// The list options of the kinds named (every kind of the registry when none is).
@@ -496,6 +545,7 @@ async fn watch(
 /// the ones asked for are picked out here).
 pub async fn watch_remote(
     server: &str,
+    tls: Option<kvsync_server::ClientTls>,
     kinds: &[String],
     namespace: Option<String>,
     out: WatchOutput,
@@ -503,7 +553,11 @@ pub async fn watch_remote(
 ) -> Result<()> {
     let registry = kvsync_model::demo::registry();
     let wanted = watch_options(&registry, None, kinds, &namespace)?;
-    let mut events = kvsync_server::RemoteSyncer::new(server).stream();
+    let mut remote = kvsync_server::RemoteSyncer::new(server);
+    if let Some(tls) = tls {
+        remote = remote.with_tls(tls);
+    }
+    let mut events = remote.stream();
     print_events(&mut events, &registry, out, once, |k| {
         wanted.iter().any(|o| o.matches(k))
     })

@@ -76,6 +76,45 @@ enum SnapshotCommand {
     },
 }
 
+/// How `kvsync serve` secures its connections: TLS (`--tls-cert`, `--tls-key`; with
+/// `--client-ca`, mutual TLS, and `--allowed-clients` to name who may connect), or plain TCP
+/// asked for with `--plaintext`.
+#[derive(Debug, Args)]
+struct ServeTlsArgs {
+    /// The server's certificate chain (PEM).
+    #[arg(long, requires = "tls_key", conflicts_with = "plaintext")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Client certificates must chain to this CA (PEM): mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<std::path::PathBuf>,
+    /// With --client-ca: the common names or URI SANs a client certificate must carry.
+    #[arg(long, value_delimiter = ',', requires = "client_ca")]
+    allowed_clients: Vec<String>,
+    /// Serve over plain TCP (a trusted network only).
+    #[arg(long)]
+    plaintext: bool,
+}
+
+/// How `kvsync watch --server` verifies the server (TLS) and proves who it is (mutual TLS).
+#[derive(Debug, Args)]
+struct FollowTlsArgs {
+    /// The CA the server's certificate must chain to (PEM): connect over TLS.
+    #[arg(long, requires = "server")]
+    server_ca: Option<std::path::PathBuf>,
+    /// The server's name in its certificate (default: the host of --server).
+    #[arg(long, requires = "server_ca")]
+    server_name: Option<String>,
+    /// The client's certificate chain (PEM), for mutual TLS.
+    #[arg(long, requires = "client_key", requires = "server_ca")]
+    client_cert: Option<std::path::PathBuf>,
+    /// The client's private key (PEM).
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<std::path::PathBuf>,
+}
+
 /// What a restore does with resources that exist already.
 #[derive(Debug, Args)]
 struct RestoreArgs {
@@ -144,6 +183,8 @@ enum Command {
         /// Follow a `kvsync serve` at this address (`host:port`) instead of the datastore.
         #[arg(long)]
         server: Option<String>,
+        #[command(flatten)]
+        tls: FollowTlsArgs,
     },
     /// Compact the datastore's history (at its current revision unless given).
     Compact {
@@ -211,6 +252,8 @@ enum Command {
         /// The oldest change kept for resuming clients, in seconds.
         #[arg(long, default_value_t = 300)]
         log_seconds: u64,
+        #[command(flatten)]
+        tls: ServeTlsArgs,
     },
     /// Print the client's version and what the datastore can do (its capabilities), as
     /// `kubectl version` prints the server's.

@@ -25,6 +25,8 @@ pub struct ServeArgs {
     pub log_bytes: usize,
     /// The log's bound in age.
     pub log_age: Duration,
+    /// TLS, or `None` for the plain TCP asked for with `--plaintext`.
+    pub tls: Option<kvsync_server::ServerTls>,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then tells every client where to resume.
@@ -39,9 +41,12 @@ pub async fn run(client: Arc<dyn Client>, args: ServeArgs) -> Result<()> {
         args.listen,
         client,
         args.kinds.into_iter().map(ResourceType::new).collect(),
-        ServerConfig::new()
-            .with_log(args.log_bytes, args.log_age)
-            .with_metrics(metrics),
+        match args.tls {
+            Some(tls) => ServerConfig::new().with_tls(tls),
+            None => ServerConfig::new().with_plaintext(),
+        }
+        .with_log(args.log_bytes, args.log_age)
+        .with_metrics(metrics),
     )
     .await
     .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -1160,6 +1160,7 @@ fn serve_on_sqlite_and_follow_it_from_another_process() {
         .env("KVSYNC_DB", env.db())
         .args([
             "serve",
+            "--plaintext",
             "--listen",
             "127.0.0.1:0",
             "--http-listen",

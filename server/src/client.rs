@@ -9,7 +9,7 @@ use futures::stream::BoxStream;
 use kvsync_backend::Error;
 use kvsync_model::{Json, KVPair, ResourceKey, Revision};
 use kvsync_syncer::{Backoff, RetryPolicy, SyncStatus, SyncerEvent, Update, UpdateType};
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -17,6 +17,7 @@ use crate::protocol::{
     BUCKETS, DEFAULT_MAX_FRAME, Incoming, Message, Mode, ProtocolError, Resume, VERSION,
     WireUpdate, bucket_of, contribution, frame, read_frame,
 };
+use crate::tls::ClientTls;
 
 /// Follows a [`Server`](crate::Server): yields exactly the [`SyncerEvent`] stream a local
 /// [`Syncer`](kvsync_syncer::Syncer) yields (WaitForDatastore -> ResyncInProgress -> InSync,
@@ -50,7 +51,13 @@ pub struct RemoteSyncer {
     retry: Arc<dyn RetryPolicy>,
     ping_interval: Duration,
     max_frame: usize,
+    tls: Option<ClientTls>,
 }
+
+/// A connection's byte stream: TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+type Stream = Box<dyn Io>;
 
 impl RemoteSyncer {
     /// A client of the server at `addr` (`host:port`).
@@ -64,7 +71,16 @@ impl RemoteSyncer {
             )),
             ping_interval: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
+            tls: None,
         }
+    }
+
+    /// Connects over TLS, verifying the server (and presenting a client certificate when the
+    /// settings have one). Without it the connection is plain TCP.
+    #[must_use]
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// The name the server's logs show for this client.
@@ -118,7 +134,7 @@ struct Conn {
     frames: tokio::sync::mpsc::Receiver<Result<Vec<u8>, ProtocolError>>,
     reader: tokio::task::JoinHandle<()>,
     last_heard: tokio::time::Instant,
-    w: WriteHalf<TcpStream>,
+    w: WriteHalf<Stream>,
     epoch: u64,
     /// Whether a resync's buckets are coming (their deletions are synthesized per bucket).
     resyncing: bool,
@@ -145,7 +161,7 @@ impl Drop for Conn {
 
 /// Reads whole frames into `tx` until the connection ends or fails.
 async fn read_frames(
-    mut r: ReadHalf<TcpStream>,
+    mut r: ReadHalf<Stream>,
     max: usize,
     tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, ProtocolError>>,
 ) {
@@ -208,6 +224,15 @@ impl ClientState {
                 .await
                 .map_err(|_| ProtocolError::Unexpected("connect timed out".into()))??;
         let _ = stream.set_nodelay(true);
+        let stream: Stream = match &self.cfg.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let (connector, name) = tls
+                    .connector()
+                    .map_err(|e| ProtocolError::Unexpected(e.to_string()))?;
+                Box::new(connector.connect(name, stream).await?)
+            }
+        };
         let (mut r, mut w) = tokio::io::split(stream);
         w.write_all(&frame(&Message::Hello {
             version: VERSION,

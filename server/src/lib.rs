@@ -34,7 +34,7 @@
 //!     "127.0.0.1:0".parse()?,
 //!     store,
 //!     vec![ResourceType::new(ListOptions::new("IPPool"))],
-//!     ServerConfig::new(),
+//!     ServerConfig::new().with_plaintext(),
 //! )
 //! .await?;
 //! let mut events = RemoteSyncer::new(server.local_addr().to_string()).stream();
@@ -56,8 +56,10 @@ mod hub;
 mod metrics;
 pub mod protocol;
 mod server;
+mod tls;
 
 pub use client::RemoteSyncer;
 pub use hub::HubStats;
 pub use metrics::ServerMetrics;
 pub use server::{Server, ServerConfig};
+pub use tls::{ClientTls, ServerTls, TlsError};

@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::hub::{Catch, Hub, HubStats};
 use crate::metrics::ServerMetrics;
 use crate::protocol::{Message, Mode, ProtocolError, VERSION, frame, read_frame};
+use crate::tls::ServerTls;
 
 /// How a [`Server`] runs.
 #[derive(Clone, Debug)]
@@ -34,6 +35,10 @@ pub struct ServerConfig {
     pub hello_timeout: Duration,
     /// Where the server's metrics go (see [`ServerMetrics`]); none by default.
     pub metrics: Option<ServerMetrics>,
+    /// TLS (and mutual TLS with an allow-list); see [`ServerConfig::with_tls`].
+    pub tls: Option<ServerTls>,
+    /// Plain TCP, which must be asked for: a server has TLS or this.
+    pub plaintext: bool,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +51,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             hello_timeout: Duration::from_secs(10),
             metrics: None,
+            tls: None,
+            plaintext: false,
         }
     }
 }
@@ -68,6 +75,20 @@ impl ServerConfig {
     #[must_use]
     pub fn with_ping_interval(mut self, every: Duration) -> Self {
         self.ping_interval = every;
+        self
+    }
+
+    /// Serves over TLS.
+    #[must_use]
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Serves over plain TCP: only when asked for (a trusted network, tests).
+    #[must_use]
+    pub fn with_plaintext(mut self) -> Self {
+        self.plaintext = true;
         self
     }
 
@@ -103,7 +124,7 @@ impl ServerConfig {
 ///     "127.0.0.1:0".parse().unwrap(),
 ///     client,
 ///     vec![ResourceType::new(ListOptions::new("IPPool"))],
-///     ServerConfig::new(),
+///     ServerConfig::new().with_plaintext(),
 /// )
 /// .await?;
 /// println!("serving on {}", server.local_addr());
@@ -127,16 +148,31 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Binds `addr` (plain TCP) and starts following `types` on `client`.
+    /// Binds `addr` and starts following `types` on `client`.
     ///
     /// # Errors
-    /// When `addr` cannot be bound.
+    /// When `addr` cannot be bound; `InvalidInput` when the TLS settings are unusable, or when
+    /// the configuration has neither TLS nor [`ServerConfig::with_plaintext`].
     pub async fn bind(
         addr: SocketAddr,
         client: Arc<dyn Client>,
         types: Vec<ResourceType>,
         config: ServerConfig,
     ) -> std::io::Result<Server> {
+        let acceptor = match (&config.tls, config.plaintext) {
+            (Some(tls), _) => Some(
+                tls.acceptor()
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            ),
+            (None, true) => None,
+            (None, false) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "choose TLS (ServerConfig::with_tls) or ask for plain TCP \
+                     (ServerConfig::with_plaintext)",
+                ));
+            }
+        };
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let epoch = rand::random::<u64>() | 1;
@@ -176,7 +212,7 @@ impl Server {
         let acceptor = {
             let hub = hub.clone();
             let stop = stop.clone();
-            tokio::spawn(accept_loop(listener, hub, config, stop))
+            tokio::spawn(accept_loop(listener, hub, config, acceptor, stop))
         };
         info!(%addr, epoch, "kvsync server listening");
         Ok(Server {
@@ -239,6 +275,7 @@ async fn accept_loop(
     listener: TcpListener,
     hub: Arc<Hub>,
     config: ServerConfig,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     stop: tokio::sync::watch::Sender<bool>,
 ) {
     let connections = Arc::new(AtomicUsize::new(0));
@@ -259,19 +296,27 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let n = connections.fetch_add(1, Ordering::SeqCst) + 1;
-        let (hub, config, connections, stop_rx) = (
+        let (hub, config, connections, stop_rx, acceptor) = (
             hub.clone(),
             config.clone(),
             connections.clone(),
             stop.subscribe(),
+            acceptor.clone(),
         );
         conns.spawn(
             async move {
                 hub.metrics.clients.inc();
-                if n > config.max_connections {
+                let result = if n > config.max_connections {
                     hub.metrics.refused.inc();
                     refuse(stream, "the server is at its connection limit").await;
-                } else if let Err(e) = serve(stream, &hub, &config, stop_rx).await {
+                    Ok(())
+                } else {
+                    match acceptor {
+                        None => serve(stream, &hub, &config, stop_rx).await,
+                        Some(a) => serve_tls(a, stream, &hub, &config, stop_rx).await,
+                    }
+                };
+                if let Err(e) = result {
                     match e {
                         ProtocolError::Io(e) => debug!(error = %e, "connection ended"),
                         e => warn!(error = %e, "connection ended with an error"),
@@ -290,6 +335,40 @@ async fn accept_loop(
     })
     .await;
     conns.abort_all();
+}
+
+/// The TLS handshake (refused with a logged reason when it fails or the client's certificate
+/// is not allowed), then [`serve`].
+async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    hub: &Hub,
+    config: &ServerConfig,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ProtocolError> {
+    let tls = match tokio::time::timeout(config.hello_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            hub.metrics.refused.inc();
+            warn!(error = %e, "connection refused: the TLS handshake failed");
+            return Ok(());
+        }
+        Err(_) => {
+            hub.metrics.refused.inc();
+            warn!("connection refused: no TLS handshake in time");
+            return Ok(());
+        }
+    };
+    let why = config
+        .tls
+        .as_ref()
+        .and_then(|t| t.refuse(tls.get_ref().1.peer_certificates()));
+    if let Some(reason) = why {
+        hub.metrics.refused.inc();
+        refuse(tls, &reason).await;
+        return Ok(());
+    }
+    serve(tls, hub, config, stop).await
 }
 
 async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, reason: &str) {

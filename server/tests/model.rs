@@ -26,6 +26,7 @@ async fn bind(store: Arc<dyn Client>, addr: std::net::SocketAddr, log_bytes: usi
         store,
         kinds().into_iter().map(ResourceType::new).collect(),
         ServerConfig::new()
+            .with_plaintext()
             .with_log(log_bytes, Duration::from_secs(60))
             .with_ping_interval(Duration::from_millis(300)),
     )

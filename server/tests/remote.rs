@@ -77,7 +77,7 @@ async fn a_remote_syncer_holds_what_the_datastore_holds_at_every_in_sync() {
     let server = serve(
         store.clone(),
         "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new(),
+        ServerConfig::new().with_plaintext(),
     )
     .await;
     let consumer = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
@@ -105,7 +105,7 @@ async fn a_dropped_connection_resumes_from_the_log() {
     let server = serve(
         store.clone(),
         "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new(),
+        ServerConfig::new().with_plaintext(),
     )
     .await;
     let proxy = Proxy::start(server.local_addr()).await;
@@ -133,7 +133,7 @@ async fn after_a_server_restart_only_differing_buckets_are_resent() {
     let server = serve(
         store.clone(),
         "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new(),
+        ServerConfig::new().with_plaintext(),
     )
     .await;
     let addr = server.local_addr();
@@ -153,7 +153,7 @@ async fn after_a_server_restart_only_differing_buckets_are_resent() {
             .await
             .expect("delete");
     }
-    let server = serve(store.clone(), addr, ServerConfig::new()).await;
+    let server = serve(store.clone(), addr, ServerConfig::new().with_plaintext()).await;
     in_sync(&consumer, &*store)
         .await
         .expect("after the restart");
@@ -175,7 +175,9 @@ async fn after_a_server_restart_only_differing_buckets_are_resent() {
 async fn a_stalled_client_falls_behind_resyncs_and_never_holds_memory() {
     let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
     let bound = 256 << 10;
-    let config = ServerConfig::new().with_log(bound, Duration::from_secs(300));
+    let config = ServerConfig::new()
+        .with_plaintext()
+        .with_log(bound, Duration::from_secs(300));
     let server = serve(store.clone(), "127.0.0.1:0".parse().unwrap(), config).await;
     let stalled = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
     let other = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
@@ -221,7 +223,7 @@ async fn bad_peers_are_refused_and_others_are_served() {
     let server = serve(
         store.clone(),
         "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new(),
+        ServerConfig::new().with_plaintext(),
     )
     .await;
     let good = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
@@ -274,7 +276,7 @@ async fn fifty_clients_come_back_after_a_restart_under_load() {
     let server = serve(
         store.clone(),
         "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new(),
+        ServerConfig::new().with_plaintext(),
     )
     .await;
     let addr = server.local_addr();
@@ -292,7 +294,7 @@ async fn fifty_clients_come_back_after_a_restart_under_load() {
         tokio::spawn(async move { write(&*store, 150, 200).await })
     };
     server.shutdown().await;
-    let server = serve(store.clone(), addr, ServerConfig::new()).await;
+    let server = serve(store.clone(), addr, ServerConfig::new().with_plaintext()).await;
     writer.await.expect("writer");
     for c in &clients {
         in_sync(c, &*store).await.expect("back in sync");
