@@ -1,0 +1,351 @@
+//! The fan-out server under load, with the naive alternative in the same run.
+//!
+//! Setup: the memory backend with `KVSYNC_BENCH_KEYS` Nodes of about 200 bytes (100,000), a
+//! server on loopback, `KVSYNC_BENCH_CLIENTS` clients (1,000) in the same process, on this
+//! machine's cores. Most clients check framing only: they read every frame whole and find the
+//! write time stamped in the first update of each batch (no JSON decoding); `KVSYNC_BENCH_FULL`
+//! of them (4) are `RemoteSyncer`s decoding everything into a map.
+//!
+//! 1. Cold start: every client connects at once and holds nothing: time until all are in
+//!    sync, and how many snapshots were built.
+//! 2. Steady state: `KVSYNC_BENCH_RATE` updates/s (1,000) for `KVSYNC_BENCH_SECONDS` (10):
+//!    delivery latency p50/p99 (write to arrival at a client), the process's CPU (server and
+//!    clients together) and peak memory.
+//! 3. The naive alternative: `KVSYNC_BENCH_NAIVE` (100) Syncers each listing and watching the
+//!    memory backend directly, at the same update rate: their latency and the time to be in
+//!    sync.
+//!
+//! Run with `cargo bench -p kvsync-server --bench fanout`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kvsync_backend::{Client, MemoryBackend};
+use kvsync_model::{KVPair, ListOptions, ResourceKey};
+use kvsync_server::protocol::{Message, VERSION, frame, read_frame};
+use kvsync_server::{RemoteSyncer, Server, ServerConfig};
+use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent};
+use tokio::io::AsyncWriteExt;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn node(i: usize, stamp: u64) -> KVPair {
+    KVPair::new(
+        ResourceKey::cluster("Node", format!("node-{i:06}")),
+        serde_json::json!({
+            "addresses": [format!("10.{}.{}.1", i / 256 % 256, i % 256), "fd00::1"],
+            "labels": {"t": stamp.to_string(), "zone": "zone-a", "rack": format!("r{}", i % 64),
+                       "pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"},
+            "asn": 64512
+        }),
+    )
+}
+
+/// Nanoseconds since the bench started: the stamp a write carries.
+fn now(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The stamp of the first update in a batch frame, found without decoding the frame.
+fn first_stamp(body: &[u8]) -> Option<u64> {
+    let pat = b"\"t\":\"";
+    let at = body.windows(pat.len()).position(|w| w == pat)? + pat.len();
+    let end = body[at..].iter().position(|b| *b == b'"')? + at;
+    std::str::from_utf8(&body[at..end]).ok()?.parse().ok()
+}
+
+fn percentile(v: &mut [u64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i] as f64 / 1e6
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A framing-only client: hello, then every frame read whole; reports when in sync and the
+/// latency of the first update of each batch.
+async fn framing_client(
+    addr: std::net::SocketAddr,
+    base: Instant,
+    in_sync: Arc<AtomicUsize>,
+    latencies: Arc<Mutex<Vec<u64>>>,
+    measuring: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut r, mut w) = tokio::io::split(stream);
+    let hello = frame(&Message::Hello {
+        version: VERSION,
+        client: "bench".into(),
+        features: Vec::new(),
+        resume: None,
+        digests: None,
+    });
+    if w.write_all(&hello).await.is_err() {
+        return;
+    }
+    let mut synced = false;
+    let mut mine = Vec::new();
+    while let Ok(body) = read_frame(&mut r, 64 << 20).await {
+        if !synced && body.windows(9).any(|x| x == b"\"in_sync\"") {
+            synced = true;
+            in_sync.fetch_add(1, Ordering::SeqCst);
+        }
+        if synced
+            && measuring.load(Ordering::Relaxed)
+            && body.starts_with(b"{\"type\":\"updates\"")
+            && let Some(t) = first_stamp(&body)
+        {
+            mine.push(now(base).saturating_sub(t));
+        }
+        if body.starts_with(b"{\"type\":\"ping\"") {
+            let nonce = 0;
+            let _ = w.write_all(&frame(&Message::Pong { nonce })).await;
+        }
+        if mine.len() >= 256 {
+            latencies.lock().expect("lock").append(&mut mine);
+        }
+    }
+    latencies.lock().expect("lock").append(&mut mine);
+}
+
+async fn writer(store: Arc<dyn Client>, keys: usize, rate: usize, secs: usize, base: Instant) {
+    let total = rate * secs;
+    let start = tokio::time::Instant::now();
+    for n in 0..total {
+        let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+        tokio::time::sleep_until(due).await;
+        let i = (n * 7919) % keys;
+        let _ = store.apply(node(i, now(base))).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let keys = env("KVSYNC_BENCH_KEYS", 100_000);
+    let clients = env("KVSYNC_BENCH_CLIENTS", 1_000);
+    let full = env("KVSYNC_BENCH_FULL", 4);
+    let rate = env("KVSYNC_BENCH_RATE", 1_000);
+    let secs = env("KVSYNC_BENCH_SECONDS", 10);
+    let naive = env("KVSYNC_BENCH_NAIVE", 100);
+    let base = Instant::now();
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    for i in 0..keys {
+        store.create(node(i, 0)).await.expect("seed");
+    }
+    let value_bytes = node(0, 0).value.to_string().len();
+    println!(
+        "{keys} Nodes (~{value_bytes} bytes of value each), {clients} clients ({full} decoding fully), {rate} updates/s for {secs} s; 2 cores, loopback"
+    );
+    let server = Server::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        store.clone(),
+        vec![ResourceType::new(ListOptions::new("Node"))],
+        ServerConfig::new().with_plaintext(),
+    )
+    .await
+    .expect("bind");
+    let addr = server.local_addr();
+    while server.status() != SyncStatus::InSync {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 1. Cold start.
+    let in_sync = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients.saturating_sub(full) {
+        tasks.push(tokio::spawn(framing_client(
+            addr,
+            base,
+            in_sync.clone(),
+            latencies.clone(),
+            measuring.clone(),
+        )));
+    }
+    let full_latencies = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..full {
+        let (in_sync, lat, measuring) =
+            (in_sync.clone(), full_latencies.clone(), measuring.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut events = RemoteSyncer::new(addr.to_string())
+                .with_name(format!("full-{i}"))
+                .stream();
+            let mut map = std::collections::HashMap::new();
+            let mut synced = false;
+            while let Some(ev) = events.next().await {
+                match ev {
+                    SyncerEvent::Status(SyncStatus::InSync) if !synced => {
+                        synced = true;
+                        in_sync.fetch_add(1, Ordering::SeqCst);
+                    }
+                    SyncerEvent::Updates(batch) => {
+                        let arrived = now(base);
+                        for (j, u) in batch.into_iter().enumerate() {
+                            if j == 0 && synced && measuring.load(Ordering::Relaxed) {
+                                let t: Option<u64> = u
+                                    .kvp
+                                    .value
+                                    .as_value()
+                                    .ok()
+                                    .and_then(|v| v["labels"]["t"].as_str()?.parse().ok());
+                                if let Some(t) = t {
+                                    lat.lock().expect("lock").push(arrived.saturating_sub(t));
+                                }
+                            }
+                            map.insert(u.kvp.key.clone(), u.kvp);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+    while in_sync.load(Ordering::SeqCst) < clients {
+        if t0.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = server.stats();
+    println!(
+        "1. cold start: {}/{clients} clients in sync after {:.2} s; {} snapshots sent, {} built",
+        in_sync.load(Ordering::SeqCst),
+        t0.elapsed().as_secs_f64(),
+        stats.snapshots,
+        stats.snapshot_builds
+    );
+
+    // 2. Steady state.
+    measuring.store(true, Ordering::SeqCst);
+    let cpu0 = cpu_seconds();
+    let w0 = Instant::now();
+    writer(store.clone(), keys, rate, secs, base).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    measuring.store(false, Ordering::SeqCst);
+    let cpu = (cpu_seconds() - cpu0) / w0.elapsed().as_secs_f64();
+    let mut lat = std::mem::take(&mut *latencies.lock().expect("lock"));
+    let mut flat = std::mem::take(&mut *full_latencies.lock().expect("lock"));
+    println!(
+        "2. {rate} updates/s: framing clients p50 {:.2} ms, p99 {:.2} ms ({} samples); full-decode clients p50 {:.2} ms, p99 {:.2} ms; CPU {cpu:.2} cores (server and clients); peak RSS {:.0} MiB; log {} KiB",
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+        lat.len(),
+        percentile(&mut flat, 0.5),
+        percentile(&mut flat, 0.99),
+        peak_rss_mib(),
+        server.log_bytes() / 1024
+    );
+    for t in tasks {
+        t.abort();
+    }
+    server.shutdown().await;
+
+    // 3. The naive alternative: a Syncer per client on the datastore.
+    if naive > 0 {
+        let in_sync = Arc::new(AtomicUsize::new(0));
+        let lat = Arc::new(Mutex::new(Vec::new()));
+        let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..naive {
+            let (store, in_sync, lat, measuring) = (
+                store.clone(),
+                in_sync.clone(),
+                lat.clone(),
+                measuring.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut events = Syncer::new(store)
+                    .with_resource(ResourceType::new(ListOptions::new("Node")))
+                    .stream();
+                let mut synced = false;
+                let mut map = std::collections::HashMap::new();
+                while let Some(ev) = events.next().await {
+                    match ev {
+                        SyncerEvent::Status(SyncStatus::InSync) if !synced => {
+                            synced = true;
+                            in_sync.fetch_add(1, Ordering::SeqCst);
+                        }
+                        SyncerEvent::Updates(batch) => {
+                            let arrived = now(base);
+                            for (j, u) in batch.into_iter().enumerate() {
+                                if j == 0 && synced && measuring.load(Ordering::Relaxed) {
+                                    let t: Option<u64> = u
+                                        .kvp
+                                        .value
+                                        .as_value()
+                                        .ok()
+                                        .and_then(|v| v["labels"]["t"].as_str()?.parse().ok());
+                                    if let Some(t) = t {
+                                        lat.lock().expect("lock").push(arrived.saturating_sub(t));
+                                    }
+                                }
+                                map.insert(u.kvp.key.clone(), u.kvp);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }));
+        }
+        while in_sync.load(Ordering::SeqCst) < naive && t0.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let synced_after = t0.elapsed();
+        measuring.store(true, Ordering::SeqCst);
+        writer(store.clone(), keys, rate, secs.min(5), base).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
+        println!(
+            "3. naive: {naive} Syncers on the datastore, in sync after {:.2} s; at {rate} updates/s p50 {:.2} ms, p99 {:.2} ms; peak RSS {:.0} MiB",
+            synced_after.as_secs_f64(),
+            percentile(&mut l, 0.5),
+            percentile(&mut l, 0.99),
+            peak_rss_mib()
+        );
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
