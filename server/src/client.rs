@@ -290,6 +290,9 @@ impl ClientState {
         };
         let body = loop {
             tokio::select! {
+                // Frames already read come first: a consumer that was slow to poll did not
+                // make the server silent.
+                biased;
                 f = conn.frames.recv() => match f {
                     Some(f) => {
                         conn.last_heard = tokio::time::Instant::now();

@@ -39,6 +39,9 @@ pub struct ServerConfig {
     pub tls: Option<ServerTls>,
     /// Plain TCP, which must be asked for: a server has TLS or this.
     pub plaintext: bool,
+    /// How long the server waits for more changes before it sends what it has as one frame
+    /// (1 ms): fewer, larger frames for every client under load, at most this much later.
+    pub batch_linger: Duration,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +56,7 @@ impl Default for ServerConfig {
             metrics: None,
             tls: None,
             plaintext: false,
+            batch_linger: Duration::from_millis(1),
         }
     }
 }
@@ -190,16 +194,54 @@ impl Server {
         let upstream = {
             let hub = hub.clone();
             let mut stop_rx = stop.subscribe();
+            let linger = config.batch_linger;
+            let max_frame_bytes = (config.max_log_bytes / 16).max(4096);
             tokio::spawn(async move {
                 let mut events = syncer.stream();
+                // Updates that came while the last frame was being made: one frame for them.
+                let mut pending: Vec<kvsync_syncer::Update> = Vec::new();
+                let mut pending_bytes = 0usize;
                 loop {
-                    let ev = tokio::select! {
-                        ev = events.next() => ev,
-                        _ = stop_rx.wait_for(|s| *s) => None,
+                    let ev = if pending.is_empty() {
+                        tokio::select! {
+                            ev = events.next() => ev,
+                            _ = stop_rx.wait_for(|s| *s) => None,
+                        }
+                    } else {
+                        // Lingers a moment for more, so that changes close together go out
+                        // as one frame to every client rather than one each.
+                        match tokio::time::timeout(linger, events.next()).await {
+                            Ok(ev) => ev,
+                            Err(_) => {
+                                hub.apply(std::mem::take(&mut pending));
+                                pending_bytes = 0;
+                                continue;
+                            }
+                        }
                     };
                     match ev {
-                        Some(SyncerEvent::Updates(batch)) => hub.apply(batch),
-                        Some(SyncerEvent::Status(s)) => hub.set_status(s),
+                        Some(SyncerEvent::Updates(batch)) => {
+                            pending_bytes += batch
+                                .iter()
+                                .map(|u| u.kvp.value.json_text().map_or(64, str::len) + 64)
+                                .sum::<usize>();
+                            pending.extend(batch);
+                            // A frame stays small next to the log's bound.
+                            if pending.len() >= 1000
+                                || pending_bytes >= max_frame_bytes
+                                || linger.is_zero()
+                            {
+                                hub.apply(std::mem::take(&mut pending));
+                                pending_bytes = 0;
+                            }
+                        }
+                        Some(SyncerEvent::Status(s)) => {
+                            if !pending.is_empty() {
+                                hub.apply(std::mem::take(&mut pending));
+                                pending_bytes = 0;
+                            }
+                            hub.set_status(s);
+                        }
                         Some(SyncerEvent::ParseFailed(f)) => {
                             warn!(raw_key = %f.raw_key, "upstream: an entry does not decode");
                         }
@@ -417,7 +459,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     config: &ServerConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ProtocolError> {
-    let (mut r, mut w) = tokio::io::split(stream);
+    let (mut r, w) = tokio::io::split(stream);
+    // Frames are gathered and written with one call when several are ready.
+    let mut w = tokio::io::BufWriter::with_capacity(64 << 10, w);
     let hello = match tokio::time::timeout(
         config.hello_timeout,
         read_frame(&mut r, config.max_client_frame),
@@ -556,6 +600,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 continue;
             }
         }
+        // Everything gathered goes out before waiting.
+        w.flush().await?;
         head.borrow_and_update();
         tokio::select! {
             _ = head.changed() => {}
