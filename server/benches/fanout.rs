@@ -15,7 +15,8 @@
 //!    memory backend directly, at the same update rate: their latency and the time to be in
 //!    sync.
 //!
-//! Run with `cargo bench -p kvsync-server --bench fanout`.
+//! Run with `cargo bench -p kvsync-server --bench fanout` (`KVSYNC_BENCH_LINGER_US` sets the
+//! server's batch linger).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -175,11 +176,16 @@ async fn main() {
     println!(
         "{keys} Nodes (~{value_bytes} bytes of value each), {clients} clients ({full} decoding fully), {rate} updates/s for {secs} s; 2 cores, loopback"
     );
+    let mut config = ServerConfig::new().with_plaintext();
+    if let Ok(us) = std::env::var("KVSYNC_BENCH_LINGER_US") {
+        config.batch_linger = Duration::from_micros(us.parse().unwrap_or(1000));
+    }
+    println!("batch linger {:?}", config.batch_linger);
     let server = Server::bind(
         "127.0.0.1:0".parse().expect("addr"),
         store.clone(),
         vec![ResourceType::new(ListOptions::new("Node"))],
-        ServerConfig::new().with_plaintext(),
+        config,
     )
     .await
     .expect("bind");
