@@ -13,18 +13,6 @@ use std::time::{Duration, Instant};
 use kvsync_model::Registry;
 use kvsync_tests::kube_double::ApiServerDouble;
 
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn run(double: &ApiServerDouble, extra: &[&str]) -> (Duration, f64) {
     let t0 = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvsync"))
@@ -55,7 +43,7 @@ fn run(double: &ApiServerDouble, extra: &[&str]) -> (Duration, f64) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let took = t0.elapsed();
-    let rss = peak_rss_mib(child.id());
+    let rss = kvsync_tests::process::peak_rss_mib(Some(child.id()));
     let _ = child.kill();
     let _ = child.wait();
     (took, rss)

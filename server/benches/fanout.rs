@@ -87,18 +87,6 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// A framing-only client: hello, then every frame read whole; reports when in sync and the
 /// latency of the first update of each batch.
 async fn framing_client(
@@ -141,11 +129,52 @@ async fn framing_client(
             let nonce = 0;
             let _ = w.write_all(&frame(&Message::Pong { nonce })).await;
         }
-        if mine.len() >= 256 {
+        if mine.len() >= 16 {
             latencies.lock().expect("lock").append(&mut mine);
         }
     }
     latencies.lock().expect("lock").append(&mut mine);
+}
+
+/// A consumer that decodes everything into a map: reports when it is in sync and the
+/// latency of the first update of each batch while measuring.
+async fn consume<S>(
+    mut events: S,
+    base: Instant,
+    in_sync: Arc<AtomicUsize>,
+    lat: Arc<Mutex<Vec<u64>>>,
+    measuring: Arc<std::sync::atomic::AtomicBool>,
+) where
+    S: futures::Stream<Item = SyncerEvent> + Unpin,
+{
+    let mut map = std::collections::HashMap::new();
+    let mut synced = false;
+    while let Some(ev) = events.next().await {
+        match ev {
+            SyncerEvent::Status(SyncStatus::InSync) if !synced => {
+                synced = true;
+                in_sync.fetch_add(1, Ordering::SeqCst);
+            }
+            SyncerEvent::Updates(batch) => {
+                let arrived = now(base);
+                for (j, u) in batch.into_iter().enumerate() {
+                    if j == 0 && synced && measuring.load(Ordering::Relaxed) {
+                        let t: Option<u64> = u
+                            .kvp
+                            .value
+                            .as_value()
+                            .ok()
+                            .and_then(|v| v["labels"]["t"].as_str()?.parse().ok());
+                        if let Some(t) = t {
+                            lat.lock().expect("lock").push(arrived.saturating_sub(t));
+                        }
+                    }
+                    map.insert(u.kvp.key.clone(), u.kvp);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 async fn writer(store: Arc<dyn Client>, keys: usize, rate: usize, secs: usize, base: Instant) {
@@ -213,39 +242,15 @@ async fn main() {
     for i in 0..full {
         let (in_sync, lat, measuring) =
             (in_sync.clone(), full_latencies.clone(), measuring.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut events = RemoteSyncer::new(addr.to_string())
+        tasks.push(tokio::spawn(consume(
+            RemoteSyncer::new(addr.to_string())
                 .with_name(format!("full-{i}"))
-                .stream();
-            let mut map = std::collections::HashMap::new();
-            let mut synced = false;
-            while let Some(ev) = events.next().await {
-                match ev {
-                    SyncerEvent::Status(SyncStatus::InSync) if !synced => {
-                        synced = true;
-                        in_sync.fetch_add(1, Ordering::SeqCst);
-                    }
-                    SyncerEvent::Updates(batch) => {
-                        let arrived = now(base);
-                        for (j, u) in batch.into_iter().enumerate() {
-                            if j == 0 && synced && measuring.load(Ordering::Relaxed) {
-                                let t: Option<u64> = u
-                                    .kvp
-                                    .value
-                                    .as_value()
-                                    .ok()
-                                    .and_then(|v| v["labels"]["t"].as_str()?.parse().ok());
-                                if let Some(t) = t {
-                                    lat.lock().expect("lock").push(arrived.saturating_sub(t));
-                                }
-                            }
-                            map.insert(u.kvp.key.clone(), u.kvp);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }));
+                .stream(),
+            base,
+            in_sync,
+            lat,
+            measuring,
+        )));
     }
     while in_sync.load(Ordering::SeqCst) < clients {
         if t0.elapsed() > Duration::from_secs(300) {
@@ -279,7 +284,7 @@ async fn main() {
         lat.len(),
         percentile(&mut flat, 0.5),
         percentile(&mut flat, 0.99),
-        peak_rss_mib(),
+        kvsync_tests::process::peak_rss_mib(None),
         server.log_bytes() / 1024
     );
     for t in tasks {
@@ -301,39 +306,10 @@ async fn main() {
                 lat.clone(),
                 measuring.clone(),
             );
-            tasks.push(tokio::spawn(async move {
-                let mut events = Syncer::new(store)
-                    .with_resource(ResourceType::new(ListOptions::new("Node")))
-                    .stream();
-                let mut synced = false;
-                let mut map = std::collections::HashMap::new();
-                while let Some(ev) = events.next().await {
-                    match ev {
-                        SyncerEvent::Status(SyncStatus::InSync) if !synced => {
-                            synced = true;
-                            in_sync.fetch_add(1, Ordering::SeqCst);
-                        }
-                        SyncerEvent::Updates(batch) => {
-                            let arrived = now(base);
-                            for (j, u) in batch.into_iter().enumerate() {
-                                if j == 0 && synced && measuring.load(Ordering::Relaxed) {
-                                    let t: Option<u64> = u
-                                        .kvp
-                                        .value
-                                        .as_value()
-                                        .ok()
-                                        .and_then(|v| v["labels"]["t"].as_str()?.parse().ok());
-                                    if let Some(t) = t {
-                                        lat.lock().expect("lock").push(arrived.saturating_sub(t));
-                                    }
-                                }
-                                map.insert(u.kvp.key.clone(), u.kvp);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }));
+            let events = Syncer::new(store)
+                .with_resource(ResourceType::new(ListOptions::new("Node")))
+                .stream();
+            tasks.push(tokio::spawn(consume(events, base, in_sync, lat, measuring)));
         }
         while in_sync.load(Ordering::SeqCst) < naive && t0.elapsed() < Duration::from_secs(600) {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -348,7 +324,7 @@ async fn main() {
             synced_after.as_secs_f64(),
             percentile(&mut l, 0.5),
             percentile(&mut l, 0.99),
-            peak_rss_mib()
+            kvsync_tests::process::peak_rss_mib(None)
         );
         for t in tasks {
             t.abort();

@@ -153,6 +153,22 @@ struct ClientState {
     attempt: u32,
 }
 
+/// The consumer's update of a key (a deletion's value is unknown: `null`, as after a local
+/// Syncer's relist).
+fn update(key: ResourceKey, value: Json, revision: Revision, update_type: UpdateType) -> Update {
+    Update {
+        kvp: KVPair {
+            key,
+            value,
+            revision: Some(revision),
+            create_revision: None,
+            uid: None,
+            ttl: None,
+        },
+        update_type,
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
@@ -244,12 +260,12 @@ impl ClientState {
         .await?;
         let body = read_frame(&mut r, self.cfg.max_frame).await?;
         match Incoming::decode(&body)? {
-            Incoming::Welcome {
+            Incoming::Control(Message::Welcome {
                 epoch,
                 mode,
                 position,
                 ..
-            } => {
+            }) => {
                 info!(?mode, epoch, position, "following the server");
                 if mode != Mode::Resume {
                     // Its old resume point means nothing now; it holds `position` once every
@@ -274,9 +290,9 @@ impl ClientState {
                     ping,
                 })
             }
-            Incoming::Refused { reason } => Err(ProtocolError::Unexpected(format!(
-                "the server refused: {reason}"
-            ))),
+            Incoming::Control(Message::Refused { reason }) => Err(ProtocolError::Unexpected(
+                format!("the server refused: {reason}"),
+            )),
             other => Err(ProtocolError::Unexpected(format!(
                 "expected a welcome, got {other:?}"
             ))),
@@ -317,7 +333,7 @@ impl ClientState {
                 }
                 self.resume = Some(Resume { epoch, position });
             }
-            Incoming::Status { position, status } => {
+            Incoming::Control(Message::Status { position, status }) => {
                 self.set_status(status.into());
                 self.resume = Some(Resume { epoch, position });
             }
@@ -327,19 +343,19 @@ impl ClientState {
                     self.out.push_back(SyncerEvent::Updates(batch));
                 }
             }
-            Incoming::ResyncDone { position } => {
+            Incoming::Control(Message::ResyncDone { position }) => {
                 if let Some(c) = self.conn.as_mut() {
                     c.resyncing = false;
                 }
                 self.resume = Some(Resume { epoch, position });
             }
-            Incoming::Ping { nonce } => {
+            Incoming::Control(Message::Ping { nonce }) => {
                 if let Some(c) = self.conn.as_mut() {
                     c.w.write_all(&frame(&Message::Pong { nonce })).await?;
                 }
             }
-            Incoming::Pong { .. } => {}
-            Incoming::GoAway { reason, .. } => {
+            Incoming::Control(Message::Pong { .. }) => {}
+            Incoming::Control(Message::GoAway { reason, .. }) => {
                 info!(
                     reason,
                     "the server asked this client to go away; reconnecting"
@@ -379,38 +395,24 @@ impl ClientState {
             None => {
                 held?;
                 self.track(&u.key, None);
-                Some(Update {
-                    kvp: KVPair {
-                        key: u.key,
-                        value: Json::default(),
-                        revision: Some(revision),
-                        create_revision: None,
-                        uid: None,
-                        ttl: None,
-                    },
-                    update_type: UpdateType::Deleted,
-                })
+                Some(update(
+                    u.key,
+                    Json::default(),
+                    revision,
+                    UpdateType::Deleted,
+                ))
             }
             Some(raw) => {
                 if held.as_ref() == Some(&revision) {
                     return None;
                 }
                 self.track(&u.key, Some(&revision));
-                Some(Update {
-                    kvp: KVPair {
-                        key: u.key,
-                        value: Json::from_raw(raw),
-                        revision: Some(revision),
-                        create_revision: None,
-                        uid: None,
-                        ttl: None,
-                    },
-                    update_type: if held.is_some() {
-                        UpdateType::Updated
-                    } else {
-                        UpdateType::New
-                    },
-                })
+                let kind = if held.is_some() {
+                    UpdateType::Updated
+                } else {
+                    UpdateType::New
+                };
+                Some(update(u.key, Json::from_raw(raw), revision, kind))
             }
         }
     }
@@ -439,17 +441,7 @@ impl ClientState {
             .collect();
         for (key, revision) in gone {
             self.track(&key, None);
-            out.push(Update {
-                kvp: KVPair {
-                    key,
-                    value: Json::default(),
-                    revision: Some(revision),
-                    create_revision: None,
-                    uid: None,
-                    ttl: None,
-                },
-                update_type: UpdateType::Deleted,
-            });
+            out.push(update(key, Json::default(), revision, UpdateType::Deleted));
         }
         out
     }

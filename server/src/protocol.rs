@@ -158,32 +158,10 @@ pub enum Message {
     },
 }
 
-/// What a client reads: every message, with the updates of `updates` and `bucket` frames.
+/// What a client reads: a batch, a resync's bucket (both with values as raw JSON text), or a
+/// control message.
 #[derive(Debug)]
 pub enum Incoming {
-    /// See [`Message::Welcome`].
-    Welcome {
-        /// The server's version.
-        version: u32,
-        /// The server's epoch.
-        epoch: u64,
-        /// The position the resync's buckets are at.
-        position: u64,
-        /// How the client is brought up to date.
-        mode: Mode,
-    },
-    /// See [`Message::Refused`].
-    Refused {
-        /// Why.
-        reason: String,
-    },
-    /// See [`Message::Status`].
-    Status {
-        /// The frame's position.
-        position: u64,
-        /// The status.
-        status: WireStatus,
-    },
     /// A batch of the upstream Syncer at a position of the log ([`updates_frame`]).
     Updates {
         /// The frame's position.
@@ -198,30 +176,8 @@ pub enum Incoming {
         /// Everything the server holds in it.
         entries: Vec<WireUpdate>,
     },
-    /// See [`Message::ResyncDone`].
-    ResyncDone {
-        /// The position.
-        position: u64,
-    },
-    /// See [`Message::Ping`].
-    Ping {
-        /// The nonce.
-        nonce: u64,
-    },
-    /// See [`Message::Pong`].
-    Pong {
-        /// The nonce.
-        nonce: u64,
-    },
-    /// See [`Message::GoAway`].
-    GoAway {
-        /// The epoch.
-        epoch: u64,
-        /// The position.
-        position: u64,
-        /// Why.
-        reason: String,
-    },
+    /// Any other message.
+    Control(Message),
 }
 
 impl Incoming {
@@ -262,37 +218,7 @@ impl Incoming {
                     entries: b.entries,
                 }
             }
-            _ => match serde_json::from_slice::<Message>(body)? {
-                Message::Welcome {
-                    version,
-                    epoch,
-                    position,
-                    mode,
-                    ..
-                } => Incoming::Welcome {
-                    version,
-                    epoch,
-                    position,
-                    mode,
-                },
-                Message::Refused { reason } => Incoming::Refused { reason },
-                Message::Status { position, status } => Incoming::Status { position, status },
-                Message::ResyncDone { position } => Incoming::ResyncDone { position },
-                Message::Ping { nonce } => Incoming::Ping { nonce },
-                Message::Pong { nonce } => Incoming::Pong { nonce },
-                Message::GoAway {
-                    epoch,
-                    position,
-                    reason,
-                } => Incoming::GoAway {
-                    epoch,
-                    position,
-                    reason,
-                },
-                Message::Hello { .. } => {
-                    return Err(serde::de::Error::custom("a hello is not sent to a client"));
-                }
-            },
+            _ => Incoming::Control(serde_json::from_slice::<Message>(body)?),
         })
     }
 }

@@ -201,6 +201,7 @@ impl Server {
                 // Updates that came while the last frame was being made: one frame for them.
                 let mut pending: Vec<kvsync_syncer::Update> = Vec::new();
                 let mut pending_bytes = 0usize;
+                let mut since = tokio::time::Instant::now();
                 loop {
                     let ev = if pending.is_empty() {
                         tokio::select! {
@@ -208,9 +209,10 @@ impl Server {
                             _ = stop_rx.wait_for(|s| *s) => None,
                         }
                     } else {
-                        // Lingers a moment for more, so that changes close together go out
-                        // as one frame to every client rather than one each.
-                        match tokio::time::timeout(linger, events.next()).await {
+                        // Lingers a moment for more (from the first change waiting, not the
+                        // last), so that changes close together go out as one frame to every
+                        // client rather than one each.
+                        match tokio::time::timeout_at(since + linger, events.next()).await {
                             Ok(ev) => ev,
                             Err(_) => {
                                 hub.apply(std::mem::take(&mut pending));
@@ -221,6 +223,9 @@ impl Server {
                     };
                     match ev {
                         Some(SyncerEvent::Updates(batch)) => {
+                            if pending.is_empty() {
+                                since = tokio::time::Instant::now();
+                            }
                             pending_bytes += batch
                                 .iter()
                                 .map(|u| u.kvp.value.json_text().map_or(64, str::len) + 64)

@@ -44,17 +44,6 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// The process's peak resident set (VmHWM), in MiB.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 fn report(what: &str, v: &mut [f64]) -> (f64, f64) {
     let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
@@ -156,7 +145,7 @@ async fn main() {
                 .expect("seed");
         }
         let mut kv = raw.kv_client();
-        let rss0 = peak_rss_mib();
+        let rss0 = kvsync_tests::process::peak_rss_mib(None);
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("snap.jsonl");
         let t = Instant::now();
@@ -166,7 +155,7 @@ async fn main() {
             .expect("save");
         let save_ms = t.elapsed().as_secs_f64() * 1e3;
         assert_eq!(saved.count as usize, keys);
-        let rss_save = peak_rss_mib();
+        let rss_save = kvsync_tests::process::peak_rss_mib(None);
         let t = Instant::now();
         let mut n = 0;
         let mut key = b"/bench/snap-src/ippools/".to_vec();
@@ -215,7 +204,7 @@ async fn main() {
         );
         println!(
             "   peak RSS: {rss0:.0} MiB before, {rss_save:.0} MiB after the save, {:.0} MiB after the restore",
-            peak_rss_mib()
+            kvsync_tests::process::peak_rss_mib(None)
         );
     }
 

@@ -11,6 +11,7 @@ pub mod http;
 pub mod isolate;
 pub mod kube_double;
 pub mod kubernetes;
+pub mod process;
 pub mod proxy;
 pub mod scenarios;
 pub mod sqlite;

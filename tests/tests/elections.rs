@@ -3,8 +3,7 @@
 //! lease + retry + 1 s; a leader stopped with SIGSTOP past twice its lease learns it lost, and
 //! none of its writes lands after its successor's.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use kvsync_model::{ListOptions, Registry};
 use kvsync_tests::etcd::{EtcdCluster, EtcdTestBackend};
 use kvsync_tests::harness::unique_prefix;
 use kvsync_tests::kube_double::ApiServerDouble;
+use kvsync_tests::process::Spawned;
 use kvsync_tests::sqlite::test_config;
 
 const ELECTOR: &str = env!("CARGO_BIN_EXE_kvsync-elector");
@@ -27,42 +27,12 @@ const ELECTOR: &str = env!("CARGO_BIN_EXE_kvsync-elector");
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A candidate process whose lines arrive on a channel as (identity, line).
-struct Candidate {
-    child: Child,
-}
+type Candidate = Spawned;
 
-impl Candidate {
-    fn start(spec: &str, who: &'static str, tx: mpsc::Sender<(&'static str, String)>) -> Self {
-        let mut child = Command::new(ELECTOR)
-            .args([spec, "leader", who])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start a candidate");
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send((who, line)).is_err() {
-                    return;
-                }
-            }
-        });
-        Candidate { child }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for Candidate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn candidate(spec: &str, who: &'static str, tx: mpsc::Sender<(&'static str, String)>) -> Candidate {
+    let mut cmd = Command::new(ELECTOR);
+    cmd.args([spec, "leader", who]);
+    Spawned::start(cmd, who, tx)
 }
 
 /// Waits for a line starting with `prefix` from `who` (any candidate when `None`).
@@ -226,8 +196,8 @@ impl TwoCandidates {
         let history = TermHistory::start(store.client().await).await;
         let spec = store.spec();
         let (tx, rx) = mpsc::channel();
-        let a = Candidate::start(&spec, "a", tx.clone());
-        let b = Candidate::start(&spec, "b", tx);
+        let a = candidate(&spec, "a", tx.clone());
+        let b = candidate(&spec, "b", tx);
         let (leader, line, _) = wait_for(&rx, None, "leading", Duration::from_secs(15));
         wait_for(&rx, Some(leader), "wrote", Duration::from_secs(5));
         TwoCandidates {

@@ -7,8 +7,7 @@
 //! - without guards (the control run, so that the check can fail), the paused worker's late
 //!   write lands over its successors' and increments are lost.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use kvsync_backend::{Client, EtcdBackend};
 use kvsync_model::{KVPair, ResourceKey};
 use kvsync_tests::etcd::EtcdCluster;
 use kvsync_tests::harness::unique_prefix;
+use kvsync_tests::process::Spawned;
 use serde_json::json;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_kvsync-elector");
@@ -23,27 +23,6 @@ const WORKER: &str = env!("CARGO_BIN_EXE_kvsync-elector");
 /// The two runs one after the other: each kills a member of its own cluster and pauses a
 /// process, and timing matters to both.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct Worker {
-    child: Child,
-}
-
-impl Worker {
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What a run saw.
 #[derive(Debug)]
@@ -105,30 +84,18 @@ async fn run(guarded: bool) -> Outcome {
     let spec = format!("etcd:{}#{prefix}", cluster.endpoints().join(","));
     let mode = if guarded { "guarded" } else { "unguarded" };
     let (tx, rx) = mpsc::channel::<(usize, String)>();
-    let workers: Vec<Worker> = (0..3)
+    let workers: Vec<Spawned> = (0..3)
         .map(|i| {
-            let mut child = Command::new(WORKER)
-                .args([
-                    spec.as_str(),
-                    "counter",
-                    &format!("w{i}"),
-                    "count",
-                    mode,
-                    stop.to_str().expect("utf-8 path"),
-                ])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("start a worker");
-            let stdout = child.stdout.take().expect("stdout");
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if tx.send((i, line)).is_err() {
-                        return;
-                    }
-                }
-            });
-            Worker { child }
+            let mut cmd = Command::new(WORKER);
+            cmd.args([
+                spec.as_str(),
+                "counter",
+                &format!("w{i}"),
+                "count",
+                mode,
+                stop.to_str().expect("utf-8 path"),
+            ]);
+            Spawned::start(cmd, i, tx.clone())
         })
         .collect();
     drop(tx);
