@@ -75,6 +75,58 @@ fn apply_get_and_watch_pools(
     );
 }
 
+/// A long-running `kvsync` (controller, serve) on `env`'s database, its stderr lines on an
+/// iterator: the caller reads the lines it waits for, then drains the rest.
+fn spawn_daemon(
+    env: &Env,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kvsync"))
+        .env_remove("KVSYNC_DATASTORE_TYPE")
+        .env_remove("ETCD_ENDPOINTS")
+        .env("KVSYNC_DB", env.db())
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start kvsync");
+    let lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    (child, lines)
+}
+
+/// Sends SIGTERM and waits for the exit: its status and how long it took.
+fn sigterm_and_wait(
+    child: &mut std::process::Child,
+) -> (std::process::ExitStatus, std::time::Duration) {
+    kvsync_tests::process::signal(child.id(), "-TERM");
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return (s, t0.elapsed());
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Applies the two demo pools.
+fn apply_pools(env: &Env) {
+    let pools = env.file("pools.yaml", POOLS);
+    let out = env
+        .kvsync()
+        .args(["apply", "-f"])
+        .arg(&pools)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -1032,32 +1084,18 @@ fn snapshots_and_migrate_from_sqlite_to_etcd_and_back() {
 /// stops within a second of SIGTERM with status 0.
 #[test]
 fn the_controller_serves_probes_and_metrics_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let env = Env::new();
-    let pools = env.file("pools.yaml", POOLS);
-    let out = env
-        .kvsync()
-        .args(["apply", "-f"])
-        .arg(&pools)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kvsync"))
-        .env_remove("KVSYNC_DATASTORE_TYPE")
-        .env_remove("ETCD_ENDPOINTS")
-        .env("KVSYNC_DB", env.db())
-        .args([
+    apply_pools(&env);
+    let (mut child, mut lines) = spawn_daemon(
+        &env,
+        &[
             "controller",
             "--kinds",
             "ippools,nodes",
             "--listen",
             "127.0.0.1:0",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the controller");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        ],
+    );
     let addr = loop {
         let line = lines
             .next()
@@ -1114,27 +1152,11 @@ fn the_controller_serves_probes_and_metrics_and_stops_on_sigterm() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let t0 = std::time::Instant::now();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(5),
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    let (exit, took) = sigterm_and_wait(&mut child);
     assert!(exit.success(), "{exit:?}");
     assert!(
-        t0.elapsed() < std::time::Duration::from_secs(1),
-        "stopped {:?} after SIGTERM",
-        t0.elapsed()
+        took < std::time::Duration::from_secs(1),
+        "stopped {took:?} after SIGTERM"
     );
 }
 
@@ -1143,33 +1165,19 @@ fn the_controller_serves_probes_and_metrics_and_stops_on_sigterm() {
 /// server stops on SIGTERM.
 #[test]
 fn serve_on_sqlite_and_follow_it_from_another_process() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let env = Env::new();
-    let pools = env.file("pools.yaml", POOLS);
-    let out = env
-        .kvsync()
-        .args(["apply", "-f"])
-        .arg(&pools)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut server = std::process::Command::new(assert_cmd::cargo::cargo_bin("kvsync"))
-        .env_remove("KVSYNC_DATASTORE_TYPE")
-        .env_remove("ETCD_ENDPOINTS")
-        .env("KVSYNC_DB", env.db())
-        .args([
+    apply_pools(&env);
+    let (mut server, mut lines) = spawn_daemon(
+        &env,
+        &[
             "serve",
             "--plaintext",
             "--listen",
             "127.0.0.1:0",
             "--http-listen",
             "127.0.0.1:0",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the server");
-    let mut lines = BufReader::new(server.stderr.take().expect("stderr")).lines();
+        ],
+    );
     let (mut http, mut serving) = (None, None);
     while http.is_none() || serving.is_none() {
         let line = lines.next().expect("a line").expect("stderr");
@@ -1208,21 +1216,6 @@ fn serve_on_sqlite_and_follow_it_from_another_process() {
         "{}",
         metrics.body
     );
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let t0 = std::time::Instant::now();
-    let exit = loop {
-        if let Some(s) = server.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(5),
-            "still running"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    let (exit, _) = sigterm_and_wait(&mut server);
     assert!(exit.success(), "{exit:?}");
 }

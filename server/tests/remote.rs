@@ -50,6 +50,19 @@ async fn serve(store: Arc<dyn Client>, addr: SocketAddr, config: ServerConfig) -
         .expect("bind")
 }
 
+/// A memory datastore with `n` pools and a plain-TCP server over it.
+async fn start(n: usize) -> (Arc<dyn Client>, Server) {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, n).await;
+    let server = serve(
+        store.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::new().with_plaintext(),
+    )
+    .await;
+    (store, server)
+}
+
 async fn in_sync(consumer: &CheckingConsumer, store: &dyn Client) -> Result<(), String> {
     let expected = datastore_state(store, &kinds()).await;
     if consumer
@@ -72,14 +85,7 @@ async fn write(store: &dyn Client, from: usize, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_syncer_holds_what_the_datastore_holds_at_every_in_sync() {
-    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
-    write(&*store, 0, 20).await;
-    let server = serve(
-        store.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new().with_plaintext(),
-    )
-    .await;
+    let (store, server) = start(20).await;
     let consumer = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
     in_sync(&consumer, &*store).await.expect("first sync");
     write(&*store, 10, 20).await;
@@ -100,14 +106,7 @@ async fn a_remote_syncer_holds_what_the_datastore_holds_at_every_in_sync() {
 /// twice, nothing missed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_resumes_from_the_log() {
-    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
-    write(&*store, 0, 10).await;
-    let server = serve(
-        store.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new().with_plaintext(),
-    )
-    .await;
+    let (store, server) = start(10).await;
     let proxy = Proxy::start(server.local_addr()).await;
     let consumer = CheckingConsumer::start_stream(remote(proxy.addr()).stream());
     in_sync(&consumer, &*store).await.expect("first sync");
@@ -128,14 +127,7 @@ async fn a_dropped_connection_resumes_from_the_log() {
 /// that differ, with deletions for what went away meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_server_restart_only_differing_buckets_are_resent() {
-    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
-    write(&*store, 0, 300).await;
-    let server = serve(
-        store.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new().with_plaintext(),
-    )
-    .await;
+    let (store, server) = start(300).await;
     let addr = server.local_addr();
     let consumer = CheckingConsumer::start_stream(remote(addr).stream());
     in_sync(&consumer, &*store).await.expect("first sync");
@@ -218,14 +210,7 @@ async fn a_stalled_client_falls_behind_resyncs_and_never_holds_memory() {
 /// Bad peers are refused with a reason, and the server goes on serving the good ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peers_are_refused_and_others_are_served() {
-    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
-    write(&*store, 0, 5).await;
-    let server = serve(
-        store.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new().with_plaintext(),
-    )
-    .await;
+    let (store, server) = start(5).await;
     let good = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
     in_sync(&good, &*store).await.expect("first sync");
     let answer = |bytes: Vec<u8>| {
@@ -271,14 +256,7 @@ async fn bad_peers_are_refused_and_others_are_served() {
 /// server says how each was brought up to date.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_come_back_after_a_restart_under_load() {
-    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
-    write(&*store, 0, 200).await;
-    let server = serve(
-        store.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-        ServerConfig::new().with_plaintext(),
-    )
-    .await;
+    let (store, server) = start(200).await;
     let addr = server.local_addr();
     let clients: Vec<CheckingConsumer> = (0..50)
         .map(|i| CheckingConsumer::start_stream(remote(addr).with_name(format!("c{i}")).stream()))
