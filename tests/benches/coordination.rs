@@ -43,8 +43,6 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-/// The process's peak resident set (VmHWM), in MiB.
-
 fn report(what: &str, v: &mut [f64]) -> (f64, f64) {
     let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
     println!("   {what}: p50 {p50:.2} ms, p99 {p99:.2} ms");
