@@ -477,6 +477,61 @@ pub trait Client: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+/// The coordination helpers as methods of a shared client: `client.clone().grant_lease(ttl)`,
+/// `client.clone().lock(name, &opts)`, `client.clone().snapshot(&kinds)`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> kvsync_backend::Result<()> {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use kvsync_backend::{Client, LockOptions, MemoryBackend};
+/// use kvsync_model::{Registry, coordination::Lock};
+///
+/// let client: Arc<dyn Client> = Arc::new(MemoryBackend::new(Registry::new().with::<Lock>()));
+/// let lease = client.clone().grant_lease(Duration::from_secs(10)).await?;
+/// assert!(!lease.is_lost());
+/// let guard = client.clone().lock("jobs", &LockOptions::new()).await?;
+/// assert!(guard.fence().as_u64().is_some());
+/// # Ok(()) }
+/// ```
+impl dyn Client {
+    /// [`Lease::grant`](crate::Lease::grant): a lease kept alive by a task of its own.
+    ///
+    /// # Errors
+    /// As [`Lease::grant`](crate::Lease::grant).
+    pub async fn grant_lease(self: Arc<Self>, ttl: std::time::Duration) -> Result<crate::Lease> {
+        crate::Lease::grant(self, ttl).await
+    }
+
+    /// [`lock`](crate::lock): the fenced lock `name`, once it is this caller's turn.
+    ///
+    /// # Errors
+    /// As [`lock`](crate::lock).
+    pub async fn lock(
+        self: Arc<Self>,
+        name: &str,
+        opts: &crate::LockOptions,
+    ) -> Result<crate::LockGuard> {
+        crate::lock(self, name, opts).await
+    }
+
+    /// [`snapshot::entries`](crate::snapshot::entries): every item of `kinds` (every kind when
+    /// empty) at one revision, streamed, and the entries that did not decode once it ends.
+    ///
+    /// # Errors
+    /// As [`snapshot::entries`](crate::snapshot::entries).
+    pub async fn snapshot(
+        self: Arc<Self>,
+        kinds: &[String],
+    ) -> Result<(
+        crate::snapshot::SnapshotStream,
+        tokio::sync::oneshot::Receiver<Vec<kvsync_model::ParseFailure>>,
+    )> {
+        crate::snapshot::entries(self, kinds).await
+    }
+}
+
 /// Implements [`Client`] for a type by handing every call to a client it holds: for
 /// wrappers that add nothing to the calls (a guard kept alive, a handle type).
 ///
