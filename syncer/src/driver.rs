@@ -562,9 +562,14 @@ impl TypeTask {
                     {
                         warn!(error = %e, "datastore call failed");
                     }
-                    let (cause, restart) = (relist_cause(&input, run.listed), restarts(&input));
+                    // Only with metrics: nothing is added to the path of each event without.
+                    let why = run
+                        .task
+                        .metrics
+                        .is_some()
+                        .then(|| (relist_cause(&input, run.listed), restarts(&input)));
                     let step = run.state.step(input);
-                    if let Some(m) = &run.task.metrics {
+                    if let (Some(m), Some((cause, restart))) = (&run.task.metrics, why) {
                         for o in &step.out {
                             if let Out::Updates(v) = o {
                                 m.updates(v);
