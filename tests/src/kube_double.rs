@@ -870,15 +870,32 @@ fn store(
     shared.changed.send_replace(rv);
 }
 
+/// `404 NotFound` for the object `name` of `t`, as the API server words it.
+fn not_found(t: &Target, name: &str) -> Response {
+    fail(
+        404,
+        "NotFound",
+        format!("{}.{} \"{name}\" not found", t.plural, t.group),
+    )
+}
+
+/// `409 Conflict` for a write with a stale resourceVersion, as the API server words it.
+fn modified(t: &Target, name: &str) -> Response {
+    fail(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+            t.plural, t.group
+        ),
+    )
+}
+
 fn get(shared: &Shared, t: &Target) -> Response {
     let name = t.name.clone().unwrap_or_default();
     match shared.lock().objects.get(&key_of(t, &name)) {
         Some(o) => reply(200, o),
-        None => fail(
-            404,
-            "NotFound",
-            format!("{}.{} \"{name}\" not found", t.plural, t.group),
-        ),
+        None => not_found(t, &name),
     }
 }
 
@@ -897,11 +914,7 @@ fn replace(shared: &Shared, t: &Target, mut obj: Value) -> Response {
     let mut inner = shared.lock();
     let key = key_of(t, &name);
     let Some(current) = inner.objects.get(&key).cloned() else {
-        return fail(
-            404,
-            "NotFound",
-            format!("{}.{} \"{name}\" not found", t.plural, t.group),
-        );
+        return not_found(t, &name);
     };
     let given = obj
         .pointer("/metadata/resourceVersion")
@@ -912,14 +925,7 @@ fn replace(shared: &Shared, t: &Target, mut obj: Value) -> Response {
         .and_then(Value::as_str)
         .unwrap_or_default();
     if !given.is_empty() && given != actual {
-        return fail(
-            409,
-            "Conflict",
-            format!(
-                "Operation cannot be fulfilled on {}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                t.plural, t.group
-            ),
-        );
+        return modified(t, &name);
     }
     inner.rv += 1;
     let rv = inner.rv;
@@ -944,11 +950,7 @@ fn patch(shared: &Shared, t: &Target, content_type: &str, body: &Value) -> Respo
     let mut inner = shared.lock();
     let key = key_of(t, &name);
     let Some(current) = inner.objects.get(&key).cloned() else {
-        return fail(
-            404,
-            "NotFound",
-            format!("{}.{} \"{name}\" not found", t.plural, t.group),
-        );
+        return not_found(t, &name);
     };
     let mime = content_type.split(';').next().unwrap_or_default().trim();
     let patched = match mime {
@@ -971,14 +973,7 @@ fn patch(shared: &Shared, t: &Target, content_type: &str, body: &Value) -> Respo
         Err(e) => return fail(422, "Invalid", e),
     };
     if obj.pointer("/metadata/resourceVersion") != current.pointer("/metadata/resourceVersion") {
-        return fail(
-            409,
-            "Conflict",
-            format!(
-                "Operation cannot be fulfilled on {}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                t.plural, t.group
-            ),
-        );
+        return modified(t, &name);
     }
     if obj.pointer("/metadata/name") != current.pointer("/metadata/name") {
         return fail(
@@ -1107,11 +1102,7 @@ fn delete(shared: &Shared, t: &Target, opts: &Value) -> Response {
     let mut inner = shared.lock();
     let key = key_of(t, &name);
     let Some(current) = inner.objects.get(&key).cloned() else {
-        return fail(
-            404,
-            "NotFound",
-            format!("{}.{} \"{name}\" not found", t.plural, t.group),
-        );
+        return not_found(t, &name);
     };
     // Preconditions, worded as the API server words their failures.
     for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
