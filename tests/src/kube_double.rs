@@ -32,7 +32,7 @@
 //!   `reason` and `message` are sent;
 //! - schema validation, defaulting and pruning of the CRDs' OpenAPI schemas, and `422
 //!   Invalid` with field `causes` (the backend validates before it sends);
-//! - graceful deletion, `metadata.generation`, `creationTimestamp`, `managedFields`,
+//! - graceful deletion, managedFields beyond one Update entry a manager (no ownership moves),
 //!   strategic merge patches and server-side apply, label selectors and field selectors other
 //!   than `metadata.name`; the `copy` and `move` ops of JSON patches;
 //! - `remainingItemCount` in lists, `resourceVersionMatch`, reads at a resourceVersion;
@@ -378,12 +378,13 @@ impl ApiServerDouble {
         for (name, spec) in objects {
             inner.rv += 1;
             let rv = inner.rv;
-            let obj = json!({
+            let mut obj = json!({
                 "apiVersion": format!("{group}/{version}"), "kind": kind,
                 "metadata": {"name": name, "uid": uuid(), "resourceVersion": rv.to_string(),
                     "creationTimestamp": "2026-01-01T00:00:00Z", "generation": 1},
                 "spec": spec,
             });
+            set_managed_fields(&mut obj, "kvsync");
             inner
                 .objects
                 .insert((plural.to_owned(), None, name), obj.clone());
@@ -471,6 +472,8 @@ struct Target {
     group: String,
     version: String,
     kind: String,
+    /// The request's `fieldManager` (managedFields name it).
+    manager: String,
 }
 
 fn parse_target(inner: &Inner, path: &str) -> Result<Target, Response> {
@@ -525,6 +528,7 @@ fn parse_target(inner: &Inner, path: &str) -> Result<Target, Response> {
         group: g,
         version: v,
         kind,
+        manager: "unknown".to_owned(),
     })
 }
 
@@ -605,10 +609,13 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     if let Some(resp) = cluster_object(&shared, &method, &path, &body) {
         return resp;
     }
-    let target = match parse_target(&shared.lock(), &path) {
+    let mut target = match parse_target(&shared.lock(), &path) {
         Ok(t) => t,
         Err(resp) => return resp,
     };
+    if let Some(m) = q.get("fieldManager") {
+        target.manager.clone_from(m);
+    }
     let json_body = || -> Result<Value, Response> {
         serde_json::from_slice(&body)
             .map_err(|e| fail(400, "BadRequest", format!("invalid JSON: {e}")))
@@ -850,8 +857,61 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response {
     if let Some(ns) = &t.namespace {
         obj["metadata"]["namespace"] = json!(ns);
     }
+    set_managed_fields(&mut obj, &t.manager);
     store(shared, inner, t, key, "ADDED", obj.clone());
     reply(201, &obj)
+}
+
+/// What an update keeps of the stored object (`current`) and changes, as the registry's
+/// update does: uid and creationTimestamp stay, `generation` goes up when anything but
+/// metadata changed, and the writer's managedFields entry is set.
+fn carry_metadata(current: &Value, obj: &mut Value, manager: &str) {
+    obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    obj["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+    let generation = current["metadata"]["generation"].as_u64().unwrap_or(1);
+    let changed = obj.get("spec") != current.get("spec");
+    obj["metadata"]["generation"] = json!(if changed { generation + 1 } else { generation });
+    if obj["metadata"].get("managedFields").is_none() {
+        obj["metadata"]["managedFields"] = current["metadata"]["managedFields"].clone();
+    }
+    set_managed_fields(obj, manager);
+}
+
+/// The `fieldsV1` of a value: every field of an object, recursively (`f:<name>`), with `.`
+/// for the object itself.
+fn fields_v1(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut out = serde_json::Map::new();
+            out.insert(".".into(), json!({}));
+            for (k, v) in m {
+                out.insert(format!("f:{k}"), fields_v1(v));
+            }
+            Value::Object(out)
+        }
+        _ => json!({}),
+    }
+}
+
+/// Sets the `managedFields` entry of `manager` for an Update of the object's spec, as the
+/// API server's field manager records it (one entry a manager and operation; the real server
+/// also takes fields away from other managers, which is not modelled).
+fn set_managed_fields(obj: &mut Value, manager: &str) {
+    let entry = json!({
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": obj["apiVersion"],
+        "time": "2026-01-01T00:00:00Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": obj.get("spec").map(fields_v1).unwrap_or_else(|| json!({}))},
+    });
+    let mut entries: Vec<Value> = obj["metadata"]["managedFields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    entries.retain(|e| e["manager"] != manager || e["operation"] != "Update");
+    entries.push(entry);
+    obj["metadata"]["managedFields"] = Value::Array(entries);
 }
 
 /// Stores a written object, records its event and wakes the watches.
@@ -929,12 +989,11 @@ fn replace(shared: &Shared, t: &Target, mut obj: Value) -> Response {
     }
     inner.rv += 1;
     let rv = inner.rv;
-    obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
-    obj["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     if let Some(ns) = &t.namespace {
         obj["metadata"]["namespace"] = json!(ns);
     }
+    carry_metadata(&current, &mut obj, &t.manager);
     store(shared, inner, t, key, "MODIFIED", obj.clone());
     reply(200, &obj)
 }
@@ -984,8 +1043,8 @@ fn patch(shared: &Shared, t: &Target, content_type: &str, body: &Value) -> Respo
     }
     inner.rv += 1;
     let rv = inner.rv;
-    obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    carry_metadata(&current, &mut obj, &t.manager);
     store(shared, inner, t, key, "MODIFIED", obj.clone());
     reply(200, &obj)
 }

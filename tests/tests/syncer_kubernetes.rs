@@ -9,7 +9,7 @@ use kvsync_model::{KVPair, ListOptions, Registry, ResourceKey};
 use kvsync_syncer::{Backoff, ResourceType, SyncStatus, Syncer};
 use kvsync_tests::checker::{CheckingConsumer, datastore_state, diff};
 use kvsync_tests::kube_double::ApiServerDouble;
-use kvsync_tests::kubernetes::{KubeDoubleTestBackend, connect};
+use kvsync_tests::kubernetes::{KubeDoubleTestBackend, connect, connect_configured};
 use kvsync_tests::syncer_model::{self, ModelConfig};
 use serde_json::json;
 
@@ -393,7 +393,9 @@ async fn ttl_is_unsupported_and_nothing_is_written() {
 async fn lists_come_page_by_page_from_one_snapshot() {
     use futures::StreamExt;
     let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 10_000).await;
-    let client: Arc<dyn Client> = Arc::new(connect(&double).await);
+    let client: Arc<dyn Client> = Arc::new(
+        connect_configured(&double, |c| c.with_watch_list(false).with_page_size(500)).await,
+    );
     futures::stream::iter(0..1_200)
         .map(|i| {
             let client = client.clone();
@@ -412,8 +414,16 @@ async fn lists_come_page_by_page_from_one_snapshot() {
         .await;
     let opts = ListOptions::new("IPPool");
     let mut pages = client.list_pages(&opts).await.expect("pages");
+    let gets = double.requests("GET");
     let first = pages.next().await.expect("a first page").expect("page");
     assert_eq!(first.items.len(), 500, "one API page");
+    // The next page is read ahead while the caller works on this one, and only that one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while double.requests("GET") < gets + 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(double.requests("GET"), gets + 2, "the first page and one ahead");
     // A write between pages belongs to a later snapshot.
     client
         .create(KVPair::new(

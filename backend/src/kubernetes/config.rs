@@ -41,9 +41,17 @@ pub struct KubernetesConfig {
     /// and reopened from the last resourceVersion seen (3 minutes: three of the API server's
     /// one-minute bookmark intervals). At least 100 ms.
     pub watch_idle_timeout: std::time::Duration,
+    /// How many objects a page of a paged list asks for ([`KubernetesConfig::DEFAULT_PAGE_SIZE`] unless set;
+    /// at least 1). Bigger pages cost the API server less (each page from its cache scans
+    /// past the earlier ones) and the client more memory while a page is decoded.
+    pub page_size: u32,
 }
 
 impl KubernetesConfig {
+    /// The page size of paged lists unless [`KubernetesConfig::page_size`] says otherwise,
+    /// chosen by measurement (BENCHMARKS.md, "Kubernetes: decoding and initial sync").
+    pub const DEFAULT_PAGE_SIZE: u32 = 2_000;
+
     /// The kinds of `registry`, on the API server kube infers (`KUBECONFIG`,
     /// `~/.kube/config`, then the in-cluster service account), read with watch-list requests
     /// where the server serves them.
@@ -55,6 +63,7 @@ impl KubernetesConfig {
             watch_list: true,
             lease_namespace: None,
             watch_idle_timeout: std::time::Duration::from_secs(180),
+            page_size: Self::DEFAULT_PAGE_SIZE,
         }
     }
 
@@ -84,6 +93,13 @@ impl KubernetesConfig {
     #[must_use]
     pub fn with_watch_idle_timeout(mut self, idle: std::time::Duration) -> Self {
         self.watch_idle_timeout = idle;
+        self
+    }
+
+    /// Sets [`KubernetesConfig::page_size`].
+    #[must_use]
+    pub fn with_page_size(mut self, objects: u32) -> Self {
+        self.page_size = objects;
         self
     }
 

@@ -46,21 +46,25 @@
 //!   precondition: labels, annotations, finalizers and ownerReferences set by others survive
 //!   (a PUT of the whole object would wipe them).
 //!
+//! - List pages and watch events are decoded into slim types (`slim.rs`): the name,
+//!   namespace, resourceVersion, uid and the spec's JSON text, everything else (managedFields
+//!   above all) skipped by the parser without being built. The spec stays text until a
+//!   consumer reads it, as on etcd and SQLite.
+//!
 //! The files: `config.rs`, `crud.rs` (one object's reads and writes), `list.rs`, `watch.rs`,
-//! `convert.rs` (errors and API resources), `coordination.rs` (Leases and fenced writes).
+//! `slim.rs` (lean decoding), `convert.rs` (errors and API resources), `coordination.rs`
+//! (Leases and fenced writes).
 
 use std::fmt;
 
 use async_trait::async_trait;
 use kube::api::{Api, DynamicObject, ListParams};
-use kvsync_model::{
-    DeleteOptions, GetOptions, KVPair, ListOptions, PathCodec, ResourceKey, Revision,
-};
-use serde_json::{Value, json};
+use kvsync_model::{DeleteOptions, GetOptions, KVPair, ListOptions, PathCodec, ResourceKey};
+use serde_json::json;
 
 use crate::client::{Capabilities, Client, ListPages, WriteMode};
 use crate::error::{Error, Result};
-use crate::kernel::{Decoded, encode_for_write, parse_error};
+use crate::kernel::{encode_for_write, parse_error};
 use crate::watch::WatchStream;
 
 mod config;
@@ -68,6 +72,7 @@ mod convert;
 mod coordination;
 mod crud;
 mod list;
+mod slim;
 mod watch;
 
 pub use config::KubernetesConfig;
@@ -86,6 +91,8 @@ pub struct KubernetesBackend {
     /// Where the Leases of locks and elections live.
     lease_namespace: String,
     watch_idle_timeout: std::time::Duration,
+    /// Objects per page of a paged list.
+    page_size: u32,
     /// Set once the API server refused a watch-list request: paged lists from then on.
     watch_list_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Watch-list streams waiting for the watch that follows on from their list.
@@ -139,8 +146,15 @@ impl KubernetesBackend {
                 ),
             ));
         }
+        if config.page_size == 0 {
+            return Err(Error::invalid(
+                "page_size",
+                "must be at least 1 object, not 0",
+            ));
+        }
         Ok(KubernetesBackend {
             client,
+            page_size: config.page_size,
             codec: PathCodec::with_registry(config.registry),
             watch_list: config.watch_list,
             lease_namespace,
@@ -173,37 +187,21 @@ impl KubernetesBackend {
         Ok(obj)
     }
 
-    /// The KVPair of an object, or why it has none (an object without `spec`).
-    fn decode(&self, kind: &str, obj: DynamicObject) -> Decoded {
-        let name = obj.metadata.name.clone().unwrap_or_default();
-        let key = match obj.metadata.namespace.clone() {
-            Some(ns) => ResourceKey::namespaced(kind, ns, name),
-            None => ResourceKey::cluster(kind, name),
-        };
-        let revision = obj.metadata.resource_version.map(Revision::from);
-        let mut data = obj.data;
-        let Some(spec) = data.get_mut("spec").map(Value::take) else {
-            return Err(Box::new(kvsync_model::ParseFailure {
-                raw_key: self.codec.to_path(&key).unwrap_or_else(|_| key.to_string()),
-                raw_value: data.to_string().into_bytes(),
-                key: Some(key),
-                revision,
-                reason: "the object has no spec".into(),
-            }));
-        };
-        Ok(KVPair {
-            key,
-            value: spec.into(),
-            revision,
-            create_revision: None,
-            uid: obj.metadata.uid,
-            ttl: None,
-        })
+    /// The KVPair of an object decoded whole by kube (single-object requests), or why it
+    /// has none (an object without `spec`).
+    fn to_kvp(&self, kind: &str, obj: DynamicObject) -> Result<KVPair> {
+        slim::SlimObject::from_dynamic(obj)
+            .decode(kind, &self.codec)
+            .map_err(|f| parse_error(*f))
     }
 
-    /// [`KubernetesBackend::decode`] for the calls that return one pair.
-    fn to_kvp(&self, kind: &str, obj: DynamicObject) -> Result<KVPair> {
-        self.decode(kind, obj).map_err(|f| parse_error(*f))
+    /// The URL path of a kind's objects (in `namespace`, or of every namespace).
+    fn url_path(&self, kind: &str, namespace: Option<&str>) -> Result<String> {
+        let info = self.codec.registry().kind(kind)?;
+        Ok(<DynamicObject as kube::Resource>::url_path(
+            &api_resource(info),
+            namespace,
+        ))
     }
 
     fn check_writable(&self, kvp: &KVPair) -> Result<()> {

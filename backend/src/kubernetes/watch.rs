@@ -16,12 +16,13 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::stream::BoxStream;
-use kube::api::{Api, DynamicObject, ListParams, WatchEvent as KubeEvent, WatchParams};
+use kube::api::{ListParams, WatchParams};
+use kube::core::Request;
 use kvsync_model::{ListOptions, Revision};
 
 use super::KubernetesBackend;
 use super::convert::{map_err, status_err};
+use super::slim::{self, SlimEvent, SlimStream};
 use crate::error::Result;
 use crate::kernel::{fuse_after_error, put_event};
 use crate::watch::{WatchEvent, WatchStream};
@@ -29,16 +30,15 @@ use crate::watch::{WatchEvent, WatchStream};
 /// How long the API server may keep one watch open (it picks its own, shorter, limit too).
 pub(super) const WATCH_TIMEOUT_SECS: u32 = 290;
 
-pub(super) type KubeStream = BoxStream<'static, kube::Result<KubeEvent<DynamicObject>>>;
-
 /// One watch, reopened from `last` as the server ends its streams.
 struct Resuming {
     this: KubernetesBackend,
-    api: Api<DynamicObject>,
+    /// The URL path of the kind's objects.
+    url: String,
     opts: ListOptions,
     /// The last resourceVersion seen (of an event or a bookmark).
     last: String,
-    stream: Option<KubeStream>,
+    stream: Option<SlimStream>,
     /// Whether the current stream delivered anything yet.
     delivered: bool,
     /// The pause before the next reopen, after streams that ended without delivering.
@@ -49,12 +49,13 @@ impl Resuming {
     async fn open(&mut self) -> Result<()> {
         let wp = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
         let at = Revision::from(self.last.as_str());
-        let stream = self
-            .api
+        let request = Request::new(&self.url)
             .watch(&wp, &self.last)
+            .map_err(|e| crate::Error::invalid("watch", e.to_string()))?;
+        let stream = slim::watch_events(&self.this.client, request)
             .await
             .map_err(|e| map_err(e, None, Some(&at)))?;
-        self.stream = Some(stream.boxed());
+        self.stream = Some(stream);
         self.delivered = false;
         Ok(())
     }
@@ -100,8 +101,7 @@ impl Resuming {
                 Ok(Some(item)) => item,
             };
             self.delivered = true;
-            let at = Revision::from(self.last.as_str());
-            let event = item.map_err(|e| map_err(e, None, Some(&at)))?;
+            let event = item?;
             if let Some(out) = self.convert(event)? {
                 return Ok(out);
             }
@@ -110,30 +110,29 @@ impl Resuming {
 
     /// The consumer's event for one of the server's, if `opts` covers it; notes its
     /// resourceVersion as the place to resume from.
-    fn convert(&mut self, event: KubeEvent<DynamicObject>) -> Result<Option<WatchEvent>> {
+    fn convert(&mut self, event: SlimEvent) -> Result<Option<WatchEvent>> {
         let kind = &self.opts.kind;
         let (obj, created) = match event {
-            KubeEvent::Bookmark(b) => {
-                self.last.clone_from(&b.metadata.resource_version);
-                return Ok(Some(WatchEvent::Bookmark(Revision::from(
-                    b.metadata.resource_version,
-                ))));
+            SlimEvent::Bookmark(b) => {
+                let rv = b.metadata.resource_version.unwrap_or_default();
+                self.last.clone_from(&rv);
+                return Ok(Some(WatchEvent::Bookmark(Revision::from(rv))));
             }
-            KubeEvent::Error(s) => {
+            SlimEvent::Error(s) => {
                 return Err(status_err(
                     &s,
                     None,
                     Some(&Revision::from(self.last.as_str())),
                 ));
             }
-            KubeEvent::Added(o) => (o, Some(true)),
-            KubeEvent::Modified(o) => (o, Some(false)),
-            KubeEvent::Deleted(o) => (o, None),
+            SlimEvent::Added(o) => (o, Some(true)),
+            SlimEvent::Modified(o) => (o, Some(false)),
+            SlimEvent::Deleted(o) => (o, None),
         };
         if let Some(rv) = &obj.metadata.resource_version {
             self.last.clone_from(rv);
         }
-        let decoded = self.this.decode(kind, obj);
+        let decoded = obj.decode(kind, &self.this.codec);
         Ok(match created {
             Some(created) => put_event(&self.opts, decoded, created, None),
             None => match decoded {
@@ -163,20 +162,20 @@ impl Resuming {
 impl KubernetesBackend {
     pub(super) async fn open_watch(&self, opts: &ListOptions) -> Result<WatchStream> {
         self.codec.list_prefix(opts)?;
-        let api = self.api(&opts.kind, opts.namespace.as_deref())?;
+        let url = self.url_path(&opts.kind, opts.namespace.as_deref())?;
         let from = match &opts.revision {
             Some(r) => r.to_string(),
             None => {
-                let page = api
+                let request = Request::new(&url)
                     .list(&ListParams::default().limit(1))
-                    .await
-                    .map_err(|e| map_err(e, None, None))?;
+                    .map_err(|e| crate::Error::invalid("list", e.to_string()))?;
+                let page = slim::list_page(&self.client, request).await?;
                 page.metadata.resource_version.unwrap_or_default()
             }
         };
         let mut watch = Resuming {
             this: self.clone(),
-            api,
+            url,
             opts: opts.clone(),
             last: from,
             stream: self.take_parked(opts),
