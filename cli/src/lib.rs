@@ -5,6 +5,7 @@
 
 pub mod manifest;
 pub mod strict;
+pub mod yaml11;
 
 /// A usage error: the command line names something wrong (a kind, a name, a namespace, a
 /// missing argument, a limit that is not a number). The binary exits with 2 for it, as clap

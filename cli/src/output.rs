@@ -118,19 +118,14 @@ pub fn yaml(v: &Value) -> anyhow::Result<String> {
     Ok(quote_yaml11_words(&serde_yaml_ng::to_string(v)?))
 }
 
-/// The words a YAML 1.1 reader (kubectl's, PyYAML) takes for booleans or null. A YAML 1.2
-/// writer leaves them plain as strings, so `shortNames: [no]` reached the API server as
-/// `[false]` and was refused.
-const YAML11_WORDS: &[&str] = &[
-    "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
-    "OFF", "~",
-];
-
 /// Single-quotes every plain scalar (key, value or sequence item) of block-style YAML that a
-/// YAML 1.1 reader would not read as a string; block scalars (`|`, `>`) are left as they are.
+/// YAML 1.2 writer left plain as a string and a YAML 1.1 reader (kubectl's, PyYAML) would not
+/// read as a string (`no`, `on`, `1_000`, `1:30`, ...: [`kvsync_cli::yaml11`]): a YAML 1.2
+/// writer wrote `shortNames: [no]`, which reached the API server as `[false]` and was
+/// refused. Block scalars (`|`, `>`) are left as they are.
 fn quote_yaml11_words(yaml: &str) -> String {
     let quote = |s: &str| {
-        if YAML11_WORDS.contains(&s) {
+        if kvsync_cli::yaml11::misread_by_1_1(s) {
             format!("'{s}'")
         } else {
             s.to_owned()

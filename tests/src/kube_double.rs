@@ -1467,8 +1467,17 @@ fn event_stream(
     };
     futures::stream::unfold(s, |mut s| async move {
         loop {
-            if let Some(item) = s.pending.pop_front() {
-                return Some((item, s));
+            if let Some(Ok(first)) = s.pending.pop_front() {
+                // What is ready goes out in one chunk (up to 64 KiB), as the API server
+                // flushes only once its queue is empty, not after every event.
+                let mut chunk = first.to_vec();
+                while chunk.len() < 64 << 10 {
+                    match s.pending.pop_front() {
+                        Some(Ok(more)) => chunk.extend_from_slice(&more),
+                        _ => break,
+                    }
+                }
+                return Some((Ok(Bytes::from(chunk)), s));
             }
             if s.done {
                 return None;

@@ -423,7 +423,11 @@ async fn lists_come_page_by_page_from_one_snapshot() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(double.requests("GET"), gets + 2, "the first page and one ahead");
+    assert_eq!(
+        double.requests("GET"),
+        gets + 2,
+        "the first page and one ahead"
+    );
     // A write between pages belongs to a later snapshot.
     client
         .create(KVPair::new(

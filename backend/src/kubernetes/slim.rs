@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 
 use futures::stream::BoxStream;
-use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
+use futures::{AsyncBufReadExt, StreamExt};
 use kube::api::DynamicObject;
 use kube::core::Status;
 use kvsync_model::{Json, ResourceKey, Revision};
@@ -226,23 +226,29 @@ pub(super) async fn watch_events(
         http::HeaderValue::from_static("identity"),
     );
     let body = client.request_stream(request).await?;
-    let lines = body.lines();
-    Ok(lines
-        .take_while(|line| {
-            // A connection that ends mid-way is the end of this stream: the watch resumes.
-            let more = match line {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::debug!(error = %e, "a watch stream ended with an error");
-                    false
+    // One line buffer for the whole stream (not a String an event).
+    let state = (Box::pin(body), String::new());
+    Ok(
+        futures::stream::unfold(state, |(mut body, mut line)| async move {
+            loop {
+                line.clear();
+                match body.read_line(&mut line).await {
+                    // The end, or a connection that ended mid-way: the watch resumes.
+                    Ok(0) => return None,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a watch stream ended with an error");
+                        return None;
+                    }
+                    Ok(_) if line.trim().is_empty() => {}
+                    Ok(_) => {
+                        let event = parse_event(line.trim_end());
+                        return Some((event, (body, line)));
+                    }
                 }
-            };
-            futures::future::ready(more)
+            }
         })
-        .map_err(|e| Error::unavailable(format!("kubernetes: {e}")))
-        .try_filter(|line| futures::future::ready(!line.trim().is_empty()))
-        .and_then(|line| futures::future::ready(parse_event(&line)))
-        .boxed())
+        .boxed(),
+    )
 }
 
 /// Reads a list page with one request, decoded into the slim types.
