@@ -23,30 +23,54 @@
 //! - preconditions on DELETE (resourceVersion, uid) fail with `409 Conflict`, reason
 //!   `Conflict`, "Precondition failed: ..." messages as the server words them;
 //! - lists carry `metadata.resourceVersion` and `metadata.continue` (empty on the last page);
-//!   an expired continue token and a watch from before the window answer `410`, reason
-//!   `Expired`, the latter as an `ERROR` watch event carrying the Status.
+//!   an expired continue token (used once already, or of a snapshot the history moved past:
+//!   [`ApiServerDouble::expire_history`]) and a watch from before the window answer `410`,
+//!   reason `Expired`, the latter as an `ERROR` watch event carrying the Status;
+//! - numbers come back as the server's Go JSON round trip gives them: a whole float loses
+//!   its fraction (`1.0` -> `1`, `1e3` -> `1000`);
+//! - with the kind's CRD installed (POSTed to the double), every write is pruned of the
+//!   fields its structural schema does not know (unless `x-kubernetes-preserve-unknown-fields`)
+//!   and given the `default`s it declares (`registry/customresource`'s pruning and
+//!   `structuraldefaulting`);
+//! - a list or watch at a resourceVersion the server has not reached answers `504`, reason
+//!   `Timeout`, cause `ResourceVersionTooLarge`, `retryAfterSeconds: 1`
+//!   (`storage.NewTooLargeResourceVersionError`);
+//! - per-verb `403 Forbidden` ([`ApiServerDouble::forbid`]) worded as the RBAC authorizer
+//!   words it, with details naming the object;
+//! - a deleted namespace stays `Terminating` (deletionTimestamp, `status.phase`) for a while
+//!   ([`ApiServerDouble::set_namespace_finalize_after`]); creates in it meanwhile get `403`
+//!   with a `NamespaceTerminating` cause (the NamespaceLifecycle admission plugin), then its
+//!   objects are deleted (DELETED events) and it is gone;
+//! - bookmarks: at the start of a watch without events to send, at the end of a watch-list's
+//!   initial events, after [`ApiServerDouble::set_bookmark_interval`] without events (60 s
+//!   by default, as the watch cache's one-minute frequency) and as the watch times out;
+//! - managedFields: one `Update` entry a field manager (`fieldManager`, else `unknown`) with
+//!   the spec's fields, `generation` bumped when the spec changes.
 //!
 //! What it does **not** model (a test that depends on one of these needs a real cluster,
 //! `KVSYNC_TEST_KUBECONFIG`):
-//! - `details` (name, group, kind) in failure Statuses (404, 409, 422): only `code`,
+//! - `details` (name, group, kind) in most failure Statuses (404, 409, 422): only `code`,
 //!   `reason` and `message` are sent;
-//! - schema validation, defaulting and pruning of the CRDs' OpenAPI schemas, and `422
-//!   Invalid` with field `causes` (the backend validates before it sends);
+//! - schema validation (types, patterns, required fields, `422 Invalid` with field
+//!   `causes`): the backend validates before it sends; defaulting of `null` values, and
+//!   pruning of `metadata` beyond what the backend sends;
 //! - graceful deletion, managedFields beyond one Update entry a manager (no ownership moves),
-//!   strategic merge patches and server-side apply, label selectors and field selectors other
-//!   than `metadata.name`; the `copy` and `move` ops of JSON patches;
-//! - `remainingItemCount` in lists, `resourceVersionMatch`, reads at a resourceVersion;
-//! - the watch cache's timing: bookmarks come at the start, at the end of the initial events
-//!   and after half a second without events (the real server sends one about every minute);
-//!   a watch ends after its `timeoutSeconds` (or [`ApiServerDouble::close_watches_after`]),
-//!   not after a randomized request timeout;
-//! - authorization beyond one bearer token (no RBAC, no 403s), admission; rate limits only as
-//!   asked for ([`ApiServerDouble::throttle`]: 429 with Retry-After).
+//!   strategic merge patches and server-side apply (`415`), label selectors and field
+//!   selectors other than `metadata.name`; the `copy` and `move` ops of JSON patches;
+//! - `resourceVersionMatch=Exact`, reads of the past at a resourceVersion, the time a
+//!   continue token lives (about five minutes on a real server, by compaction);
+//! - the watch cache's own timing: no jitter on bookmarks; a watch ends after its
+//!   `timeoutSeconds` (or [`ApiServerDouble::close_watches_after`]), not after a randomized
+//!   request timeout; a too-large resourceVersion is refused at once, not after waiting
+//!   three seconds for the cache to catch up;
+//! - authorization beyond one bearer token and [`ApiServerDouble::forbid`] (no RBAC
+//!   objects), admission other than namespace lifecycle; rate limits only as asked for
+//!   ([`ApiServerDouble::throttle`]: 429 with Retry-After); API priority and fairness.
 
 // Handlers return the error response itself; boxing it would only add noise to a test server.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,6 +128,14 @@ struct Inner {
     watch_list_requests: u64,
     /// The next this many requests are throttled (429) with this retryAfterSeconds.
     throttle: (u64, u32),
+    /// `(verb, plural)` pairs answered with `403 Forbidden`.
+    forbidden: HashSet<(String, String)>,
+    /// How long a watch goes without events before a bookmark (the API server: about a
+    /// minute).
+    bookmark_interval: Duration,
+    /// How long a deleted namespace stays `Terminating` before its objects are deleted and
+    /// it is gone.
+    namespace_finalize_after: Duration,
 }
 
 #[derive(Clone)]
@@ -153,6 +185,15 @@ fn reply(code: u16, body: &Value) -> Response {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
+    // As the API server's response writer does for a Status that says when to come back.
+    if let Some(secs) = body
+        .pointer("/details/retryAfterSeconds")
+        .and_then(Value::as_u64)
+        .filter(|s| *s > 0)
+        && let Ok(v) = secs.to_string().parse()
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
     resp
 }
 
@@ -216,6 +257,9 @@ impl ApiServerDouble {
                 refuse_watch_list: None,
                 watch_list_requests: 0,
                 throttle: (0, 0),
+                forbidden: HashSet::new(),
+                bookmark_interval: Duration::from_secs(60),
+                namespace_finalize_after: Duration::from_millis(200),
             })),
             changed: watch::Sender::new(0),
         };
@@ -339,6 +383,28 @@ impl ApiServerDouble {
         self.shared.lock().throttle = (n, retry_after_seconds);
     }
 
+    /// Answers requests of `verb` (`get`, `list`, `watch`, `create`, `update`, `patch`,
+    /// `delete`) on `plural` with `403 Forbidden`, worded as the RBAC authorizer words it.
+    pub fn forbid(&self, verb: &str, plural: &str) {
+        self.shared
+            .lock()
+            .forbidden
+            .insert((verb.to_owned(), plural.to_owned()));
+    }
+
+    /// Sends a bookmark to a watch after `interval` without events (60 s by default, as the
+    /// API server's watch cache does about every minute).
+    pub fn set_bookmark_interval(&self, interval: Duration) {
+        self.shared.lock().bookmark_interval = interval;
+    }
+
+    /// Keeps a deleted namespace `Terminating` for `d` (200 ms by default) before its
+    /// objects are deleted and it is gone; creates in it meanwhile are refused as the
+    /// NamespaceLifecycle admission plugin refuses them.
+    pub fn set_namespace_finalize_after(&self, d: Duration) {
+        self.shared.lock().namespace_finalize_after = d;
+    }
+
     /// How many watch-list requests (`sendInitialEvents=true`) were made.
     pub fn watch_list_requests(&self) -> u64 {
         self.shared.lock().watch_list_requests
@@ -363,6 +429,8 @@ impl ApiServerDouble {
             inner.events.clear();
             inner.oldest = inner.rv;
             inner.expire_epoch += 1;
+            // Continue tokens name a compacted snapshot now: 410 on their next use.
+            inner.continues.clear();
             inner.rv
         };
         self.shared.changed.send_replace(rv);
@@ -585,11 +653,7 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
                 "Too many requests, please try again later.",
             );
             body["details"] = json!({"retryAfterSeconds": secs});
-            let mut resp = reply(429, &body);
-            if let Ok(v) = secs.to_string().parse() {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return resp;
+            return reply(429, &body);
         }
         if let Some(token) = &inner.token {
             let auth = req
@@ -615,6 +679,24 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     };
     if let Some(m) = q.get("fieldManager") {
         target.manager.clone_from(m);
+    }
+    let watching = q.get("watch").is_some_and(|w| w == "1" || w == "true");
+    let verb = match (&method, target.name.is_some()) {
+        (&Method::GET, false) if watching => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::GET, true) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "",
+    };
+    if shared
+        .lock()
+        .forbidden
+        .contains(&(verb.to_owned(), target.plural.clone()))
+    {
+        return forbidden(&target, verb);
     }
     let json_body = || -> Result<Value, Response> {
         serde_json::from_slice(&body)
@@ -735,21 +817,41 @@ fn cluster_object(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> 
                 }
             }
         },
+        (&Method::DELETE, Some(_)) if resource == "namespaces" => {
+            let name = name.unwrap_or_default().to_owned();
+            let key = (resource.to_owned(), name.clone());
+            let after = inner.namespace_finalize_after;
+            match inner.cluster_objects.get_mut(&key) {
+                None => not_found(&name),
+                Some(obj) => {
+                    // Terminating first: the namespace controller deletes its objects,
+                    // then the namespace goes.
+                    if obj.pointer("/metadata/deletionTimestamp").is_none() {
+                        obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+                        obj["status"] = json!({"phase": "Terminating"});
+                        let shared = shared.clone();
+                        let (key, name) = (key.clone(), name.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(after).await;
+                            let mut inner = shared.lock();
+                            delete_namespace_objects(&mut inner, &name);
+                            inner.cluster_objects.remove(&key);
+                            let rv = inner.rv;
+                            drop(inner);
+                            shared.changed.send_replace(rv);
+                        });
+                    }
+                    reply(200, obj)
+                }
+            }
+        }
         (&Method::DELETE, Some(name)) => {
             match inner
                 .cluster_objects
                 .remove(&(resource.to_owned(), name.to_owned()))
             {
                 None => not_found(name),
-                Some(obj) => {
-                    if resource == "namespaces" {
-                        delete_namespace_objects(&mut inner, name);
-                        let rv = inner.rv;
-                        drop(inner);
-                        shared.changed.send_replace(rv);
-                    }
-                    reply(200, &obj)
-                }
+                Some(obj) => reply(200, &obj),
             }
         }
         (m, _) => fail(405, "MethodNotAllowed", format!("{m} is not allowed here")),
@@ -840,6 +942,27 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response {
         body["details"] = json!({"name": ns, "kind": "namespaces"});
         return reply(404, &body);
     }
+    if let Some(ns) = &t.namespace
+        && inner
+            .cluster_objects
+            .get(&("namespaces".to_owned(), ns.clone()))
+            .is_some_and(|n| n.pointer("/metadata/deletionTimestamp").is_some())
+    {
+        // The NamespaceLifecycle admission plugin's answer.
+        let mut body = status(
+            403,
+            "Forbidden",
+            format!(
+                "{}.{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                t.plural, t.group
+            ),
+        );
+        body["details"] = json!({
+            "name": name, "group": t.group, "kind": t.plural,
+            "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}],
+        });
+        return reply(403, &body);
+    }
     let key = key_of(t, &name);
     if inner.objects.contains_key(&key) {
         return fail(
@@ -848,6 +971,7 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response {
             format!("{}.{} \"{name}\" already exists", t.plural, t.group),
         );
     }
+    admit(&inner, t, &mut obj);
     inner.rv += 1;
     let rv = inner.rv;
     obj["metadata"]["uid"] = json!(uuid());
@@ -912,6 +1036,149 @@ fn set_managed_fields(obj: &mut Value, manager: &str) {
     entries.retain(|e| e["manager"] != manager || e["operation"] != "Update");
     entries.push(entry);
     obj["metadata"]["managedFields"] = Value::Array(entries);
+}
+
+/// `403 Forbidden` for `verb` on `t`, as the RBAC authorizer words it
+/// (`staging/src/k8s.io/apiserver/pkg/endpoints/handlers/responsewriters/errors.go`).
+fn forbidden(t: &Target, verb: &str) -> Response {
+    let user = "system:serviceaccount:kvsync:kvsync-test";
+    let scope = match &t.namespace {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_owned(),
+    };
+    let name = t.name.clone().unwrap_or_default();
+    let mut body = status(
+        403,
+        "Forbidden",
+        format!(
+            "{}.{} \"{name}\" is forbidden: User \"{user}\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
+            t.plural, t.group, t.plural, t.group
+        ),
+    );
+    body["details"] = json!({"name": name, "group": t.group, "kind": t.plural});
+    reply(403, &body)
+}
+
+/// `504 Timeout` for a read at a resourceVersion the server has not reached, as the watch
+/// cache answers after waiting for it (`storage.NewTooLargeResourceVersionError`).
+fn too_large_resource_version(asked: u64, current: u64) -> Response {
+    let mut body = status(
+        504,
+        "Timeout",
+        format!("Timeout: Too large resource version: {asked}, current: {current}"),
+    );
+    body["details"] = json!({
+        "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+        "retryAfterSeconds": 1,
+    });
+    reply(504, &body)
+}
+
+/// Numbers as the API server gives them back: it decodes a custom resource's JSON into Go
+/// values (an integer when the text is one, else a float64) and encodes them again, so a
+/// whole float comes back without its fraction (`1.0` -> `1`, `1e3` -> `1000`).
+fn normalize_numbers(v: &mut Value) {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+                && f.abs() < 1e21
+            {
+                // Whole floats below 2^63 fit an integer exactly as Go prints them.
+                #[allow(clippy::cast_possible_truncation)]
+                if f.abs() < 9.2e18 {
+                    *v = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(normalize_numbers),
+        Value::Object(map) => map.values_mut().for_each(normalize_numbers),
+        _ => {}
+    }
+}
+
+/// The structural schema of `t`'s kind at its version, when its CRD is installed.
+fn schema_of(inner: &Inner, t: &Target) -> Option<Value> {
+    let crd = inner.cluster_objects.get(&(
+        "customresourcedefinitions".to_owned(),
+        format!("{}.{}", t.plural, t.group),
+    ))?;
+    crd.pointer("/spec/versions")?
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == t.version.as_str())?
+        .pointer("/schema/openAPIV3Schema")
+        .cloned()
+}
+
+/// Prunes the fields a structural schema does not know and sets the defaults it declares,
+/// as the API server does to a custom resource on every write (and read): unknown fields go
+/// unless `x-kubernetes-preserve-unknown-fields`; a missing property with a `default` gets
+/// it; `additionalProperties` and `items` apply to every entry.
+fn prune_and_default(v: &mut Value, schema: &Value) {
+    match v {
+        Value::Object(map) => {
+            let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                if !preserve {
+                    map.retain(|k, _| props.contains_key(k));
+                }
+                for (k, sub) in props {
+                    if !map.contains_key(k)
+                        && let Some(d) = sub.get("default")
+                    {
+                        map.insert(k.clone(), d.clone());
+                    }
+                    if let Some(field) = map.get_mut(k) {
+                        prune_and_default(field, sub);
+                    }
+                }
+            } else if let Some(sub) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+                for field in map.values_mut() {
+                    prune_and_default(field, sub);
+                }
+            } else if !preserve && schema.get("type").and_then(Value::as_str) == Some("object") {
+                // An object schema without properties keeps nothing, unless it preserves.
+                if schema.get("additionalProperties").is_none() {
+                    map.clear();
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(sub) = schema.get("items") {
+                for item in items {
+                    prune_and_default(item, sub);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What the API server does to a written custom resource before it stores it: numbers
+/// normalised, then pruned and defaulted by its CRD's schema (when the CRD is installed).
+/// `metadata` is left to the caller; the schema's `metadata: {type: object}` is not applied.
+fn admit(inner: &Inner, t: &Target, obj: &mut Value) {
+    normalize_numbers(obj);
+    let Some(schema) = schema_of(inner, t) else {
+        return;
+    };
+    let Some(map) = obj.as_object_mut() else {
+        return;
+    };
+    let props = schema.get("properties").and_then(Value::as_object);
+    map.retain(|k, _| {
+        matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
+            || props.is_some_and(|p| p.contains_key(k))
+    });
+    for (k, field) in map.iter_mut() {
+        if k == "metadata" {
+            continue;
+        }
+        if let Some(sub) = props.and_then(|p| p.get(k)) {
+            prune_and_default(field, sub);
+        }
+    }
 }
 
 /// Stores a written object, records its event and wakes the watches.
@@ -987,6 +1254,7 @@ fn replace(shared: &Shared, t: &Target, mut obj: Value) -> Response {
     if !given.is_empty() && given != actual {
         return modified(t, &name);
     }
+    admit(&inner, t, &mut obj);
     inner.rv += 1;
     let rv = inner.rv;
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -1041,6 +1309,7 @@ fn patch(shared: &Shared, t: &Target, content_type: &str, body: &Value) -> Respo
             "the name of the object cannot be patched",
         );
     }
+    admit(&inner, t, &mut obj);
     inner.rv += 1;
     let rv = inner.rv;
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -1290,6 +1559,15 @@ fn list(shared: &Shared, t: &Target, q: &HashMap<String, String>) -> Response {
             None => return fail(410, "Expired", "the provided continue parameter is too old"),
         },
         None => {
+            // A list at a resourceVersion (not older than it): 504 when the server has not
+            // reached it.
+            if let Some(asked) = q
+                .get("resourceVersion")
+                .and_then(|r| r.parse::<u64>().ok())
+                .filter(|r| *r > inner.rv)
+            {
+                return too_large_resource_version(asked, inner.rv);
+            }
             let items = inner.matching(t, fname.as_deref());
             (items, inner.rv.to_string())
         }
@@ -1382,6 +1660,7 @@ fn watch_stream(shared: Shared, t: Target, q: &HashMap<String, String>) -> Respo
                 let body = Body::from_stream(futures::stream::iter([line("ERROR", &err)]));
                 return (StatusCode::OK, body).into_response();
             }
+            Some(r) if r > inner.rv => return too_large_resource_version(r, inner.rv),
             Some(r) => (r, inner.expire_epoch, Vec::new()),
             None => {
                 // No resourceVersion: the current state as ADDED events, then what follows.
@@ -1520,10 +1799,15 @@ fn event_stream(
             if !s.pending.is_empty() {
                 continue;
             }
-            let wait = tokio::time::sleep(Duration::from_millis(500));
+            // A bookmark after `bookmark_interval` without events, and one as the watch
+            // times out (the watch cache sends one ahead of the end, so that the client
+            // resumes from there).
+            let interval = s.shared.lock().bookmark_interval;
+            let next = tokio::time::Instant::now() + interval;
+            let wake = s.deadline.map_or(next, |d| d.min(next));
             tokio::select! {
                 _ = s.rx.changed() => {}
-                () = wait => {
+                () = tokio::time::sleep_until(wake) => {
                     if s.bookmarks {
                         let rv = s.shared.lock().rv.max(s.after);
                         s.after = rv;

@@ -241,3 +241,288 @@ async fn watch_lists_send_the_state_then_an_initial_events_end_bookmark() {
     .await
     .expect("requests");
 }
+
+fn ippool_crd() -> Value {
+    let registry = Registry::with_demo_kinds();
+    let info = registry.kind("IPPool").expect("IPPool");
+    kvsync_model::crd::crd(info)
+}
+
+/// With the kind's CRD installed, a write is pruned of fields its schema does not know and
+/// given the defaults it declares; without it nothing is pruned. Whole floats lose their
+/// fraction either way, as the server's Go JSON round trip gives them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_pruned_defaulted_and_their_numbers_normalised() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    let url = double.url();
+    tokio::task::spawn_blocking(move || {
+        let obj = |name: &str| {
+            json!({"apiVersion": "kvsync.dev/v1", "kind": "IPPool", "metadata": {"name": name},
+                "spec": {"cidr": "10.0.0.0/16", "blockSize": 26.0, "extra": {"n": 1e3, "f": 1.5}},
+                "unknownTop": 1})
+        };
+        let (code, body) = http(&url, "POST", POOLS, Some(&obj("raw")));
+        assert_eq!(code, 201, "{body}");
+        let raw = json_of(&body);
+        assert_eq!(
+            raw["spec"],
+            json!({"cidr": "10.0.0.0/16", "blockSize": 26, "extra": {"n": 1000, "f": 1.5}}),
+            "no CRD: nothing pruned, numbers normalised"
+        );
+        assert!(body.contains("\"blockSize\":26,"), "{body}");
+
+        let (code, body) = http(
+            &url,
+            "POST",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            Some(&ippool_crd()),
+        );
+        assert_eq!(code, 201, "{body}");
+        let (code, body) = http(&url, "POST", POOLS, Some(&obj("pruned")));
+        assert_eq!(code, 201, "{body}");
+        let pruned = json_of(&body);
+        assert_eq!(
+            pruned["spec"],
+            json!({"cidr": "10.0.0.0/16", "blockSize": 26, "disabled": false, "natOutgoing": false}),
+            "unknown fields pruned, defaults set"
+        );
+        assert!(pruned.get("unknownTop").is_none(), "{pruned}");
+        // A replace goes through the same.
+        let mut changed = obj("pruned");
+        changed["spec"] = json!({"cidr": "10.0.0.0/16", "disabled": true, "bogus": 1});
+        let (code, body) = http(&url, "PUT", &format!("{POOLS}/pruned"), Some(&changed));
+        assert_eq!(code, 200, "{body}");
+        let patched = json_of(&body);
+        assert_eq!(patched["spec"]["disabled"], true);
+        assert!(patched["spec"].get("bogus").is_none(), "{patched}");
+        assert_eq!(patched["spec"]["natOutgoing"], false, "defaulted again");
+        assert_eq!(patched["metadata"]["generation"], 2, "the spec changed");
+    })
+    .await
+    .expect("requests");
+}
+
+/// A read at a resourceVersion the server has not reached: `504` with the
+/// ResourceVersionTooLarge cause and retryAfterSeconds, for lists and watches alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_ahead_of_the_server_answer_504_too_large_resource_version() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    let url = double.url();
+    tokio::task::spawn_blocking(move || {
+        let (_, body) = http(&url, "GET", POOLS, None);
+        let rv: u64 = json_of(&body)["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .expect("rv");
+        for path in [
+            format!("{POOLS}?resourceVersion={}", rv + 50),
+            format!("{POOLS}?watch=1&resourceVersion={}", rv + 50),
+        ] {
+            let (code, body) = http(&url, "GET", &path, None);
+            let status = json_of(&body);
+            assert_eq!(code, 504, "{path}: {body}");
+            assert_eq!(status["reason"], "Timeout");
+            assert_eq!(
+                status["details"]["causes"][0]["reason"],
+                "ResourceVersionTooLarge"
+            );
+            assert_eq!(status["details"]["retryAfterSeconds"], 1);
+            assert!(
+                status["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("Too large resource version")),
+                "{body}"
+            );
+        }
+        let (code, _) = http(&url, "GET", &format!("{POOLS}?resourceVersion={rv}"), None);
+        assert_eq!(code, 200, "a resourceVersion reached is served");
+    })
+    .await
+    .expect("requests");
+}
+
+/// Per-verb 403s, worded as the RBAC authorizer words them; other verbs still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_verbs_answer_403_and_the_others_are_served() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    double.forbid("list", "ippools");
+    double.forbid("delete", "ippools");
+    let url = double.url();
+    tokio::task::spawn_blocking(move || {
+        let (code, _) = http(&url, "POST", POOLS, Some(&pool("a")));
+        assert_eq!(code, 201);
+        let (code, body) = http(&url, "GET", POOLS, None);
+        let status = json_of(&body);
+        assert_eq!((code, status["reason"].as_str()), (403, Some("Forbidden")));
+        assert!(
+            status["message"].as_str().is_some_and(|m| m.contains(
+                "cannot list resource \"ippools\" in API group \"kvsync.dev\" at the cluster scope"
+            )),
+            "{body}"
+        );
+        let (code, _) = http(&url, "DELETE", &format!("{POOLS}/a"), None);
+        assert_eq!(code, 403);
+        let (code, _) = http(&url, "GET", &format!("{POOLS}/a"), None);
+        assert_eq!(
+            code, 200,
+            "get is still allowed, and the object is still there"
+        );
+        let (code, _) = http(
+            &url,
+            "GET",
+            &format!("{POOLS}?watch=1&timeoutSeconds=1"),
+            None,
+        );
+        assert_eq!(code, 200, "watch is still allowed");
+    })
+    .await
+    .expect("requests");
+}
+
+/// A deleted namespace is Terminating for a while: creates in it are refused with the
+/// NamespaceTerminating cause; then its objects are deleted (DELETED events) and it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_namespace_terminates_before_it_is_gone() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    double.set_namespace_finalize_after(std::time::Duration::from_millis(500));
+    let url = double.url();
+    tokio::task::spawn_blocking(move || {
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}});
+        assert_eq!(http(&url, "POST", "/api/v1/namespaces", Some(&ns)).0, 201);
+        let policies = "/apis/kvsync.dev/v1/namespaces/team/networkpolicies";
+        let policy = |name: &str| {
+            json!({"apiVersion": "kvsync.dev/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": "team"}, "spec": {"selector": "all()"}})
+        };
+        let (code, body) = http(&url, "POST", policies, Some(&policy("p1")));
+        assert_eq!(code, 201, "{body}");
+        let rv = json_of(&body)["metadata"]["resourceVersion"]
+            .as_str()
+            .expect("rv")
+            .to_owned();
+
+        let (code, body) = http(&url, "DELETE", "/api/v1/namespaces/team", None);
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(json_of(&body)["status"]["phase"], "Terminating");
+        let (code, body) = http(&url, "POST", policies, Some(&policy("p2")));
+        let status = json_of(&body);
+        assert_eq!(code, 403, "{body}");
+        assert_eq!(
+            status["details"]["causes"][0]["reason"],
+            "NamespaceTerminating"
+        );
+        assert!(
+            status["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("because it is being terminated")),
+            "{body}"
+        );
+
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while http(&url, "GET", "/api/v1/namespaces/team", None).0 != 404 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the namespace never went"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(http(&url, "GET", &format!("{policies}/p1"), None).0, 404);
+        let (_, body) = http(
+            &url,
+            "GET",
+            &format!("{policies}?watch=1&resourceVersion={rv}&timeoutSeconds=1"),
+            None,
+        );
+        assert!(body.contains("\"type\":\"DELETED\""), "{body}");
+    })
+    .await
+    .expect("requests");
+}
+
+/// A continue token of a snapshot the history has moved past answers 410 Expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continue_tokens_expire_with_the_history() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    let url = double.url();
+    let token = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            for n in ["a", "b", "c"] {
+                assert_eq!(http(&url, "POST", POOLS, Some(&pool(n))).0, 201);
+            }
+            let (_, body) = http(&url, "GET", &format!("{POOLS}?limit=1"), None);
+            json_of(&body)["metadata"]["continue"]
+                .as_str()
+                .expect("a continue token")
+                .to_owned()
+        })
+        .await
+        .expect("requests")
+    };
+    double.expire_history();
+    tokio::task::spawn_blocking(move || {
+        let (code, body) = http(
+            &url,
+            "GET",
+            &format!("{POOLS}?limit=1&continue={token}"),
+            None,
+        );
+        assert_eq!(
+            (code, json_of(&body)["reason"].as_str()),
+            (410, Some("Expired"))
+        );
+    })
+    .await
+    .expect("requests");
+}
+
+/// Bookmarks come after the interval without events, and as a watch times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_come_at_the_interval_and_before_the_timeout() {
+    let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 100).await;
+    let url = double.url();
+    let rv_of = |body: &str| -> u64 {
+        json_of(body)["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .expect("rv")
+    };
+    let (code, body) = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let (_, body) = http(&url, "POST", POOLS, Some(&pool("a")));
+            let rv = rv_of(&body);
+            // The default interval is a minute: within a 2 s watch, only the bookmark at the
+            // start (nothing else to send) and the one as it times out come.
+            http(
+                &url,
+                "GET",
+                &format!(
+                    "{POOLS}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=2"
+                ),
+                None,
+            )
+        })
+        .await
+        .expect("requests")
+    };
+    assert_eq!(code, 200);
+    assert_eq!(body.matches("\"BOOKMARK\"").count(), 2, "{body}");
+    double.set_bookmark_interval(std::time::Duration::from_millis(200));
+    let body = tokio::task::spawn_blocking(move || {
+        let (_, body) = http(&url, "GET", POOLS, None);
+        let rv = rv_of(&body);
+        http(
+            &url,
+            "GET",
+            &format!(
+                "{POOLS}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=2"
+            ),
+            None,
+        )
+        .1
+    })
+    .await
+    .expect("requests");
+    assert!(body.matches("\"BOOKMARK\"").count() >= 4, "{body}");
+}

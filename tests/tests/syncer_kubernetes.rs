@@ -220,7 +220,7 @@ async fn a_refused_watch_list_falls_back_to_paged_lists_once() {
 }
 
 /// Throttled requests (429 with Retry-After, as API priority and fairness answers) are
-/// retried after the time the server asks for (kube's server-aware retry; past its retries the
+/// retried after the time the server asks for (a bounded server-aware retry; past its retries the
 /// backend's error carries the time, see `Error::retry_after`), and a Syncer comes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_requests_wait_as_the_server_asks_and_the_syncer_gets_through() {

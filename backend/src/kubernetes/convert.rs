@@ -49,6 +49,25 @@ pub(super) fn status_err(s: &Status, key: Option<&ResourceKey>, at: Option<&Revi
             field: "object".into(),
             reason: format!("the API server refused it: {message}"),
         },
+        // A server error that says when to come back: a read at a resourceVersion the
+        // server has not reached yet (504 "Too large resource version", after a switch to a
+        // server whose cache lags behind), a server shutting down. Retried after that long,
+        // from the same resourceVersion: not a relist.
+        (code, _)
+            if code >= 500
+                && s.details
+                    .as_ref()
+                    .is_some_and(|d| d.retry_after_seconds > 0) =>
+        {
+            let secs = s.details.as_ref().map_or(1, |d| d.retry_after_seconds);
+            Error::Unavailable {
+                message: format!("kubernetes: {message} ({code})"),
+                source: Some(Box::new(crate::error::RetryAfter::new(
+                    std::time::Duration::from_secs(u64::from(secs)),
+                    message,
+                ))),
+            }
+        }
         (code, _) => Error::Unavailable {
             message: format!("kubernetes: {message} ({code})"),
             source: Some(Box::new(s.clone())),

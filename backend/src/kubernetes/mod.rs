@@ -24,6 +24,10 @@
 //!   so does a watch silent past [`KubernetesConfig::watch_idle_timeout`]. kube's errors map onto the
 //!   crate's kinds: 401/403 -> [`Error::Unauthorized`], 422 -> [`Error::Invalid`], 5xx and
 //!   transport errors -> [`Error::Unavailable`].
+//! - Requests answered 429, 503 or 504 are retried three times at most, as the server asks
+//!   (`Retry-After`), then the error reaches the caller with that delay
+//!   ([`Error::retry_after`]): a 504 "Too large resource version" (a server whose cache lags
+//!   behind the revision asked for) is retried from the same revision, not relisted.
 //! - **TTLs are not supported** by the Kubernetes API: a KVPair with a `ttl` gets
 //!   [`Error::Unsupported`] and nothing is written. Reads at an old revision and compaction
 //!   are not supported either (the API server keeps a short window of its own), and
@@ -79,6 +83,33 @@ pub use config::KubernetesConfig;
 use convert::{api_resource, map_err};
 pub use coordination::{FENCE_ANNOTATION, FENCE_LOCK_ANNOTATION};
 
+/// A kube client whose requests answered 429, 503 or 504 are retried at most
+/// [`KUBE_RETRIES`] times, waiting as the server asks (`Retry-After`) or 100 ms doubling up to
+/// 5 s, in place of kube's default retry (15 times, with waits growing to minutes: a watch
+/// from a resourceVersion the server had not reached went silent for six minutes). What is
+/// still refused after that reaches the caller with the server's delay
+/// ([`Error::retry_after`]); a Syncer then backs off by it, and its status and metrics say so.
+fn bounded_retry_client(mut config: kube::Config) -> Result<kube::Client> {
+    config.default_retry = false;
+    let policy = kube::client::retry::RetryPolicy::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(5),
+        KUBE_RETRIES,
+        true,
+    )
+    .map_err(|e| Error::invalid("retry policy", e.to_string()))?;
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| Error::invalid("kubeconfig", e.to_string()))?
+        // Retrying needs a service it can clone: kube's stack is boxed, so it goes behind a
+        // buffer (a queue to one task that calls it; the calls themselves run concurrently).
+        .with_layer(&tower::buffer::BufferLayer::new(1024))
+        .with_layer(&tower::retry::RetryLayer::new(policy))
+        .build())
+}
+
+/// How many times kube retries a request answered 429, 503 or 504.
+const KUBE_RETRIES: u32 = 3;
+
 /// How many times a write retries when other writers keep changing its object.
 const MAX_WRITE_RETRIES: usize = 32;
 
@@ -130,8 +161,7 @@ impl KubernetesBackend {
                 .await
                 .map_err(|e| Error::invalid("kubeconfig", e.to_string()))?,
         };
-        let client = kube::Client::try_from(kube_config)
-            .map_err(|e| Error::invalid("kubeconfig", e.to_string()))?;
+        let client = bounded_retry_client(kube_config)?;
         let lease_namespace = config
             .lease_namespace
             .clone()
