@@ -441,3 +441,80 @@ fn the_yaml_1_1_reader_reads_plain_words_as_kubectl_does() {
         ]
     );
 }
+
+/// The image: multi-stage, every base pinned by digest, a distroless (or scratch) runtime
+/// running as non-root, the dependencies built in a layer of their own before the sources
+/// come in, and a .dockerignore that keeps build output and git out of the context. Checked
+/// on the text: building it needs Docker (deploy/README.md).
+#[test]
+fn the_image_is_multi_stage_pinned_distroless_and_caches_its_dependencies() {
+    let text = std::fs::read_to_string(deploy_dir().join("Dockerfile")).expect("Dockerfile");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    let froms: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert!(froms.len() >= 2, "multi-stage: {froms:?}");
+    let stages: Vec<&str> = froms
+        .iter()
+        .filter_map(|f| f.split_whitespace().nth(3))
+        .collect();
+    for from in &froms {
+        let image = from.split_whitespace().nth(1).expect("an image");
+        if stages.contains(&image) || image == "scratch" {
+            continue;
+        }
+        let digest = image.split_once("@sha256:").map(|(_, d)| d);
+        assert!(
+            digest.is_some_and(|d| d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit())),
+            "{from}: not pinned by digest"
+        );
+    }
+    let runtime = froms.last().expect("a runtime stage");
+    assert!(
+        runtime.contains("gcr.io/distroless/")
+            || runtime.split_whitespace().nth(1) == Some("scratch"),
+        "the runtime is distroless or scratch: {runtime}"
+    );
+    let after_runtime = &text[text.rfind("FROM ").expect("FROM")..];
+    let user = after_runtime
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("USER "))
+        .expect("a USER in the runtime stage");
+    let uid: u32 = user
+        .split(':')
+        .next()
+        .and_then(|u| u.parse().ok())
+        .expect("a numeric uid");
+    assert_ne!(uid, 0, "non-root, numeric (runAsNonRoot can check it)");
+    // The dependencies are cooked before the sources are copied in.
+    let cook = lines
+        .iter()
+        .position(|l| l.contains("cargo chef cook"))
+        .expect("a dependency layer (cargo chef cook)");
+    let build = lines
+        .iter()
+        .rposition(|l| l.contains("cargo build --release --locked"))
+        .expect("a locked release build");
+    let sources = lines
+        .iter()
+        .rposition(|l| *l == "COPY . .")
+        .expect("the sources copied in");
+    assert!(
+        cook < sources && sources < build,
+        "cook, then the sources, then the build"
+    );
+    let ignore =
+        std::fs::read_to_string(deploy_dir().join("../.dockerignore")).expect(".dockerignore");
+    for entry in ["target/", ".git/"] {
+        assert!(
+            ignore.lines().any(|l| l.trim() == entry),
+            ".dockerignore leaves out {entry}"
+        );
+    }
+}

@@ -233,5 +233,9 @@ async fn throttling_past_the_bounded_retries_reaches_the_caller_with_the_delay()
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
-    assert_eq!(double.requests("GET") - gets, 4, "the request and three retries");
+    assert_eq!(
+        double.requests("GET") - gets,
+        4,
+        "the request and three retries"
+    );
 }
