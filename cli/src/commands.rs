@@ -145,6 +145,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             http_listen,
             log_mib,
             log_seconds,
+            max_catch_ups,
+            target_connections,
             tls,
         } => {
             let tls = serve_tls(&tls)?;
@@ -155,6 +157,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 http_listen,
                 log_bytes: log_mib << 20,
                 log_age: std::time::Duration::from_secs(log_seconds),
+                max_catch_ups,
+                target_connections,
                 tls,
             };
             crate::serve::run(client, args).await

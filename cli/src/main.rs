@@ -252,6 +252,14 @@ enum Command {
         /// The oldest change kept for resuming clients, in seconds.
         #[arg(long, default_value_t = 300)]
         log_seconds: u64,
+        /// The most resyncs and snapshots sent at once (clients resuming from the log never
+        /// wait for one).
+        #[arg(long, default_value_t = 64)]
+        max_catch_ups: usize,
+        /// Shed clients (one a second, each told where to resume) while more than this many
+        /// are connected, so that they spread over the replicas behind a Service.
+        #[arg(long, env = "KVSYNC_TARGET_CONNECTIONS")]
+        target_connections: Option<usize>,
         #[command(flatten)]
         tls: ServeTlsArgs,
     },

@@ -25,6 +25,10 @@ pub struct ServeArgs {
     pub log_bytes: usize,
     /// The log's bound in age.
     pub log_age: Duration,
+    /// The most resyncs and snapshots sent at once.
+    pub max_catch_ups: usize,
+    /// The number of clients to shed down to, if any.
+    pub target_connections: Option<usize>,
     /// TLS, or `None` for the plain TCP asked for with `--plaintext`.
     pub tls: Option<kvsync_server::ServerTls>,
 }
@@ -37,16 +41,21 @@ pub async fn run(client: Arc<dyn Client>, args: ServeArgs) -> Result<()> {
     let endpoints = Endpoints::new(registry);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = endpoints.serve(args.http_listen, stop_rx).await?;
+    let mut config = match args.tls {
+        Some(tls) => ServerConfig::new().with_tls(tls),
+        None => ServerConfig::new().with_plaintext(),
+    }
+    .with_log(args.log_bytes, args.log_age)
+    .with_max_catch_ups(args.max_catch_ups)
+    .with_metrics(metrics);
+    if let Some(target) = args.target_connections {
+        config = config.with_target_connections(target, Duration::from_secs(1));
+    }
     let server = Server::bind(
         args.listen,
         client,
         args.kinds.into_iter().map(ResourceType::new).collect(),
-        match args.tls {
-            Some(tls) => ServerConfig::new().with_tls(tls),
-            None => ServerConfig::new().with_plaintext(),
-        }
-        .with_log(args.log_bytes, args.log_age)
-        .with_metrics(metrics),
+        config,
     )
     .await
     .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -36,6 +36,13 @@ pub struct HubStats {
     pub snapshot_builds: u64,
     /// Clients moved to a resync because they fell off the end of the log.
     pub fell_behind: u64,
+    /// The most resyncs and snapshots that were being sent at once (at most
+    /// [`ServerConfig::max_catch_ups`](crate::ServerConfig::max_catch_ups)).
+    pub most_catch_ups_at_once: u64,
+    /// Resyncs and snapshots that waited for one of those places.
+    pub catch_ups_waited: u64,
+    /// Clients told to go elsewhere because the server was over its connection target.
+    pub shed: u64,
 }
 
 pub(crate) struct State {
@@ -79,6 +86,12 @@ pub(crate) struct Hub {
     max_log_bytes: usize,
     max_log_age: Duration,
     pub(crate) metrics: ServerMetrics,
+    /// Places for resyncs and snapshots being sent (resumes need none).
+    pub(crate) catch_ups: tokio::sync::Semaphore,
+    /// The number of those places.
+    pub(crate) max_catch_ups: usize,
+    /// Rung once for each client to shed.
+    pub(crate) shed: tokio::sync::Notify,
 }
 
 impl Hub {
@@ -87,6 +100,7 @@ impl Hub {
         max_log_bytes: usize,
         max_log_age: Duration,
         metrics: ServerMetrics,
+        max_catch_ups: usize,
     ) -> Self {
         Hub {
             state: Mutex::new(State {
@@ -107,7 +121,16 @@ impl Hub {
             max_log_bytes,
             max_log_age,
             metrics,
+            catch_ups: tokio::sync::Semaphore::new(max_catch_ups.max(1)),
+            max_catch_ups: max_catch_ups.max(1),
+            shed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether a client at `resume` can be brought up to date from the log alone.
+    pub(crate) fn can_resume(&self, resume: Option<u64>) -> bool {
+        let st = self.lock();
+        resume.is_some_and(|p| p >= st.dropped && p <= st.head)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {

@@ -23,6 +23,8 @@ struct ModeLabels {
 /// | `kvsync_server_snapshot_builds_total` | counter | | snapshots built (shared by the clients that need one at the same position) |
 /// | `kvsync_server_fell_behind_total` | counter | | clients moved to a resync because they fell off the log |
 /// | `kvsync_server_refused_total` | counter | | connections refused (bad hello, limits, garbage) |
+/// | `kvsync_server_shed_total` | counter | | clients told to go elsewhere because the server was over its connection target |
+/// | `kvsync_server_catch_ups_waiting` | gauge | | resyncs and snapshots waiting for a place (`max_catch_ups`) |
 /// | `kvsync_server_bytes_sent_total` | counter | | bytes written to clients |
 /// | `kvsync_server_log_bytes` | gauge | | bytes the log holds |
 /// | `kvsync_server_client_lag_frames` | histogram | | how many frames behind the log's head a client was when it was last sent frames |
@@ -34,6 +36,8 @@ pub struct ServerMetrics {
     pub(crate) snapshot_builds: Counter,
     pub(crate) fell_behind: Counter,
     pub(crate) refused: Counter,
+    pub(crate) shed: Counter,
+    pub(crate) catch_ups_waiting: Gauge,
     pub(crate) bytes_sent: Counter,
     pub(crate) log_bytes: Gauge,
     pub(crate) lag: Histogram,
@@ -55,6 +59,8 @@ impl Default for ServerMetrics {
             snapshot_builds: Counter::default(),
             fell_behind: Counter::default(),
             refused: Counter::default(),
+            shed: Counter::default(),
+            catch_ups_waiting: Gauge::default(),
             bytes_sent: Counter::default(),
             log_bytes: Gauge::default(),
             lag: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
@@ -91,6 +97,16 @@ impl ServerMetrics {
             "kvsync_server_refused",
             "Connections refused",
             m.refused.clone(),
+        );
+        registry.register(
+            "kvsync_server_shed",
+            "Clients told to go elsewhere because the server was over its connection target",
+            m.shed.clone(),
+        );
+        registry.register(
+            "kvsync_server_catch_ups_waiting",
+            "Resyncs and snapshots waiting for a place",
+            m.catch_ups_waiting.clone(),
         );
         registry.register(
             "kvsync_server_bytes_sent",

@@ -42,6 +42,17 @@ pub struct ServerConfig {
     /// How long the server waits for more changes before it sends what it has as one frame
     /// (1 ms): fewer, larger frames for every client under load, at most this much later.
     pub batch_linger: Duration,
+    /// The most resyncs and snapshots sent at once (64); more clients needing one wait their
+    /// turn. Clients that resume from the log never wait: resumes come first, so a restart
+    /// of many clients does not queue the cheap catch-ups behind the dear ones.
+    pub max_catch_ups: usize,
+    /// The number of clients this server aims to serve (none: no aim). While more are
+    /// connected, one a [`ServerConfig::shed_every`] is told to go away (with where to
+    /// resume), so that clients spread over the replicas behind a Service as replicas come
+    /// up (Typha's rebalancing).
+    pub target_connections: Option<usize>,
+    /// How often one client is shed while the server is over its target (1 s).
+    pub shed_every: Duration,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +68,9 @@ impl Default for ServerConfig {
             tls: None,
             plaintext: false,
             batch_linger: Duration::from_millis(1),
+            max_catch_ups: 64,
+            target_connections: None,
+            shed_every: Duration::from_secs(1),
         }
     }
 }
@@ -100,6 +114,21 @@ impl ServerConfig {
     #[must_use]
     pub fn with_metrics(mut self, metrics: ServerMetrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Sets [`ServerConfig::max_catch_ups`] (at least 1).
+    #[must_use]
+    pub fn with_max_catch_ups(mut self, n: usize) -> Self {
+        self.max_catch_ups = n.max(1);
+        self
+    }
+
+    /// Sets [`ServerConfig::target_connections`] and [`ServerConfig::shed_every`].
+    #[must_use]
+    pub fn with_target_connections(mut self, target: usize, shed_every: Duration) -> Self {
+        self.target_connections = Some(target);
+        self.shed_every = shed_every;
         self
     }
 
@@ -185,6 +214,7 @@ impl Server {
             config.max_log_bytes,
             config.max_log_age,
             config.metrics.clone().unwrap_or_default(),
+            config.max_catch_ups,
         ));
         let (stop, _) = tokio::sync::watch::channel(false);
         let mut syncer = Syncer::new(client);
@@ -328,10 +358,20 @@ async fn accept_loop(
     let connections = Arc::new(AtomicUsize::new(0));
     let mut stop_rx = stop.subscribe();
     let mut conns = tokio::task::JoinSet::new();
+    let mut shed_tick = tokio::time::interval(config.shed_every.max(Duration::from_millis(10)));
+    shed_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop_rx.wait_for(|s| *s) => break,
+            _ = shed_tick.tick(), if config.target_connections.is_some() => {
+                let target = config.target_connections.unwrap_or(usize::MAX);
+                if connections.load(Ordering::SeqCst) > target {
+                    // One client (whichever waits first) goes away with where to resume.
+                    hub.shed.notify_one();
+                }
+                continue;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -519,6 +559,31 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         _ = synced.wait_for(|s| *s) => {}
         () = async { let _ = stop.wait_for(|s| *s).await; } => return Ok(()),
     }
+    // Resumes come first: only a resync or a snapshot waits for a place.
+    let permit = if hub.can_resume(resume_at) {
+        None
+    } else {
+        let permit = match hub.catch_ups.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                hub.lock().stats.catch_ups_waited += 1;
+                hub.metrics.catch_ups_waiting.inc();
+                let got = tokio::select! {
+                    p = hub.catch_ups.acquire() => p.ok(),
+                    () = async { let _ = stop.wait_for(|s| *s).await; } => None,
+                };
+                hub.metrics.catch_ups_waiting.dec();
+                match got {
+                    Some(p) => p,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let at_once = (hub.max_catch_ups - hub.catch_ups.available_permits()) as u64;
+        let mut st = hub.lock();
+        st.stats.most_catch_ups_at_once = st.stats.most_catch_ups_at_once.max(at_once);
+        Some(permit)
+    };
     let catch = hub.catch_up(resume_at, digests.as_deref());
     let (mode, mut cursor, buckets) = match catch {
         Catch::Resume => (Mode::Resume, resume_at.unwrap_or(0), None),
@@ -551,7 +616,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
         w.write_all(&frame(&Message::ResyncDone { position: cursor }))
             .await?;
+        w.flush().await?;
     }
+    // The place is the next client's once this one's catch-up is written.
+    drop(permit);
     let (ping_tx, mut ping_rx) = tokio::sync::mpsc::channel(8);
     let mut reader = tokio::spawn(read_loop(
         r,
@@ -623,6 +691,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                         epoch: hub.epoch,
                         position: cursor,
                         reason: "the server is shutting down".into(),
+                    }))
+                    .await;
+                break Ok(());
+            }
+            () = hub.shed.notified() => {
+                hub.lock().stats.shed += 1;
+                hub.metrics.shed.inc();
+                info!(client, position = cursor, "client shed: the server is over its connection target");
+                let _ = w
+                    .write_all(&frame(&Message::GoAway {
+                        epoch: hub.epoch,
+                        position: cursor,
+                        reason: "the server is over its connection target".into(),
                     }))
                     .await;
                 break Ok(());

@@ -294,3 +294,120 @@ async fn fifty_clients_come_back_after_a_restart_under_load() {
     }
     server.shutdown().await;
 }
+
+/// Resyncs and snapshots are capped (`max_catch_ups`): a client needing one waits while the
+/// places are taken, here by a client that asked for a snapshot and stopped reading it; a
+/// client resuming from the log never waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_ups_are_capped_and_resumes_do_not_wait() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    // A snapshot far larger than the socket buffers: its writer blocks on a client that
+    // does not read it.
+    let big = "x".repeat(4000);
+    for i in 0..5000 {
+        store
+            .apply(KVPair::new(
+                ResourceKey::namespaced("NetworkPolicy", "ns", format!("p{i}")),
+                json!({"order": i as f64, "selector": format!("a == '{big}'")}),
+            ))
+            .await
+            .expect("write");
+    }
+    let config = ServerConfig::new().with_plaintext().with_max_catch_ups(1);
+    let server = serve(store.clone(), "127.0.0.1:0".parse().unwrap(), config).await;
+    let proxy = Proxy::start(server.local_addr()).await;
+    let resuming = CheckingConsumer::start_stream(remote(proxy.addr()).stream());
+    in_sync(&resuming, &*store).await.expect("first sync");
+
+    // The hog: a hello asking for a snapshot, then nothing read.
+    let mut hog = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    let hello = br#"{"type":"hello","version":1,"client":"hog"}"#;
+    let mut f = (hello.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(hello);
+    hog.write_all(&f).await.expect("hello");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.stats().snapshots < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hog never got its place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A new client waits for the place...
+    let waiting = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
+    while server.stats().catch_ups_waited < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new client never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...while a client that resumes goes straight through.
+    proxy.cut();
+    store
+        .apply(KVPair::new(
+            ResourceKey::namespaced("NetworkPolicy", "ns", "late"),
+            json!({"order": 1.0, "selector": "all()"}),
+        ))
+        .await
+        .expect("write");
+    in_sync(&resuming, &*store)
+        .await
+        .expect("resumed while the place was taken");
+    assert!(
+        waiting.with(|s| s.status() != Some(SyncStatus::InSync)),
+        "the snapshot client still waits"
+    );
+    // The hog goes: the waiting client gets its place.
+    drop(hog);
+    in_sync(&waiting, &*store)
+        .await
+        .expect("the waiting client's turn");
+    let stats = server.stats();
+    assert_eq!(stats.most_catch_ups_at_once, 1, "{stats:?}");
+    assert!(stats.resumes >= 1, "{stats:?}");
+    for c in [resuming, waiting] {
+        let seen = c.stop().await;
+        assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    }
+    server.shutdown().await;
+}
+
+/// Over its connection target the server sheds clients, one a tick, each told where to
+/// resume: they come back (here to the same server, resuming from its log) and hold what the
+/// datastore holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_over_the_target_are_shed_and_resume() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 50).await;
+    let config = ServerConfig::new()
+        .with_plaintext()
+        .with_target_connections(2, Duration::from_millis(100));
+    let server = serve(store.clone(), "127.0.0.1:0".parse().unwrap(), config).await;
+    let clients: Vec<_> = (0..4)
+        .map(|_| CheckingConsumer::start_stream(remote(server.local_addr()).stream()))
+        .collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.stats().shed < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            server.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    write(&*store, 50, 20).await;
+    for c in &clients {
+        in_sync(c, &*store).await.expect("in sync after being shed");
+    }
+    let stats = server.stats();
+    assert!(stats.resumes >= 3, "shed clients resume: {stats:?}");
+    for c in clients {
+        let seen = c.stop().await;
+        assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    }
+    server.shutdown().await;
+}
