@@ -165,6 +165,7 @@ fn every_yaml_file_parses_and_each_program_gets_only_what_it_does() {
         "RoleBinding",
         "Deployment",
         "Service",
+        "PodDisruptionBudget",
     ] {
         assert!(kinds.contains(k), "deploy/ has no {k}");
     }
@@ -236,6 +237,16 @@ fn every_yaml_file_parses_and_each_program_gets_only_what_it_does() {
         ["kvsync-reader".to_owned()].into(),
         "the controller only reads"
     );
+    let server = named(&docs, "Deployment", "kvsync-server");
+    let sa = server["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("the server names its service account");
+    named(&docs, "ServiceAccount", sa);
+    assert_eq!(
+        bound(sa),
+        ["kvsync-reader".to_owned()].into(),
+        "the fan-out server only reads"
+    );
     named(&docs, "ServiceAccount", "kvsync-writer");
     assert_eq!(
         bound("kvsync-writer"),
@@ -245,13 +256,9 @@ fn every_yaml_file_parses_and_each_program_gets_only_what_it_does() {
     );
 }
 
-/// The controller's pod passes the Pod Security "restricted" profile, runs the controller
-/// (not a debugging command) with its probes on the endpoints it serves, and has memory
-/// requests and limits.
-#[test]
-fn the_deployment_runs_the_controller_and_passes_pod_security_restricted() {
-    let docs = all_documents();
-    let deployment = named(&docs, "Deployment", "kvsync-controller");
+/// The checks of the Pod Security "restricted" profile on a Deployment's pod, and memory
+/// requests and limits on every container; returns the containers.
+fn assert_restricted(deployment: &Value) -> &Vec<Value> {
     let pod = &deployment["spec"]["template"]["spec"];
     for forbidden in ["hostNetwork", "hostPID", "hostIPC"] {
         assert!(pod[forbidden].as_bool() != Some(true), "{forbidden}");
@@ -295,7 +302,41 @@ fn the_deployment_runs_the_controller_and_passes_pod_security_restricted() {
             "memory limit"
         );
     }
+    containers
+}
+
+/// The container's arguments are ones `kvsync` takes: run with them (and a kubeconfig that
+/// does not exist), it gets past parsing and fails only at the datastore.
+fn assert_args_parse(container: &Value) {
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let out = Command::cargo_bin("kvsync")
+        .expect("kvsync")
+        .args(["--kubeconfig", "/nonexistent/kubeconfig"])
+        .args(&args)
+        .output()
+        .expect("run kvsync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot use the kubernetes datastore"),
+        "kvsync {args:?} does not parse: {stderr}"
+    );
+}
+
+/// The controller's pod passes the Pod Security "restricted" profile, runs the controller
+/// (not a debugging command) with its probes on the endpoints it serves, and has memory
+/// requests and limits.
+#[test]
+fn the_deployment_runs_the_controller_and_passes_pod_security_restricted() {
+    let docs = all_documents();
+    let deployment = named(&docs, "Deployment", "kvsync-controller");
+    let containers = assert_restricted(deployment);
     let c = &containers[0];
+    assert_args_parse(c);
     let args = strings(&c["args"]);
     assert!(
         args.contains("controller"),
@@ -517,4 +558,105 @@ fn the_image_is_multi_stage_pinned_distroless_and_caches_its_dependencies() {
             ".dockerignore leaves out {entry}"
         );
     }
+}
+
+/// The fan-out server: `kvsync serve` over mutual TLS (not plain TCP), probes on the endpoints
+/// it serves, several replicas spread over nodes, a Service for followers and metrics on the
+/// container's ports, and a PodDisruptionBudget over its pods.
+#[test]
+fn the_server_deployment_serves_over_mutual_tls_with_probes_a_service_and_a_pdb() {
+    let docs = all_documents();
+    let deployment = named(&docs, "Deployment", "kvsync-server");
+    let c = &assert_restricted(deployment)[0];
+    assert_args_parse(c);
+    let args: Vec<String> = c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    assert!(
+        args.contains(&"serve".to_owned()),
+        "runs `kvsync serve`: {args:?}"
+    );
+    assert!(!args.contains(&"--plaintext".to_owned()), "not plain TCP");
+    for f in ["--tls-cert", "--tls-key", "--client-ca"] {
+        let path = flag(f).unwrap_or_else(|| panic!("{f}"));
+        assert!(
+            path.starts_with("/etc/kvsync/tls/"),
+            "{f} {path}: from the mounted Secret"
+        );
+    }
+    assert!(
+        flag("--target-connections").is_some(),
+        "sheds over a target"
+    );
+    assert_eq!(flag("--http-listen").as_deref(), Some("0.0.0.0:8080"));
+    assert_eq!(flag("--listen").as_deref(), Some("0.0.0.0:7878"));
+    let probe = |p: &str| c[p]["httpGet"]["path"].as_str().map(str::to_owned);
+    assert_eq!(probe("livenessProbe").as_deref(), Some("/healthz"));
+    assert_eq!(probe("readinessProbe").as_deref(), Some("/readyz"));
+    let ports: BTreeSet<(String, u64)> = c["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["containerPort"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [("sync".to_owned(), 7878), ("http".to_owned(), 8080)].into()
+    );
+    let spec = &deployment["spec"];
+    assert!(
+        spec["replicas"].as_u64().is_some_and(|r| r >= 2),
+        "replicas"
+    );
+    let labels = &spec["template"]["metadata"]["labels"];
+    let selects = |selector: &Value| {
+        selector
+            .as_object()
+            .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| &labels[k] == v))
+    };
+    let service = named(&docs, "Service", "kvsync-server");
+    assert!(
+        selects(&service["spec"]["selector"]),
+        "the Service selects the pods"
+    );
+    let targets: BTreeSet<String> = service["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["targetPort"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(targets, ["http", "sync"].map(str::to_owned).into());
+    let pdb = named(&docs, "PodDisruptionBudget", "kvsync-server");
+    assert_eq!(pdb["apiVersion"], "policy/v1");
+    assert!(
+        selects(&pdb["spec"]["selector"]["matchLabels"]),
+        "the PDB selects the pods"
+    );
+    assert!(
+        pdb["spec"]["maxUnavailable"] == 1 || pdb["spec"]["minAvailable"].is_u64(),
+        "{pdb}"
+    );
+    // The Secret its TLS files come from is mounted.
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes");
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "kvsync-server-tls")
+    );
 }

@@ -16,7 +16,9 @@
 //!    sync.
 //!
 //! Run with `cargo bench -p kvsync-server --bench fanout` (`KVSYNC_BENCH_LINGER_US` sets the
-//! server's batch linger).
+//! server's batch linger). With `KVSYNC_BENCH_CLIENT_PROCESS=1` the clients run in a second
+//! process (this binary again), as they would on other machines: the server's own CPU and
+//! memory are then measured apart from theirs (the two processes still share the 2 cores).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,9 +51,154 @@ fn node(i: usize, stamp: u64) -> KVPair {
     )
 }
 
-/// Nanoseconds since the bench started: the stamp a write carries.
-fn now(base: Instant) -> u64 {
-    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+/// Nanoseconds of the wall clock: the stamp a write carries (the same clock in both
+/// processes when the clients run apart).
+fn now(_base: Instant) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The clients' process: connects them all, says `INSYNC <seconds>` once all are in sync,
+/// measures until a line on stdin, then says `LAT <p50> <p99> <n> <full p50> <full p99>
+/// <cpu cores> <peak rss MiB>`.
+async fn clients_process(addr: std::net::SocketAddr, clients: usize, full: usize) {
+    let base = Instant::now();
+    let in_sync = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let full_latencies = Arc::new(Mutex::new(Vec::new()));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..clients.saturating_sub(full) {
+        tasks.push(tokio::spawn(framing_client(
+            addr,
+            base,
+            in_sync.clone(),
+            latencies.clone(),
+            measuring.clone(),
+        )));
+    }
+    for i in 0..full {
+        tasks.push(tokio::spawn(consume(
+            RemoteSyncer::new(addr.to_string())
+                .with_name(format!("full-{i}"))
+                .stream(),
+            base,
+            in_sync.clone(),
+            full_latencies.clone(),
+            measuring.clone(),
+        )));
+    }
+    while in_sync.load(Ordering::SeqCst) < clients && base.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("INSYNC {}", base.elapsed().as_secs_f64());
+    measuring.store(true, Ordering::SeqCst);
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)
+    })
+    .await;
+    measuring.store(false, Ordering::SeqCst);
+    let cpu = (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
+    let mut lat = std::mem::take(&mut *latencies.lock().expect("lock"));
+    let mut flat = std::mem::take(&mut *full_latencies.lock().expect("lock"));
+    println!(
+        "LAT {} {} {} {} {} {cpu} {}",
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+        lat.len(),
+        percentile(&mut flat, 0.5),
+        percentile(&mut flat, 0.99),
+        kvsync_tests::process::peak_rss_mib(None)
+    );
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// Cold start and steady state with the clients in a second process.
+#[allow(clippy::too_many_arguments)]
+async fn apart(
+    server: &Server,
+    store: Arc<dyn Client>,
+    clients: usize,
+    full: usize,
+    keys: usize,
+    rate: usize,
+    secs: usize,
+    rss_before_server: f64,
+) {
+    use std::io::{BufRead, Write};
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("this binary"))
+        .env("KVSYNC_BENCH_ROLE", "clients")
+        .env("KVSYNC_BENCH_ADDR", server.local_addr().to_string())
+        .env("KVSYNC_BENCH_CLIENTS", clients.to_string())
+        .env("KVSYNC_BENCH_FULL", full.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the clients' process");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut next = move || tokio::task::block_in_place(|| out.next()).and_then(Result::ok);
+    let insync = loop {
+        match next() {
+            Some(l) if l.starts_with("INSYNC ") => break l,
+            Some(_) => {}
+            None => panic!("the clients' process ended"),
+        }
+    };
+    let stats = server.stats();
+    println!(
+        "1. cold start (clients in another process): all {clients} in sync after {:.2} s (the clients' own count: {} s); {} snapshots sent, {} built",
+        t0.elapsed().as_secs_f64(),
+        &insync["INSYNC ".len()..],
+        stats.snapshots,
+        stats.snapshot_builds
+    );
+    let cpu0 = cpu_seconds();
+    let w0 = Instant::now();
+    writer(store, keys, rate, secs, Instant::now()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = (cpu_seconds() - cpu0) / w0.elapsed().as_secs_f64();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = writeln!(stdin, "stop");
+    let lat = loop {
+        match next() {
+            Some(l) if l.starts_with("LAT ") => break l,
+            Some(_) => {}
+            None => panic!("the clients' process ended without its figures"),
+        }
+    };
+    let f: Vec<f64> = lat[4..]
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(f64::NAN))
+        .collect();
+    let peak = kvsync_tests::process::peak_rss_mib(None);
+    println!(
+        "2. {rate} updates/s: framing clients p50 {:.2} ms, p99 {:.2} ms ({} samples); full-decode clients p50 {:.2} ms, p99 {:.2} ms",
+        f[0], f[1], f[2], f[3], f[4]
+    );
+    println!(
+        "   server process (server and writer): CPU {cpu:.2} cores, peak RSS {peak:.0} MiB, of which {:.0} MiB the memory datastore held before the server started; clients' process: CPU {:.2} cores, peak RSS {:.0} MiB",
+        rss_before_server, f[5], f[6]
+    );
+    let _ = child.wait();
 }
 
 /// The stamp of the first update in a batch frame, found without decoding the frame.
@@ -193,6 +340,14 @@ async fn main() {
     let keys = env("KVSYNC_BENCH_KEYS", 100_000);
     let clients = env("KVSYNC_BENCH_CLIENTS", 1_000);
     let full = env("KVSYNC_BENCH_FULL", 4);
+    if std::env::var("KVSYNC_BENCH_ROLE").as_deref() == Ok("clients") {
+        let addr = std::env::var("KVSYNC_BENCH_ADDR")
+            .ok()
+            .and_then(|a| a.parse().ok())
+            .expect("KVSYNC_BENCH_ADDR");
+        clients_process(addr, clients, full).await;
+        return;
+    }
     let rate = env("KVSYNC_BENCH_RATE", 1_000);
     let secs = env("KVSYNC_BENCH_SECONDS", 10);
     let naive = env("KVSYNC_BENCH_NAIVE", 100);
@@ -202,6 +357,7 @@ async fn main() {
         store.create(node(i, 0)).await.expect("seed");
     }
     let value_bytes = node(0, 0).value.to_string().len();
+    let rss_before_server = rss_mib();
     println!(
         "{keys} Nodes (~{value_bytes} bytes of value each), {clients} clients ({full} decoding fully), {rate} updates/s for {secs} s; 2 cores, loopback"
     );
@@ -221,6 +377,21 @@ async fn main() {
     let addr = server.local_addr();
     while server.status() != SyncStatus::InSync {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if env("KVSYNC_BENCH_CLIENT_PROCESS", 0) == 1 {
+        apart(
+            &server,
+            store.clone(),
+            clients,
+            full,
+            keys,
+            rate,
+            secs,
+            rss_before_server,
+        )
+        .await;
+        server.shutdown().await;
+        return;
     }
 
     // 1. Cold start.
