@@ -75,6 +75,13 @@ pub struct DatastoreArgs {
     #[arg(long, env = "KVSYNC_KUBE_PAGED_LISTS", global = true)]
     pub kube_paged_lists: bool,
 
+    /// Objects a page of a paged list asks for (kubernetes datastore; 2,000 by default, see
+    /// BENCHMARKS.md).
+    #[arg(long, env = "KVSYNC_KUBE_PAGE_SIZE", global = true,
+          default_value_t = KubernetesConfig::DEFAULT_PAGE_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub kube_page_size: u32,
+
     /// Accepted for scripts written before watch-list requests became the default.
     #[arg(long, env = "KVSYNC_KUBE_WATCH_LIST", global = true, hide = true)]
     pub kube_watch_list: bool,
@@ -170,7 +177,8 @@ impl DatastoreArgs {
             }
             DatastoreType::Kubernetes => {
                 let mut config = KubernetesConfig::new(kvsync_model::demo::registry())
-                    .with_watch_list(!self.kube_paged_lists);
+                    .with_watch_list(!self.kube_paged_lists)
+                    .with_page_size(self.kube_page_size);
                 if let Some(path) = &self.kubeconfig {
                     config = config.with_kubeconfig(path.clone());
                 }
