@@ -40,10 +40,12 @@ async fn run_server(double: &ApiServerDouble, n: usize, followers: usize) -> (Du
         .spawn()
         .expect("start the server");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let addr = tokio::task::block_in_place(|| loop {
-        let line = lines.next().expect("a line").expect("stderr");
-        if let Some(a) = line.strip_prefix("serving on ") {
-            break a.to_owned();
+    let addr = tokio::task::block_in_place(|| {
+        loop {
+            let line = lines.next().expect("a line").expect("stderr");
+            if let Some(a) = line.strip_prefix("serving on ") {
+                break a.to_owned();
+            }
         }
     });
     std::thread::spawn(move || for _ in lines {});
