@@ -333,6 +333,29 @@ impl ApiServerDouble {
         self.shared.lock().strict_namespaces = true;
     }
 
+    /// Waits (up to `limit`) until no namespace is left terminating: the deleted ones are
+    /// gone, with their objects. Whether none is left.
+    pub async fn namespaces_finalized(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let terminating = self
+                .shared
+                .lock()
+                .cluster_objects
+                .iter()
+                .any(|((r, _), o)| {
+                    r == "namespaces" && o.pointer("/metadata/deletionTimestamp").is_some()
+                });
+            if !terminating {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The names of the namespaces created through the API and not deleted.
     pub fn namespaces(&self) -> Vec<String> {
         self.cluster_objects("namespaces")

@@ -9,6 +9,7 @@
 //! harness, so that it is never counted as passed).
 
 use std::future::Future;
+use std::time::Duration;
 
 use kvsync_model::Registry;
 use kvsync_tests::kube_double::ApiServerDouble;
@@ -75,6 +76,11 @@ async fn the_real_cluster_path_runs_against_the_double() {
         "the CRDs of deploy/crds are installed"
     );
     run_cluster_suites(&backend).await;
+    // Deleted namespaces terminate before they are gone, as on a real server.
+    assert!(
+        double.namespaces_finalized(Duration::from_secs(30)).await,
+        "the deleted namespaces terminate"
+    );
     assert!(
         double.namespaces().is_empty(),
         "the run's namespaces are deleted: {:?}",
@@ -126,6 +132,7 @@ async fn clients_of_one_cluster_never_see_each_others_keys() {
         "clean removes only the client's keys"
     );
     backend.cleanup().await.expect("cleanup");
+    assert!(double.namespaces_finalized(Duration::from_secs(30)).await);
     assert_eq!(double.object_count(), 0);
     assert!(double.namespaces().is_empty());
 }
