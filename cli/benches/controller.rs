@@ -123,18 +123,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
     let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 1_000).await;
-    double.put_objects(
-        "ippools",
-        (0..n).map(|i| {
-            (
-                format!("pool-{i:06}"),
-                serde_json::json!({
-                    "cidr": format!("10.{}.{}.0/24", i / 256 % 256, i % 256),
-                    "blockSize": 26, "natOutgoing": true, "disabled": false
-                }),
-            )
-        }),
-    );
+    double.put_ippools(n);
     println!("kvsync controller following {n} IPPools on the API server double");
     for (name, extra) in [
         ("watch-list (default)", &[][..]),

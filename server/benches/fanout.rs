@@ -59,35 +59,38 @@ fn now(_base: Instant) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+/// The clients of a run and what they report.
+struct Clients {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    in_sync: Arc<AtomicUsize>,
+    latencies: Arc<Mutex<Vec<u64>>>,
+    full_latencies: Arc<Mutex<Vec<u64>>>,
+    measuring: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// The clients' process: connects them all, says `INSYNC <seconds>` once all are in sync,
-/// measures until a line on stdin, then says `LAT <p50> <p99> <n> <full p50> <full p99>
-/// <cpu cores> <peak rss MiB>`.
-async fn clients_process(addr: std::net::SocketAddr, clients: usize, full: usize) {
-    let base = Instant::now();
-    let in_sync = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let full_latencies = Arc::new(Mutex::new(Vec::new()));
-    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// Connects `clients` clients to `addr`, `full` of them `RemoteSyncer`s decoding everything,
+/// the rest framing only.
+fn spawn_clients(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    full: usize,
+    base: Instant,
+) -> Clients {
+    let c = Clients {
+        tasks: Vec::new(),
+        in_sync: Arc::new(AtomicUsize::new(0)),
+        latencies: Arc::new(Mutex::new(Vec::new())),
+        full_latencies: Arc::new(Mutex::new(Vec::new())),
+        measuring: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
     let mut tasks = Vec::new();
     for _ in 0..clients.saturating_sub(full) {
         tasks.push(tokio::spawn(framing_client(
             addr,
             base,
-            in_sync.clone(),
-            latencies.clone(),
-            measuring.clone(),
+            c.in_sync.clone(),
+            c.latencies.clone(),
+            c.measuring.clone(),
         )));
     }
     for i in 0..full {
@@ -96,11 +99,26 @@ async fn clients_process(addr: std::net::SocketAddr, clients: usize, full: usize
                 .with_name(format!("full-{i}"))
                 .stream(),
             base,
-            in_sync.clone(),
-            full_latencies.clone(),
-            measuring.clone(),
+            c.in_sync.clone(),
+            c.full_latencies.clone(),
+            c.measuring.clone(),
         )));
     }
+    Clients { tasks, ..c }
+}
+
+/// The clients' process: connects them all, says `INSYNC <seconds>` once all are in sync,
+/// measures until a line on stdin, then says `LAT <p50> <p99> <n> <full p50> <full p99>
+/// <cpu cores> <peak rss MiB>`.
+async fn clients_process(addr: std::net::SocketAddr, clients: usize, full: usize) {
+    let base = Instant::now();
+    let Clients {
+        tasks,
+        in_sync,
+        latencies,
+        full_latencies,
+        measuring,
+    } = spawn_clients(addr, clients, full, base);
     while in_sync.load(Ordering::SeqCst) < clients && base.elapsed() < Duration::from_secs(300) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -115,15 +133,9 @@ async fn clients_process(addr: std::net::SocketAddr, clients: usize, full: usize
     .await;
     measuring.store(false, Ordering::SeqCst);
     let cpu = (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
-    let mut lat = std::mem::take(&mut *latencies.lock().expect("lock"));
-    let mut flat = std::mem::take(&mut *full_latencies.lock().expect("lock"));
+    let (p50, p99, n, fp50, fp99) = take_percentiles(&latencies, &full_latencies);
     println!(
-        "LAT {} {} {} {} {} {cpu} {}",
-        percentile(&mut lat, 0.5),
-        percentile(&mut lat, 0.99),
-        lat.len(),
-        percentile(&mut flat, 0.5),
-        percentile(&mut flat, 0.99),
+        "LAT {p50} {p99} {n} {fp50} {fp99} {cpu} {}",
         kvsync_tests::process::peak_rss_mib(None)
     );
     for t in tasks {
@@ -216,6 +228,23 @@ fn percentile(v: &mut [u64], p: f64) -> f64 {
     v.sort_unstable();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i] as f64 / 1e6
+}
+
+/// Takes the latencies gathered so far: p50 and p99 (ms) and the count of the framing
+/// clients', then p50 and p99 of the decoding clients'.
+fn take_percentiles(
+    framing: &Mutex<Vec<u64>>,
+    decoding: &Mutex<Vec<u64>>,
+) -> (f64, f64, usize, f64, f64) {
+    let mut lat = std::mem::take(&mut *framing.lock().expect("lock"));
+    let mut flat = std::mem::take(&mut *decoding.lock().expect("lock"));
+    (
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+        lat.len(),
+        percentile(&mut flat, 0.5),
+        percentile(&mut flat, 0.99),
+    )
 }
 
 fn cpu_seconds() -> f64 {
@@ -357,7 +386,7 @@ async fn main() {
         store.create(node(i, 0)).await.expect("seed");
     }
     let value_bytes = node(0, 0).value.to_string().len();
-    let rss_before_server = rss_mib();
+    let rss_before_server = kvsync_tests::process::rss_mib(None);
     println!(
         "{keys} Nodes (~{value_bytes} bytes of value each), {clients} clients ({full} decoding fully), {rate} updates/s for {secs} s; 2 cores, loopback"
     );
@@ -395,34 +424,14 @@ async fn main() {
     }
 
     // 1. Cold start.
-    let in_sync = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients.saturating_sub(full) {
-        tasks.push(tokio::spawn(framing_client(
-            addr,
-            base,
-            in_sync.clone(),
-            latencies.clone(),
-            measuring.clone(),
-        )));
-    }
-    let full_latencies = Arc::new(Mutex::new(Vec::new()));
-    for i in 0..full {
-        let (in_sync, lat, measuring) =
-            (in_sync.clone(), full_latencies.clone(), measuring.clone());
-        tasks.push(tokio::spawn(consume(
-            RemoteSyncer::new(addr.to_string())
-                .with_name(format!("full-{i}"))
-                .stream(),
-            base,
-            in_sync,
-            lat,
-            measuring,
-        )));
-    }
+    let Clients {
+        tasks,
+        in_sync,
+        latencies,
+        full_latencies,
+        measuring,
+    } = spawn_clients(addr, clients, full, base);
     while in_sync.load(Ordering::SeqCst) < clients {
         if t0.elapsed() > Duration::from_secs(300) {
             break;
@@ -446,15 +455,9 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     measuring.store(false, Ordering::SeqCst);
     let cpu = (cpu_seconds() - cpu0) / w0.elapsed().as_secs_f64();
-    let mut lat = std::mem::take(&mut *latencies.lock().expect("lock"));
-    let mut flat = std::mem::take(&mut *full_latencies.lock().expect("lock"));
+    let (p50, p99, n, fp50, fp99) = take_percentiles(&latencies, &full_latencies);
     println!(
-        "2. {rate} updates/s: framing clients p50 {:.2} ms, p99 {:.2} ms ({} samples); full-decode clients p50 {:.2} ms, p99 {:.2} ms; CPU {cpu:.2} cores (server and clients); peak RSS {:.0} MiB; log {} KiB",
-        percentile(&mut lat, 0.5),
-        percentile(&mut lat, 0.99),
-        lat.len(),
-        percentile(&mut flat, 0.5),
-        percentile(&mut flat, 0.99),
+        "2. {rate} updates/s: framing clients p50 {p50:.2} ms, p99 {p99:.2} ms ({n} samples); full-decode clients p50 {fp50:.2} ms, p99 {fp99:.2} ms; CPU {cpu:.2} cores (server and clients); peak RSS {:.0} MiB; log {} KiB",
         kvsync_tests::process::peak_rss_mib(None),
         server.log_bytes() / 1024
     );

@@ -50,18 +50,6 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn rss_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn ippools() -> ApiResource {
     ApiResource {
         group: "kvsync.dev".into(),
@@ -259,7 +247,7 @@ fn main() {
     if let Ok(mode) = std::env::var("KVSYNC_BENCH_CHILD") {
         let kubeconfig = std::env::var("KVSYNC_BENCH_KUBECONFIG").expect("kubeconfig");
         let n = env_or("KVSYNC_BENCH_OBJECTS", 50_000);
-        let start_mib = rss_mib("VmRSS:");
+        let start_mib = kvsync_tests::process::rss_mib(None);
         let (a0, _, _) = alloc_stats();
         let t = Instant::now();
         let got = rt.block_on(child(&mode, &kubeconfig));
@@ -269,7 +257,7 @@ fn main() {
         println!(
             "RESULT {secs} {} {} {start_mib}",
             a1 - a0,
-            rss_mib("VmHWM:")
+            kvsync_tests::process::peak_rss_mib(None)
         );
         return;
     }
@@ -278,18 +266,7 @@ fn main() {
     let rounds = env_or("KVSYNC_BENCH_ROUNDS", 3);
     rt.block_on(async {
         let double = ApiServerDouble::start(&Registry::with_demo_kinds(), 1_000).await;
-        double.put_objects(
-            "ippools",
-            (0..n).map(|i| {
-                (
-                    format!("pool-{i:06}"),
-                    serde_json::json!({
-                        "cidr": format!("10.{}.{}.0/24", i / 256 % 256, i % 256),
-                        "blockSize": 26, "natOutgoing": true, "disabled": false
-                    }),
-                )
-            }),
-        );
+        double.put_ippools(n);
         let kubeconfig = double.kubeconfig().display().to_string();
         let addr = double.url().trim_start_matches("http://").to_owned();
         let text = tokio::task::spawn_blocking(move || {

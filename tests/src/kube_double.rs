@@ -486,6 +486,23 @@ impl ApiServerDouble {
         self.shared.changed.send_replace(rv);
     }
 
+    /// Stores `n` IPPools `pool-000000`... with an ~80-byte spec each: the benchmarks' data
+    /// set (see [`ApiServerDouble::put_objects`]).
+    pub fn put_ippools(&self, n: usize) {
+        self.put_objects(
+            "ippools",
+            (0..n).map(|i| {
+                (
+                    format!("pool-{i:06}"),
+                    json!({
+                        "cidr": format!("10.{}.{}.0/24", i / 256 % 256, i % 256),
+                        "blockSize": 26, "natOutgoing": true, "disabled": false
+                    }),
+                )
+            }),
+        );
+    }
+
     /// Stores an object whose `spec` is missing, as a foreign writer could.
     pub fn put_without_spec(&self, plural: &str, namespace: Option<&str>, name: &str) -> u64 {
         let mut inner = self.shared.lock();

@@ -65,6 +65,16 @@ pub fn signal(pid: u32, sig: &str) {
 /// The peak resident set (VmHWM) of the process `pid` (this process when `None`), in MiB; 0
 /// where /proc cannot tell.
 pub fn peak_rss_mib(pid: Option<u32>) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// The resident set (VmRSS) of the process `pid` (this process when `None`) now, in MiB; 0
+/// where /proc cannot tell.
+pub fn rss_mib(pid: Option<u32>) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+fn status_mib(pid: Option<u32>, field: &str) -> f64 {
     let path = match pid {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".to_owned(),
@@ -73,7 +83,7 @@ pub fn peak_rss_mib(pid: Option<u32>) -> f64 {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
