@@ -16,11 +16,28 @@ use serde_json::{Value, json};
 
 const KINDS: [&str; 3] = ["IPPool", "NetworkPolicy", "Node"];
 
+/// What a datastore holds, with every number as a float: the API server gives a whole float
+/// back without its fraction (`1.0` -> `1`), as its Go JSON round trip does, which is the same
+/// number to every typed reader.
 async fn state(c: &dyn Client) -> BTreeMap<ResourceKey, Value> {
+    fn floats(v: &mut Value) {
+        match v {
+            Value::Number(n) => {
+                if let Some(f) = n.as_f64().and_then(serde_json::Number::from_f64) {
+                    *n = f;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(floats),
+            Value::Object(map) => map.values_mut().for_each(floats),
+            _ => {}
+        }
+    }
     let mut out = BTreeMap::new();
     for kind in KINDS {
         for kvp in c.list(&ListOptions::new(kind)).await.expect("list").items {
-            out.insert(kvp.key, kvp.value.as_value().expect("json").clone());
+            let mut v = kvp.value.as_value().expect("json").clone();
+            floats(&mut v);
+            out.insert(kvp.key, v);
         }
     }
     out
