@@ -227,26 +227,22 @@ fn every_yaml_file_parses_and_each_program_gets_only_what_it_does() {
             .map(|d| d["roleRef"]["name"].as_str().unwrap_or_default().to_owned())
             .collect()
     };
-    let deployment = named(&docs, "Deployment", "kvsync-controller");
-    let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
-        .as_str()
-        .expect("the Deployment names its service account");
-    named(&docs, "ServiceAccount", sa);
-    assert_eq!(
-        bound(sa),
-        ["kvsync-reader".to_owned()].into(),
-        "the controller only reads"
-    );
-    let server = named(&docs, "Deployment", "kvsync-server");
-    let sa = server["spec"]["template"]["spec"]["serviceAccountName"]
-        .as_str()
-        .expect("the server names its service account");
-    named(&docs, "ServiceAccount", sa);
-    assert_eq!(
-        bound(sa),
-        ["kvsync-reader".to_owned()].into(),
-        "the fan-out server only reads"
-    );
+    // The controller and the fan-out server only read.
+    for (deployment, what) in [
+        ("kvsync-controller", "the controller"),
+        ("kvsync-server", "the fan-out server"),
+    ] {
+        let d = named(&docs, "Deployment", deployment);
+        let sa = d["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what} names its service account"));
+        named(&docs, "ServiceAccount", sa);
+        assert_eq!(
+            bound(sa),
+            ["kvsync-reader".to_owned()].into(),
+            "{what} only reads"
+        );
+    }
     named(&docs, "ServiceAccount", "kvsync-writer");
     assert_eq!(
         bound("kvsync-writer"),

@@ -497,6 +497,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
+/// Tells a client to reconnect, resuming from `position` (best effort: it may be gone).
+async fn go_away<W: AsyncWrite + Unpin>(w: &mut W, hub: &Hub, position: u64, reason: &str) {
+    let _ = w
+        .write_all(&frame(&Message::GoAway {
+            epoch: hub.epoch,
+            position,
+            reason: reason.to_owned(),
+        }))
+        .await;
+}
+
 /// One client: hello, catch-up, then the log as it grows, with pings both ways.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
@@ -640,13 +651,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 position = cursor,
                 "client fell behind the log: moved to a resync"
             );
-            let _ = w
-                .write_all(&frame(&Message::GoAway {
-                    epoch: hub.epoch,
-                    position: cursor,
-                    reason: "fell behind the log".into(),
-                }))
-                .await;
+            go_away(&mut w, hub, cursor, "fell behind the log").await;
             break Ok(());
         };
         if let Some((last, _)) = frames.last() {
@@ -686,26 +691,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             }
             // The watch's guard is dropped inside: it is not held across the write.
             () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                let _ = w
-                    .write_all(&frame(&Message::GoAway {
-                        epoch: hub.epoch,
-                        position: cursor,
-                        reason: "the server is shutting down".into(),
-                    }))
-                    .await;
+                go_away(&mut w, hub, cursor, "the server is shutting down").await;
                 break Ok(());
             }
             () = hub.shed.notified() => {
                 hub.lock().stats.shed += 1;
                 hub.metrics.shed.inc();
                 info!(client, position = cursor, "client shed: the server is over its connection target");
-                let _ = w
-                    .write_all(&frame(&Message::GoAway {
-                        epoch: hub.epoch,
-                        position: cursor,
-                        reason: "the server is over its connection target".into(),
-                    }))
-                    .await;
+                go_away(&mut w, hub, cursor, "the server is over its connection target").await;
                 break Ok(());
             }
             ended = &mut reader => {
