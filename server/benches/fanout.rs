@@ -280,9 +280,9 @@ async fn framing_client(
     let hello = frame(&Message::Hello {
         version: VERSION,
         client: "bench".into(),
-        features: Vec::new(),
+        features: vec![kvsync_server::protocol::FEATURE_LZ4.into()],
         resume: None,
-        digests: None,
+        holds: 0,
     });
     if w.write_all(&hello).await.is_err() {
         return;

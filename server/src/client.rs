@@ -14,8 +14,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::protocol::{
-    BUCKETS, DEFAULT_MAX_FRAME, Incoming, Message, Mode, ProtocolError, Resume, VERSION,
-    WireUpdate, bucket_of, contribution, frame, read_frame,
+    DEFAULT_MAX_FRAME, FEATURE_LZ4, Incoming, MAX_BITS, Message, Mode, ProtocolError, Resume,
+    VERSION, WireUpdate, bucket, contribution, digests, encode_digests, frame, key_hash,
+    read_frame,
 };
 use crate::tls::ClientTls;
 
@@ -109,7 +110,6 @@ impl RemoteSyncer {
         let state = ClientState {
             cfg: self,
             held: HashMap::new(),
-            digests: vec![0; BUCKETS],
             resume: None,
             status: None,
             out: VecDeque::new(),
@@ -136,8 +136,10 @@ struct Conn {
     last_heard: tokio::time::Instant,
     w: WriteHalf<Stream>,
     epoch: u64,
-    /// Whether a resync's buckets are coming (their deletions are synthesized per bucket).
-    resyncing: bool,
+    /// During a resync or snapshot: the keys held, by bucket at the resolution of the
+    /// buckets coming (those of each bucket that comes and the server does not hold are
+    /// deleted).
+    index: Option<(u8, HashMap<u32, Vec<ResourceKey>>)>,
     ping: tokio::time::Interval,
 }
 
@@ -145,7 +147,6 @@ struct ClientState {
     cfg: RemoteSyncer,
     /// The revision of every key handed on.
     held: HashMap<ResourceKey, Revision>,
-    digests: Vec<u64>,
     resume: Option<Resume>,
     status: Option<SyncStatus>,
     out: VecDeque<SyncerEvent>,
@@ -253,12 +254,31 @@ impl ClientState {
         w.write_all(&frame(&Message::Hello {
             version: VERSION,
             client: self.cfg.name.clone(),
-            features: Vec::new(),
+            features: vec![FEATURE_LZ4.to_owned()],
             resume: self.resume,
-            digests: (!self.held.is_empty()).then(|| self.digests.clone()),
+            holds: self.held.len() as u64,
         }))
         .await?;
-        let body = read_frame(&mut r, self.cfg.max_frame).await?;
+        let mut body = read_frame(&mut r, self.cfg.max_frame).await?;
+        if let Incoming::Control(Message::SendDigests { bits }) = Incoming::decode(&body)? {
+            if bits > MAX_BITS {
+                return Err(ProtocolError::Unexpected(format!(
+                    "the server asked for digests of {bits} bits (at most {MAX_BITS})"
+                )));
+            }
+            let d = digests(
+                bits,
+                self.held
+                    .iter()
+                    .map(|(k, r)| (key_hash(k), contribution(k, &r.to_string()))),
+            );
+            w.write_all(&frame(&Message::Digests {
+                bits,
+                digests: encode_digests(&d),
+            }))
+            .await?;
+            body = read_frame(&mut r, self.cfg.max_frame).await?;
+        }
         match Incoming::decode(&body)? {
             Incoming::Control(Message::Welcome {
                 epoch,
@@ -286,7 +306,7 @@ impl ClientState {
                     last_heard: tokio::time::Instant::now(),
                     w,
                     epoch,
-                    resyncing: mode != Mode::Resume,
+                    index: None,
                     ping,
                 })
             }
@@ -337,15 +357,19 @@ impl ClientState {
                 self.set_status(status.into());
                 self.resume = Some(Resume { epoch, position });
             }
-            Incoming::Bucket { bucket, entries } => {
-                let batch = self.resync_bucket(bucket, entries);
+            Incoming::Buckets {
+                bits,
+                ranges,
+                entries,
+            } => {
+                let batch = self.resync_buckets(bits, &ranges, entries)?;
                 if !batch.is_empty() {
                     self.out.push_back(SyncerEvent::Updates(batch));
                 }
             }
             Incoming::Control(Message::ResyncDone { position }) => {
                 if let Some(c) = self.conn.as_mut() {
-                    c.resyncing = false;
+                    c.index = None;
                 }
                 self.resume = Some(Resume { epoch, position });
             }
@@ -375,13 +399,13 @@ impl ClientState {
     }
 
     fn track(&mut self, key: &ResourceKey, revision: Option<&Revision>) {
-        let b = usize::from(bucket_of(key));
-        if let Some(old) = self.held.remove(key) {
-            self.digests[b] ^= contribution(key, &old.to_string());
-        }
-        if let Some(r) = revision {
-            self.digests[b] ^= contribution(key, &r.to_string());
-            self.held.insert(key.clone(), r.clone());
+        match revision {
+            Some(r) => {
+                self.held.insert(key.clone(), r.clone());
+            }
+            None => {
+                self.held.remove(key);
+            }
         }
     }
 
@@ -424,25 +448,62 @@ impl ClientState {
             .collect()
     }
 
-    /// A resync's bucket: the server's whole content of it. What differs is handed on; keys
-    /// of the bucket the server does not hold are deleted.
-    fn resync_bucket(&mut self, bucket: u16, entries: Vec<WireUpdate>) -> Vec<Update> {
-        let present: std::collections::HashSet<ResourceKey> =
-            entries.iter().map(|e| e.key.clone()).collect();
-        let gone: Vec<(ResourceKey, Revision)> = self
-            .held
-            .iter()
-            .filter(|(k, _)| bucket_of(k) == bucket && !present.contains(*k))
-            .map(|(k, r)| (k.clone(), r.clone()))
-            .collect();
+    /// Some buckets of a resync or snapshot, with the server's whole content of them. What
+    /// differs is handed on; keys of those buckets the server does not hold are deleted.
+    fn resync_buckets(
+        &mut self,
+        bits: u8,
+        ranges: &[(u32, u32)],
+        entries: Vec<WireUpdate>,
+    ) -> Result<Vec<Update>, ProtocolError> {
+        if bits > MAX_BITS {
+            return Err(ProtocolError::Unexpected(format!(
+                "buckets of {bits} bits (at most {MAX_BITS})"
+            )));
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Vec::new());
+        };
+        // The keys held, by bucket at this resolution: made once per resync.
+        let mut index = match conn.index.take() {
+            Some((b, index)) if b == bits => index,
+            _ => {
+                let mut index: HashMap<u32, Vec<ResourceKey>> = HashMap::new();
+                for k in self.held.keys() {
+                    index
+                        .entry(bucket(key_hash(k), bits))
+                        .or_default()
+                        .push(k.clone());
+                }
+                index
+            }
+        };
+        let present: std::collections::HashSet<&ResourceKey> =
+            entries.iter().map(|e| &e.key).collect();
+        let count = 1u32 << bits;
+        let mut gone: Vec<ResourceKey> = Vec::new();
+        for &(from, to) in ranges {
+            for b in from.min(count)..to.min(count) {
+                for k in index.remove(&b).unwrap_or_default() {
+                    if !present.contains(&k) {
+                        gone.push(k);
+                    }
+                }
+            }
+        }
+        drop(present);
+        if let Some(conn) = self.conn.as_mut() {
+            conn.index = Some((bits, index));
+        }
         let mut out: Vec<Update> = entries
             .into_iter()
             .filter_map(|u| self.take_update(u))
             .collect();
-        for (key, revision) in gone {
-            self.track(&key, None);
-            out.push(update(key, Json::default(), revision, UpdateType::Deleted));
+        for key in gone {
+            if let Some(revision) = self.held.remove(&key) {
+                out.push(update(key, Json::default(), revision, UpdateType::Deleted));
+            }
         }
-        out
+        Ok(out)
     }
 }

@@ -2,7 +2,7 @@
 //! its buckets, and a log of recent frames bounded by bytes and by age, each frame encoded
 //! once and shared by every client.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -11,16 +11,60 @@ use kvsync_syncer::{SyncStatus, Update, UpdateType};
 
 use crate::metrics::ServerMetrics;
 use crate::protocol::{
-    BUCKETS, Message, bucket_frame, bucket_of, contribution, frame, updates_frame,
+    Message, bits_for, buckets_frame, contribution, digests, frame, key_hash, updates_frame,
 };
+
+/// A resync's or snapshot's frames are cut at bucket boundaries once they hold this much.
+const BUCKETS_FRAME_BYTES: usize = 256 << 10;
+
+/// One key the server holds, with its contribution to its bucket's digest.
+pub(crate) struct Entry {
+    pub(crate) kvp: KVPair,
+    contribution: u64,
+}
+
+/// What the server holds, in key-hash order: every bucket, at every resolution, is a range.
+pub(crate) type Entries = BTreeMap<(u64, ResourceKey), Entry>;
+
+fn revision_text(kvp: &KVPair) -> String {
+    kvp.revision
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+fn put(entries: &mut Entries, kvp: KVPair) {
+    let c = contribution(&kvp.key, &revision_text(&kvp));
+    entries.insert(
+        (key_hash(&kvp.key), kvp.key.clone()),
+        Entry {
+            kvp,
+            contribution: c,
+        },
+    );
+}
+
+fn take(entries: &mut Entries, key: &ResourceKey) -> Option<Entry> {
+    entries.remove(&(key_hash(key), key.clone()))
+}
+
+/// The hashes of bucket `b` of `2^bits`, inclusive.
+fn hash_range(b: u32, bits: u8) -> (u64, u64) {
+    if bits == 0 {
+        return (0, u64::MAX);
+    }
+    let shift = 64 - u32::from(bits);
+    let lo = u64::from(b) << shift;
+    (lo, lo | (u64::MAX >> u32::from(bits)))
+}
 
 /// A frame of the log: the same bytes for every client.
 pub(crate) type Frame = Arc<[u8]>;
 
-struct LogItem {
-    position: u64,
+pub(crate) struct LogItem {
+    pub(crate) position: u64,
     at: Instant,
-    frame: Frame,
+    pub(crate) frame: Frame,
 }
 
 /// Counters for the logs and the metrics.
@@ -46,16 +90,21 @@ pub struct HubStats {
 }
 
 pub(crate) struct State {
-    entries: HashMap<ResourceKey, KVPair>,
-    digests: Vec<u64>,
-    status: SyncStatus,
-    log: VecDeque<LogItem>,
+    pub(crate) entries: Entries,
+    /// A restored server's upstream state until its first InSync: then what differs from
+    /// `entries` is logged as ordinary frames (so that clients resume across the restart).
+    staging: Option<Entries>,
+    /// The digests of `entries` at a position and a resolution, for the clients resyncing
+    /// there.
+    digests: Option<(u64, u8, Arc<Vec<u64>>)>,
+    pub(crate) status: SyncStatus,
+    pub(crate) log: VecDeque<LogItem>,
     log_bytes: usize,
     /// The position of the last frame logged (0: none yet).
-    head: u64,
+    pub(crate) head: u64,
     /// The position of the last frame dropped from the log (a client at or after it can
     /// resume).
-    dropped: u64,
+    pub(crate) dropped: u64,
     snapshot: Option<(u64, Arc<Vec<Frame>>)>,
     pub(crate) stats: HubStats,
 }
@@ -64,6 +113,8 @@ pub(crate) struct State {
 pub(crate) enum Catch {
     /// The frames after its position are in the log.
     Resume,
+    /// It holds something: its digests at this resolution are needed first.
+    NeedDigests(u8),
     /// These bucket frames, at this position.
     Buckets {
         position: u64,
@@ -104,8 +155,9 @@ impl Hub {
     ) -> Self {
         Hub {
             state: Mutex::new(State {
-                entries: HashMap::new(),
-                digests: vec![0; BUCKETS],
+                entries: Entries::new(),
+                staging: None,
+                digests: None,
                 status: SyncStatus::WaitForDatastore,
                 log: VecDeque::new(),
                 log_bytes: 0,
@@ -164,9 +216,24 @@ impl Hub {
             .set(i64::try_from(st.log_bytes).unwrap_or(i64::MAX));
     }
 
-    /// Applies a batch of the upstream Syncer: the state, the digests, one frame in the log.
+    /// Applies a batch of the upstream Syncer: the state and one frame in the log (or, on a
+    /// restored server before its upstream's first InSync, the staged state only).
     pub(crate) fn apply(&self, batch: Vec<Update>) {
         let mut st = self.lock();
+        if let Some(staging) = st.staging.as_mut() {
+            for u in batch {
+                if u.update_type == UpdateType::Deleted {
+                    take(staging, &u.kvp.key);
+                } else {
+                    put(staging, u.kvp);
+                }
+            }
+            return;
+        }
+        self.log_batch(&mut st, batch);
+    }
+
+    fn log_batch(&self, st: &mut State, batch: Vec<Update>) -> u64 {
         st.head += 1;
         let position = st.head;
         let started = Instant::now();
@@ -179,34 +246,41 @@ impl Hub {
         .into();
         self.metrics.encode.observe(started.elapsed().as_secs_f64());
         for u in batch {
-            let b = usize::from(bucket_of(&u.kvp.key));
-            let rev = u
-                .kvp
-                .revision
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            if let Some(old) = st.entries.remove(&u.kvp.key) {
-                let old_rev = old
-                    .revision
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
-                st.digests[b] ^= contribution(&old.key, &old_rev);
-            }
-            if u.update_type != UpdateType::Deleted {
-                st.digests[b] ^= contribution(&u.kvp.key, &rev);
-                st.entries.insert(u.kvp.key.clone(), u.kvp);
+            if u.update_type == UpdateType::Deleted {
+                take(&mut st.entries, &u.kvp.key);
+            } else {
+                put(&mut st.entries, u.kvp);
             }
         }
-        self.push(&mut st, frame);
-        drop(st);
+        self.push(st, frame);
         self.head.send_replace(position);
+        position
     }
 
-    /// Logs a status change of the upstream Syncer.
+    /// Logs a status change of the upstream Syncer. On a restored server, the first InSync
+    /// first logs what differs between the restored state and the upstream's.
     pub(crate) fn set_status(&self, status: SyncStatus) {
         let mut st = self.lock();
+        if st.staging.is_some() {
+            if status != SyncStatus::InSync {
+                return;
+            }
+            let fresh = st.staging.take().unwrap_or_default();
+            let changed = diff(&st.entries, fresh);
+            let n = changed.len();
+            let mut frames = 0;
+            let mut changed = changed.into_iter().peekable();
+            while changed.peek().is_some() {
+                let batch: Vec<Update> = changed.by_ref().take(1000).collect();
+                self.log_batch(&mut st, batch);
+                frames += 1;
+            }
+            tracing::info!(
+                changed = n,
+                frames,
+                "restored state brought up to the upstream's"
+            );
+        }
         st.head += 1;
         let position = st.head;
         st.status = status;
@@ -225,8 +299,14 @@ impl Hub {
     }
 
     /// How to bring a client at `resume` (this server's position, if it has one) holding
-    /// `digests` up to date.
-    pub(crate) fn catch_up(&self, resume: Option<u64>, digests: Option<&[u64]>) -> Catch {
+    /// `holds` keys up to date; `digests` are its digests once asked for
+    /// ([`Catch::NeedDigests`]).
+    pub(crate) fn catch_up(
+        &self,
+        resume: Option<u64>,
+        holds: u64,
+        digests_of_client: Option<(u8, Vec<u64>)>,
+    ) -> Catch {
         let mut st = self.lock();
         if let Some(p) = resume
             && p >= st.dropped
@@ -237,15 +317,31 @@ impl Hub {
             return Catch::Resume;
         }
         let position = st.head;
-        match digests.filter(|d| d.len() == BUCKETS) {
-            Some(d) => {
+        if holds > 0 && digests_of_client.is_none() {
+            return Catch::NeedDigests(bits_for(st.entries.len()));
+        }
+        match digests_of_client {
+            Some((bits, theirs)) => {
                 st.stats.resyncs += 1;
                 self.metrics.catch_up("resync");
-                let differ: Vec<u16> = (0..BUCKETS)
-                    .filter(|&b| d[b] != st.digests[b])
-                    .map(|b| b as u16)
-                    .collect();
-                let frames = Arc::new(Self::bucket_frames(&st, &differ));
+                let ours = match &st.digests {
+                    Some((p, b, d)) if *p == position && *b == bits => d.clone(),
+                    _ => {
+                        let d = Arc::new(digests(
+                            bits,
+                            st.entries.iter().map(|((h, _), e)| (*h, e.contribution)),
+                        ));
+                        st.digests = Some((position, bits, d.clone()));
+                        d
+                    }
+                };
+                let differ = ours
+                    .iter()
+                    .zip(&theirs)
+                    .enumerate()
+                    .filter(|(_, (a, b))| a != b)
+                    .map(|(i, _)| i as u32);
+                let frames = Arc::new(bucket_frames(&st.entries, bits, differ));
                 Catch::Buckets {
                     position,
                     frames,
@@ -261,8 +357,8 @@ impl Hub {
                     _ => {
                         st.stats.snapshot_builds += 1;
                         self.metrics.snapshot_builds.inc();
-                        let all: Vec<u16> = (0..BUCKETS as u16).collect();
-                        let f = Arc::new(Self::bucket_frames(&st, &all));
+                        let bits = bits_for(st.entries.len());
+                        let f = Arc::new(bucket_frames(&st.entries, bits, 0..1u32 << bits));
                         st.snapshot = Some((position, f.clone()));
                         f
                     }
@@ -274,30 +370,6 @@ impl Hub {
                 }
             }
         }
-    }
-
-    fn bucket_frames(st: &State, buckets: &[u16]) -> Vec<Frame> {
-        let mut by_bucket: HashMap<u16, Vec<&KVPair>> = HashMap::new();
-        if buckets.len() == BUCKETS {
-            for kvp in st.entries.values() {
-                by_bucket.entry(bucket_of(&kvp.key)).or_default().push(kvp);
-            }
-        } else {
-            let wanted: std::collections::HashSet<u16> = buckets.iter().copied().collect();
-            for kvp in st.entries.values() {
-                let b = bucket_of(&kvp.key);
-                if wanted.contains(&b) {
-                    by_bucket.entry(b).or_default().push(kvp);
-                }
-            }
-        }
-        buckets
-            .iter()
-            .map(|b| {
-                let entries = by_bucket.remove(b).unwrap_or_default();
-                bucket_frame(*b, entries).into()
-            })
-            .collect()
     }
 
     /// The frames after `position`, up to `max`; `None` when the log no longer holds the
@@ -329,4 +401,65 @@ impl Hub {
     pub(crate) fn log_bytes(&self) -> usize {
         self.lock().log_bytes
     }
+}
+
+/// The frames of the whole content of `buckets` (in increasing order) of `2^bits`: cut at
+/// bucket boundaries once a frame holds [`BUCKETS_FRAME_BYTES`], each naming the buckets it
+/// covers as ranges.
+fn bucket_frames(entries: &Entries, bits: u8, buckets: impl Iterator<Item = u32>) -> Vec<Frame> {
+    let lowest = ResourceKey::cluster("", "");
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    let mut batch: Vec<&KVPair> = Vec::new();
+    let mut size = 0usize;
+    for b in buckets {
+        let (lo, hi) = hash_range(b, bits);
+        for ((_, _), e) in entries
+            .range((lo, lowest.clone())..)
+            .take_while(|((h, _), _)| *h <= hi)
+        {
+            size += e.kvp.value.json_text().map_or(64, str::len) + 64;
+            batch.push(&e.kvp);
+        }
+        match ranges.last_mut() {
+            Some(r) if r.1 == b => r.1 = b + 1,
+            _ => ranges.push((b, b + 1)),
+        }
+        if size >= BUCKETS_FRAME_BYTES {
+            frames.push(buckets_frame(bits, &ranges, batch.drain(..)).into());
+            ranges.clear();
+            size = 0;
+        }
+    }
+    if !ranges.is_empty() {
+        frames.push(buckets_frame(bits, &ranges, batch).into());
+    }
+    frames
+}
+
+/// What changed from `old` to `new`, as a relist hands it on: the keys new or at another
+/// revision (or with another value), then deletions of the keys `new` does not hold.
+fn diff(old: &Entries, mut new: Entries) -> Vec<Update> {
+    let mut out = Vec::new();
+    for (k, e) in old {
+        match new.remove(k) {
+            None => out.push(Update {
+                kvp: e.kvp.clone(),
+                update_type: UpdateType::Deleted,
+            }),
+            Some(n) => {
+                if n.kvp.revision != e.kvp.revision || n.kvp.value != e.kvp.value {
+                    out.push(Update {
+                        kvp: n.kvp,
+                        update_type: UpdateType::Updated,
+                    });
+                }
+            }
+        }
+    }
+    out.extend(new.into_values().map(|n| Update {
+        kvp: n.kvp,
+        update_type: UpdateType::New,
+    }));
+    out
 }

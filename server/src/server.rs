@@ -14,7 +14,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::hub::{Catch, Hub, HubStats};
 use crate::metrics::ServerMetrics;
-use crate::protocol::{Message, Mode, ProtocolError, VERSION, frame, read_frame};
+use crate::protocol::{
+    FEATURE_LZ4, Message, Mode, ProtocolError, VERSION, decode_digests, digests_frame_limit, frame,
+    plain, read_frame,
+};
 use crate::tls::ServerTls;
 
 /// How a [`Server`] runs.
@@ -508,6 +511,38 @@ async fn go_away<W: AsyncWrite + Unpin>(w: &mut W, hub: &Hub, position: u64, rea
         .await;
 }
 
+/// Writes a frame of the log or of a catch-up: as it is (compressed or not) to a client that
+/// speaks LZ4, decompressed for one that does not.
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &[u8], lz4: bool) -> Result<(), ProtocolError> {
+    if lz4 {
+        w.write_all(f).await?;
+    } else {
+        w.write_all(&plain(f)?).await?;
+    }
+    Ok(())
+}
+
+/// Asks a client that cannot resume for the digests of what it holds at `bits`, and reads
+/// them (a frame up to their size, within `timeout`).
+async fn ask_digests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    bits: u8,
+    timeout: Duration,
+) -> Result<Vec<u64>, ProtocolError> {
+    w.write_all(&frame(&Message::SendDigests { bits })).await?;
+    w.flush().await?;
+    let body = tokio::time::timeout(timeout, read_frame(r, digests_frame_limit(bits)))
+        .await
+        .map_err(|_| ProtocolError::Unexpected("no digests in time".into()))??;
+    match serde_json::from_slice::<Message>(&body)? {
+        Message::Digests { bits: b, digests } if b == bits => decode_digests(bits, &digests),
+        other => Err(ProtocolError::Unexpected(format!(
+            "expected digests of {bits} bits, got {other:?}"
+        ))),
+    }
+}
+
 /// One client: hello, catch-up, then the log as it grows, with pings both ways.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
@@ -536,14 +571,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
         Ok(r) => r?,
     };
-    let (client, resume, digests) = match serde_json::from_slice::<Message>(&hello) {
+    let (client, resume, holds, lz4) = match serde_json::from_slice::<Message>(&hello) {
         Ok(Message::Hello {
             version: VERSION,
             client,
             resume,
-            digests,
-            ..
-        }) => (client, resume, digests),
+            holds,
+            features,
+        }) => (
+            client,
+            resume,
+            holds,
+            features.iter().any(|f| f == FEATURE_LZ4),
+        ),
         Ok(Message::Hello { version, .. }) => {
             let reason = format!("protocol version {version} is not spoken here (only {VERSION})");
             hub.metrics.refused.inc();
@@ -595,9 +635,24 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         st.stats.most_catch_ups_at_once = st.stats.most_catch_ups_at_once.max(at_once);
         Some(permit)
     };
-    let catch = hub.catch_up(resume_at, digests.as_deref());
+    let mut digests = None;
+    let catch = loop {
+        match hub.catch_up(resume_at, holds, digests.take()) {
+            Catch::NeedDigests(bits) => {
+                match ask_digests(&mut r, &mut w, bits, config.hello_timeout).await {
+                    Ok(d) => digests = Some((bits, d)),
+                    Err(e) => {
+                        hub.metrics.refused.inc();
+                        refuse(&mut w, &format!("bad digests: {e}")).await;
+                        return Err(e);
+                    }
+                }
+            }
+            c => break c,
+        }
+    };
     let (mode, mut cursor, buckets) = match catch {
-        Catch::Resume => (Mode::Resume, resume_at.unwrap_or(0), None),
+        Catch::Resume | Catch::NeedDigests(_) => (Mode::Resume, resume_at.unwrap_or(0), None),
         Catch::Buckets {
             position,
             frames,
@@ -618,12 +673,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         epoch: hub.epoch,
         position: cursor,
         mode,
-        features: Vec::new(),
+        features: if lz4 {
+            vec![FEATURE_LZ4.to_owned()]
+        } else {
+            Vec::new()
+        },
     }))
     .await?;
     if let Some(frames) = buckets {
         for f in frames.iter() {
-            w.write_all(f).await?;
+            send(&mut w, f, lz4).await?;
+            hub.metrics.bytes_sent.inc_by(f.len() as u64);
         }
         w.write_all(&frame(&Message::ResyncDone { position: cursor }))
             .await?;
@@ -658,7 +718,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             let (_, head_now) = hub.status();
             hub.metrics.lag.observe((head_now - cursor) as f64);
             for (_, f) in &frames {
-                w.write_all(f).await?;
+                send(&mut w, f, lz4).await?;
                 hub.metrics.bytes_sent.inc_by(f.len() as u64);
             }
             cursor = *last;
