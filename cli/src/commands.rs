@@ -147,6 +147,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             log_seconds,
             max_catch_ups,
             target_connections,
+            state_dir,
             tls,
         } => {
             let tls = serve_tls(&tls)?;
@@ -159,6 +160,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 log_age: std::time::Duration::from_secs(log_seconds),
                 max_catch_ups,
                 target_connections,
+                state_dir,
                 tls,
             };
             crate::serve::run(client, args).await

@@ -260,6 +260,11 @@ enum Command {
         /// are connected, so that they spread over the replicas behind a Service.
         #[arg(long, env = "KVSYNC_TARGET_CONNECTIONS")]
         target_connections: Option<usize>,
+        /// Save the state and the log here on shutdown and take them up on start, so that
+        /// clients resume across a restart (an emptyDir volume keeps it across container
+        /// restarts).
+        #[arg(long, env = "KVSYNC_STATE_DIR")]
+        state_dir: Option<std::path::PathBuf>,
         #[command(flatten)]
         tls: ServeTlsArgs,
     },

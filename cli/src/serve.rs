@@ -29,6 +29,8 @@ pub struct ServeArgs {
     pub max_catch_ups: usize,
     /// The number of clients to shed down to, if any.
     pub target_connections: Option<usize>,
+    /// Where the state is saved on shutdown and taken up on start, if anywhere.
+    pub state_dir: Option<std::path::PathBuf>,
     /// TLS, or `None` for the plain TCP asked for with `--plaintext`.
     pub tls: Option<kvsync_server::ServerTls>,
 }
@@ -50,6 +52,9 @@ pub async fn run(client: Arc<dyn Client>, args: ServeArgs) -> Result<()> {
     .with_metrics(metrics);
     if let Some(target) = args.target_connections {
         config = config.with_target_connections(target, Duration::from_secs(1));
+    }
+    if let Some(dir) = args.state_dir {
+        config = config.with_state_dir(dir);
     }
     let server = Server::bind(
         args.listen,

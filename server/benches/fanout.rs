@@ -11,7 +11,14 @@
 //! 2. Steady state: `KVSYNC_BENCH_RATE` updates/s (1,000) for `KVSYNC_BENCH_SECONDS` (10):
 //!    delivery latency p50/p99 (write to arrival at a client), the process's CPU (server and
 //!    clients together) and peak memory.
-//! 3. The naive alternative: `KVSYNC_BENCH_NAIVE` (100) Syncers each listing and watching the
+//! 3. An outage: the server stops (saving its state to a temp dir), 5,000 updates
+//!    (`KVSYNC_BENCH_OUTAGE_UPDATES`) are written over the 10 s it is down, and it starts again
+//!    on the same address: how the clients came back (resumed from the log, resynced,
+//!    snapshots) and how long until all are in sync.
+//! 4. Resync bytes: one `RemoteSyncer`, through a byte-counting proxy, away across a restart
+//!    without saved state (a new epoch: outside any log) while 1% of the keys change: the
+//!    bytes of its resync against those of its snapshot, each way.
+//! 5. The naive alternative: `KVSYNC_BENCH_NAIVE` (100) Syncers each listing and watching the
 //!    memory backend directly, at the same update rate: their latency and the time to be in
 //!    sync.
 //!
@@ -263,8 +270,22 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// A framing-only client: hello, then every frame read whole; reports when in sync and the
-/// latency of the first update of each batch.
+/// The number after `"position":` in a frame's body (the first: the frame's own).
+fn position_of(body: &[u8]) -> Option<u64> {
+    let pat = b"\"position\":";
+    let at = body.windows(pat.len()).position(|w| w == pat)? + pat.len();
+    let end = body[at..]
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .map_or(body.len(), |e| e + at);
+    std::str::from_utf8(&body[at..end]).ok()?.parse().ok()
+}
+
+/// A framing-only client: hello, then every frame read whole; counts itself in `in_sync`
+/// while it is in sync, and reports the latency of the first update of each batch. It
+/// reconnects as a `RemoteSyncer` does (at once after a go-away, then backing off to 3 s with
+/// jitter), resuming from the last position it read; it holds no state, so where the server
+/// cannot resume it, it gets a snapshot.
 async fn framing_client(
     addr: std::net::SocketAddr,
     base: Instant,
@@ -272,44 +293,89 @@ async fn framing_client(
     latencies: Arc<Mutex<Vec<u64>>>,
     measuring: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-        return;
-    };
-    let _ = stream.set_nodelay(true);
-    let (mut r, mut w) = tokio::io::split(stream);
-    let hello = frame(&Message::Hello {
-        version: VERSION,
-        client: "bench".into(),
-        features: vec![kvsync_server::protocol::FEATURE_LZ4.into()],
-        resume: None,
-        holds: 0,
-    });
-    if w.write_all(&hello).await.is_err() {
-        return;
-    }
-    let mut synced = false;
+    use kvsync_server::protocol::{Mode, Resume};
+    let mut resume: Option<Resume> = None;
+    let mut attempt = 0u32;
     let mut mine = Vec::new();
-    while let Ok(body) = read_frame(&mut r, 64 << 20).await {
-        if !synced && body.windows(9).any(|x| x == b"\"in_sync\"") {
-            synced = true;
-            in_sync.fetch_add(1, Ordering::SeqCst);
+    loop {
+        if attempt > 0 {
+            let full = Duration::from_millis(100)
+                .saturating_mul(1 << (attempt - 1).min(10))
+                .min(Duration::from_secs(3));
+            let jitter = rand::random::<f64>();
+            tokio::time::sleep(full / 2 + (full / 2).mul_f64(jitter)).await;
         }
-        if synced
-            && measuring.load(Ordering::Relaxed)
-            && body.starts_with(b"{\"type\":\"updates\"")
-            && let Some(t) = first_stamp(&body)
-        {
-            mine.push(now(base).saturating_sub(t));
+        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+            attempt += 1;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut r, mut w) = tokio::io::split(stream);
+        let hello = frame(&Message::Hello {
+            version: VERSION,
+            client: "bench".into(),
+            features: vec![kvsync_server::protocol::FEATURE_LZ4.into()],
+            resume,
+            holds: 0,
+        });
+        if w.write_all(&hello).await.is_err() {
+            attempt += 1;
+            continue;
         }
-        if body.starts_with(b"{\"type\":\"ping\"") {
-            let nonce = 0;
-            let _ = w.write_all(&frame(&Message::Pong { nonce })).await;
+        let mut synced = false;
+        let mut epoch = None;
+        let mut went_away = false;
+        while let Ok(body) = read_frame(&mut r, 64 << 20).await {
+            if body.starts_with(b"{\"type\":\"updates\"") {
+                if synced
+                    && measuring.load(Ordering::Relaxed)
+                    && let Some(t) = first_stamp(&body)
+                {
+                    mine.push(now(base).saturating_sub(t));
+                }
+            } else if body.starts_with(b"{\"type\":\"status\"") {
+                if !synced && body.windows(9).any(|x| x == b"\"in_sync\"") {
+                    synced = true;
+                    in_sync.fetch_add(1, Ordering::SeqCst);
+                }
+            } else if body.starts_with(b"{\"type\":\"ping\"") {
+                let _ = w.write_all(&frame(&Message::Pong { nonce: 0 })).await;
+                continue;
+            } else if body.starts_with(b"{\"type\":\"buckets\"") {
+                continue;
+            } else {
+                match serde_json::from_slice::<Message>(&body) {
+                    Ok(Message::Welcome { epoch: e, mode, .. }) => {
+                        epoch = Some(e);
+                        attempt = 0;
+                        if mode != Mode::Resume {
+                            resume = None;
+                        }
+                        continue;
+                    }
+                    Ok(Message::GoAway { .. }) => {
+                        went_away = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            // Updates, statuses and the end of a resync carry the position reached.
+            if let (Some(epoch), Some(position)) = (epoch, position_of(&body)) {
+                resume = Some(Resume { epoch, position });
+            }
+            if mine.len() >= 16 {
+                latencies.lock().expect("lock").append(&mut mine);
+            }
         }
-        if mine.len() >= 16 {
-            latencies.lock().expect("lock").append(&mut mine);
+        if synced {
+            in_sync.fetch_sub(1, Ordering::SeqCst);
         }
+        if !went_away {
+            attempt += 1;
+        }
+        latencies.lock().expect("lock").append(&mut mine);
     }
-    latencies.lock().expect("lock").append(&mut mine);
 }
 
 /// A consumer that decodes everything into a map: reports when it is in sync and the
@@ -330,6 +396,10 @@ async fn consume<S>(
             SyncerEvent::Status(SyncStatus::InSync) if !synced => {
                 synced = true;
                 in_sync.fetch_add(1, Ordering::SeqCst);
+            }
+            SyncerEvent::Status(s) if synced && s != SyncStatus::InSync => {
+                synced = false;
+                in_sync.fetch_sub(1, Ordering::SeqCst);
             }
             SyncerEvent::Updates(batch) => {
                 let arrived = now(base);
@@ -390,16 +460,21 @@ async fn main() {
     println!(
         "{keys} Nodes (~{value_bytes} bytes of value each), {clients} clients ({full} decoding fully), {rate} updates/s for {secs} s; 2 cores, loopback"
     );
-    let mut config = ServerConfig::new().with_plaintext();
+    // Saved on shutdown and taken up on start: the outage of step 3 is a restart.
+    let state_dir = tempfile::tempdir().expect("a temp dir");
+    let mut config = ServerConfig::new()
+        .with_plaintext()
+        .with_state_dir(state_dir.path());
     if let Ok(us) = std::env::var("KVSYNC_BENCH_LINGER_US") {
         config.batch_linger = Duration::from_micros(us.parse().unwrap_or(1000));
     }
     println!("batch linger {:?}", config.batch_linger);
+    let types = || vec![ResourceType::new(ListOptions::new("Node"))];
     let server = Server::bind(
         "127.0.0.1:0".parse().expect("addr"),
         store.clone(),
-        vec![ResourceType::new(ListOptions::new("Node"))],
-        config,
+        types(),
+        config.clone(),
     )
     .await
     .expect("bind");
@@ -461,12 +536,83 @@ async fn main() {
         kvsync_tests::process::peak_rss_mib(None),
         server.log_bytes() / 1024
     );
+
+    // 3. An outage: the server stops (saving its state), 5,000 updates are written while it
+    //    is down for 10 s, and it starts again on the same address.
+    server.shutdown().await;
+    let t0 = Instant::now();
+    while in_sync.load(Ordering::SeqCst) > 0 && t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outage_rate = env("KVSYNC_BENCH_OUTAGE_UPDATES", 5_000) / 10;
+    writer(store.clone(), keys, outage_rate, 10, base).await;
+    let t0 = Instant::now();
+    let server = Server::bind(addr, store.clone(), types(), config.clone())
+        .await
+        .expect("bind again");
+    while in_sync.load(Ordering::SeqCst) < clients && t0.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = server.stats();
+    println!(
+        "3. outage: down 10 s with {} updates written meanwhile; after the restart {}/{clients} clients in sync after {:.2} s: {} resumed from the log ({:.1}%), {} resynced, {} snapshots",
+        outage_rate * 10,
+        in_sync.load(Ordering::SeqCst),
+        t0.elapsed().as_secs_f64(),
+        stats.resumes,
+        100.0 * stats.resumes as f64 / clients as f64,
+        stats.resyncs,
+        stats.snapshots,
+    );
     for t in tasks {
         t.abort();
     }
+
+    // 4. Resync bytes: one client away across a restart without saved state (a new epoch, so
+    //    outside any log) while 1% of the keys change.
+    let proxy = kvsync_tests::proxy::Proxy::start(addr).await;
+    let mut events = RemoteSyncer::new(proxy.addr().to_string()).stream();
+    let mut updates = 0usize;
+    let wait_in_sync = async |events: &mut futures::stream::BoxStream<'static, SyncerEvent>| {
+        let mut n = 0usize;
+        let mut left_sync = false;
+        while let Some(ev) = events.next().await {
+            match ev {
+                SyncerEvent::Updates(b) => n += b.len(),
+                SyncerEvent::Status(SyncStatus::InSync) if left_sync || n > 0 => return n,
+                SyncerEvent::Status(SyncStatus::InSync) => {}
+                SyncerEvent::Status(_) => left_sync = true,
+                _ => {}
+            }
+        }
+        n
+    };
+    updates += wait_in_sync(&mut events).await;
+    let (snap_up, snap_down) = proxy.take_bytes();
+    server.shutdown().await;
+    let _ = std::fs::remove_file(state_dir.path().join("kvsync-server.state"));
+    let changed = keys / 100;
+    for i in 0..changed {
+        let _ = store.apply(node(i * 97 % keys, 1)).await;
+    }
+    let server = Server::bind(addr, store.clone(), types(), config.clone())
+        .await
+        .expect("bind again");
+    let resent = wait_in_sync(&mut events).await;
+    let (re_up, re_down) = proxy.take_bytes();
+    let stats = server.stats();
+    println!(
+        "4. resync after {changed} of {keys} keys changed (a new epoch): the server sent {re_down} bytes, {:.2}% of the snapshot's {snap_down}; with the client's digests ({re_up} bytes) {:.2}% of the snapshot's both ways ({}); {resent} updates handed on for {updates} in the snapshot; {} resync(s), {} snapshot(s)",
+        100.0 * re_down as f64 / snap_down as f64,
+        100.0 * (re_up + re_down) as f64 / (snap_up + snap_down) as f64,
+        snap_up + snap_down,
+        stats.resyncs,
+        stats.snapshots,
+    );
+    drop(events);
     server.shutdown().await;
 
-    // 3. The naive alternative: a Syncer per client on the datastore.
+    // 5. The naive alternative: a Syncer per client on the datastore.
     if naive > 0 {
         let in_sync = Arc::new(AtomicUsize::new(0));
         let lat = Arc::new(Mutex::new(Vec::new()));
@@ -494,7 +640,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
         println!(
-            "3. naive: {naive} Syncers on the datastore, in sync after {:.2} s; at {rate} updates/s p50 {:.2} ms, p99 {:.2} ms; peak RSS {:.0} MiB",
+            "5. naive: {naive} Syncers on the datastore, in sync after {:.2} s; at {rate} updates/s p50 {:.2} ms, p99 {:.2} ms; peak RSS {:.0} MiB",
             synced_after.as_secs_f64(),
             percentile(&mut l, 0.5),
             percentile(&mut l, 0.99),

@@ -66,9 +66,11 @@ impl RemoteSyncer {
         RemoteSyncer {
             addr: addr.into(),
             name: format!("pid-{}", std::process::id()),
+            // Capped at 3 s: a server back from a restart has every client again within a
+            // few seconds, and a refused connection costs a server next to nothing.
             retry: Arc::new(Backoff::new(
                 Duration::from_millis(100),
-                Duration::from_secs(10),
+                Duration::from_secs(3),
             )),
             ping_interval: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
@@ -91,7 +93,7 @@ impl RemoteSyncer {
         self
     }
 
-    /// How reconnects back off (capped exponential with jitter, 100 ms to 10 s, by default).
+    /// How reconnects back off (capped exponential with jitter, 100 ms to 3 s, by default).
     #[must_use]
     pub fn with_retry_policy(mut self, policy: impl RetryPolicy) -> Self {
         self.retry = Arc::new(policy);

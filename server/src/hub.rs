@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kvsync_model::{KVPair, ResourceKey};
+use kvsync_model::{Json, KVPair, ResourceKey, Revision};
 use kvsync_syncer::{SyncStatus, Update, UpdateType};
 
 use crate::metrics::ServerMetrics;
 use crate::protocol::{
-    Message, bits_for, buckets_frame, contribution, digests, frame, key_hash, updates_frame,
+    Incoming, Message, bits_for, buckets_frame, contribution, digests, frame, key_hash,
+    updates_frame,
 };
 
 /// A resync's or snapshot's frames are cut at bucket boundaries once they hold this much.
@@ -400,6 +401,162 @@ impl Hub {
     /// How many bytes the log holds.
     pub(crate) fn log_bytes(&self) -> usize {
         self.lock().log_bytes
+    }
+
+    /// The state, the log and the positions as bytes for [`Hub::restore`] (a stopped server's
+    /// saved state); `None` when the state was never whole (the upstream never in sync).
+    pub(crate) fn save(&self) -> Option<Vec<u8>> {
+        let st = self.lock();
+        if !*self.synced.borrow() && st.staging.is_none() {
+            return None;
+        }
+        let header = Saved {
+            kind: "saved".into(),
+            format: SAVED_FORMAT,
+            epoch: self.epoch,
+            head: st.head,
+            dropped: st.dropped,
+            log: st.log.len() as u64,
+        };
+        let mut out = frame_json(&header);
+        for item in &st.log {
+            out.extend_from_slice(&item.frame);
+        }
+        let bits = bits_for(st.entries.len());
+        for f in bucket_frames(&st.entries, bits, 0..1u32 << bits) {
+            out.extend_from_slice(&f);
+        }
+        Some(out)
+    }
+
+    /// Takes up a stopped server's saved state ([`Hub::save`]) with its epoch, positions and
+    /// log, so that its clients resume. Until the upstream Syncer's first InSync, what it
+    /// hands on is staged; then what differs from the saved state is logged.
+    pub(crate) fn restore(&self, saved: Restored) {
+        let mut st = self.lock();
+        st.entries = saved.entries;
+        st.staging = Some(Entries::new());
+        st.head = saved.head;
+        st.dropped = saved.dropped;
+        st.log_bytes = saved.log.iter().map(|f| f.len()).sum();
+        let first = saved.head + 1 - saved.log.len() as u64;
+        let now = Instant::now();
+        st.log = saved
+            .log
+            .into_iter()
+            .zip(first..)
+            .map(|(frame, position)| LogItem {
+                position,
+                at: now,
+                frame,
+            })
+            .collect();
+        self.metrics
+            .log_bytes
+            .set(i64::try_from(st.log_bytes).unwrap_or(i64::MAX));
+        drop(st);
+        self.head.send_replace(saved.head);
+    }
+}
+
+/// The version of the saved-state format.
+const SAVED_FORMAT: u32 = 1;
+
+/// The first frame of a saved state: then `log` frames of the log as they were sent, then
+/// bucket frames of every key the server held.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    #[serde(rename = "type")]
+    kind: String,
+    format: u32,
+    epoch: u64,
+    head: u64,
+    dropped: u64,
+    log: u64,
+}
+
+fn frame_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    crate::protocol::framed(serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// A saved state read back ([`Restored::read`]).
+pub(crate) struct Restored {
+    pub(crate) epoch: u64,
+    head: u64,
+    dropped: u64,
+    log: Vec<Frame>,
+    entries: Entries,
+}
+
+impl Restored {
+    /// Reads a saved state.
+    ///
+    /// # Errors
+    /// When the bytes are not a saved state of this format: a clear reason.
+    pub(crate) fn read(bytes: &[u8]) -> Result<Restored, String> {
+        let mut rest = bytes;
+        // One frame as it is (length word included), compressed or not.
+        let mut next = || -> Option<Result<&[u8], String>> {
+            if rest.is_empty() {
+                return None;
+            }
+            let Some((len, _)) = rest.split_first_chunk::<4>() else {
+                return Some(Err("a truncated frame".into()));
+            };
+            let size = (u32::from_be_bytes(*len) & !(1 << 31)) as usize;
+            if rest.len() < 4 + size {
+                return Some(Err("a truncated frame".into()));
+            }
+            let (f, tail) = rest.split_at(4 + size);
+            rest = tail;
+            Some(Ok(f))
+        };
+        let body = |f: &[u8]| -> Result<Vec<u8>, String> {
+            let plain = crate::protocol::plain(f).map_err(|e| e.to_string())?;
+            Ok(plain.get(4..).unwrap_or_default().to_vec())
+        };
+        let header = next().ok_or("empty")??;
+        let header: Saved = serde_json::from_slice(&body(header)?)
+            .map_err(|e| format!("not a saved state: {e}"))?;
+        if header.kind != "saved" || header.format != SAVED_FORMAT {
+            return Err(format!(
+                "a saved state of format {} (this server reads {SAVED_FORMAT})",
+                header.format
+            ));
+        }
+        if header.log > header.head || header.dropped > header.head {
+            return Err("positions that do not add up".into());
+        }
+        let mut log = Vec::new();
+        for _ in 0..header.log {
+            let f = next().ok_or("the log is cut short")??;
+            log.push(Frame::from(f));
+        }
+        let mut entries = Entries::new();
+        while let Some(f) = next() {
+            let Incoming::Buckets { entries: got, .. } = Incoming::decode(&body(f?)?)
+                .map_err(|e| format!("a frame of the state that is not a message: {e}"))?
+            else {
+                return Err("a frame of the state that is not buckets".into());
+            };
+            for u in got {
+                let Some(raw) = u.value else {
+                    return Err(format!("{} saved without its value", u.key));
+                };
+                put(
+                    &mut entries,
+                    KVPair::new(u.key, Json::from_raw(raw))
+                        .with_revision(Revision::from(u.revision)),
+                );
+            }
+        }
+        Ok(Restored {
+            epoch: header.epoch,
+            head: header.head,
+            dropped: header.dropped,
+            log,
+            entries,
+        })
     }
 }
 

@@ -7,12 +7,14 @@
 //! the stream of events a local Syncer yields, so a consumer switches by changing one line.
 //!
 //! A client that reconnects says where it was (the server's epoch and the position of the
-//! last frame it applied): within the log's window it is sent only what it missed. Outside it
-//! (or after a server restart, or on another replica) it sends the digests of what it holds,
-//! per bucket of keys, and is sent only the buckets that differ, with deletions for what went
-//! away. A client that held nothing gets a snapshot, built once for every client that needs one
-//! at the same position. A client that falls off the end of the log is told to reconnect, and
-//! resyncs; it never holds the server's memory.
+//! last frame it applied): within the log's window it is sent only what it missed. A server
+//! with a state directory saves its log and positions as it stops, so its clients resume
+//! across its restart too. Outside the log (or on another replica) the client sends the
+//! digests of what it holds, per bucket of about two keys, and is sent only the buckets that
+//! differ, with deletions for what went away. A client that held nothing gets a snapshot,
+//! built once for every client that needs one at the same position. Large frames are
+//! compressed (LZ4) once, for every client that speaks it. A client that falls off the end
+//! of the log is told to reconnect, and resyncs; it never holds the server's memory.
 //!
 //! The protocol is written down in server/PROTOCOL.md.
 //!

@@ -282,7 +282,8 @@ pub fn frame(message: &Message) -> Vec<u8> {
     framed(body)
 }
 
-fn framed(mut body: Vec<u8>) -> Vec<u8> {
+/// A body as a frame (uncompressed).
+pub(crate) fn framed(mut body: Vec<u8>) -> Vec<u8> {
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX) & !COMPRESSED;
     let mut out = Vec::with_capacity(body.len() + 4);
     out.extend_from_slice(&len.to_be_bytes());

@@ -56,6 +56,11 @@ pub struct ServerConfig {
     pub target_connections: Option<usize>,
     /// How often one client is shed while the server is over its target (1 s).
     pub shed_every: Duration,
+    /// Where the server saves its state, log and positions when it stops, and takes them up
+    /// again when it starts (none: a restarted server is a new epoch, and its clients
+    /// resync by digests). A file saved there is read once and removed, so a server that
+    /// crashed later does not start from stale positions.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +79,7 @@ impl Default for ServerConfig {
             max_catch_ups: 64,
             target_connections: None,
             shed_every: Duration::from_secs(1),
+            state_dir: None,
         }
     }
 }
@@ -135,6 +141,13 @@ impl ServerConfig {
         self
     }
 
+    /// Sets [`ServerConfig::state_dir`]: a restart resumes its clients from the saved log.
+    #[must_use]
+    pub fn with_state_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
     /// Sets [`ServerConfig::max_connections`].
     #[must_use]
     pub fn with_max_connections(mut self, n: usize) -> Self {
@@ -172,6 +185,7 @@ pub struct Server {
     hub: Arc<Hub>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    state_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Server {
@@ -211,7 +225,13 @@ impl Server {
         };
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let epoch = rand::random::<u64>() | 1;
+        let saved = match &config.state_dir {
+            Some(dir) => take_saved(dir).await,
+            None => None,
+        };
+        let epoch = saved
+            .as_ref()
+            .map_or_else(|| rand::random::<u64>() | 1, |s| s.epoch);
         let hub = Arc::new(Hub::new(
             epoch,
             config.max_log_bytes,
@@ -219,6 +239,10 @@ impl Server {
             config.metrics.clone().unwrap_or_default(),
             config.max_catch_ups,
         ));
+        if let Some(saved) = saved {
+            hub.restore(saved);
+        }
+        let state_dir = config.state_dir.clone();
         let (stop, _) = tokio::sync::watch::channel(false);
         let mut syncer = Syncer::new(client);
         for t in types {
@@ -300,6 +324,7 @@ impl Server {
             hub,
             stop,
             tasks: vec![upstream, acceptor],
+            state_dir,
         })
     }
 
@@ -333,11 +358,15 @@ impl Server {
         self.hub.log_bytes()
     }
 
-    /// Tells every client to go away (with where to resume) and stops.
+    /// Tells every client to go away (with where to resume) and stops; with a
+    /// [`ServerConfig::state_dir`], saves the state for the next start.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        if let Some(dir) = &self.state_dir {
+            save(&self.hub, dir).await;
         }
         let s = self.hub.lock().stats;
         info!(
@@ -348,6 +377,61 @@ impl Server {
             fell_behind = s.fell_behind,
             "kvsync server stopped"
         );
+    }
+}
+
+/// The name of the saved state in a [`ServerConfig::state_dir`].
+const STATE_FILE: &str = "kvsync-server.state";
+
+/// Reads and removes a saved state; `None` (logged) when there is none or it does not read.
+async fn take_saved(dir: &std::path::Path) -> Option<crate::hub::Restored> {
+    let path = dir.join(STATE_FILE);
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read the saved state: starting afresh");
+            return None;
+        }
+    };
+    // Read once: positions saved by this run must not outlive it.
+    if let Err(e) = tokio::fs::remove_file(&path).await {
+        warn!(path = %path.display(), error = %e, "cannot remove the saved state: starting afresh");
+        return None;
+    }
+    match tokio::task::spawn_blocking(move || crate::hub::Restored::read(&bytes)).await {
+        Ok(Ok(r)) => {
+            info!(path = %path.display(), epoch = r.epoch, "took up the saved state");
+            Some(r)
+        }
+        Ok(Err(e)) => {
+            warn!(path = %path.display(), error = %e, "the saved state does not read: starting afresh");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Saves the state for the next start (written whole, then renamed into place).
+async fn save(hub: &Arc<Hub>, dir: &std::path::Path) {
+    let hub = hub.clone();
+    let dir = dir.to_path_buf();
+    let done = tokio::task::spawn_blocking(move || -> std::io::Result<Option<usize>> {
+        let Some(bytes) = hub.save() else {
+            return Ok(None);
+        };
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+        Ok(Some(bytes.len()))
+    })
+    .await;
+    match done {
+        Ok(Ok(Some(bytes))) => info!(bytes, "saved the state for the next start"),
+        Ok(Ok(None)) => info!("nothing saved: the upstream was never in sync"),
+        Ok(Err(e)) => warn!(error = %e, "cannot save the state"),
+        Err(e) => warn!(error = %e, "cannot save the state"),
     }
 }
 

@@ -20,15 +20,24 @@ use kvsync_tests::syncer_model::{kinds, random_key, random_value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-async fn bind(store: Arc<dyn Client>, addr: std::net::SocketAddr, log_bytes: usize) -> Server {
+async fn bind(
+    store: Arc<dyn Client>,
+    addr: std::net::SocketAddr,
+    log_bytes: usize,
+    state_dir: Option<&std::path::Path>,
+) -> Server {
+    let mut config = ServerConfig::new()
+        .with_plaintext()
+        .with_log(log_bytes, Duration::from_secs(60))
+        .with_ping_interval(Duration::from_millis(300));
+    if let Some(dir) = state_dir {
+        config = config.with_state_dir(dir);
+    }
     Server::bind(
         addr,
         store,
         kinds().into_iter().map(ResourceType::new).collect(),
-        ServerConfig::new()
-            .with_plaintext()
-            .with_log(log_bytes, Duration::from_secs(60))
-            .with_ping_interval(Duration::from_millis(300)),
+        config,
     )
     .await
     .expect("bind")
@@ -64,7 +73,18 @@ async fn run_case(seed: u64, totals: &mut Totals) {
     }
     // A small log, so that pauses and outages push clients off its end now and then.
     let log_bytes = rng.random_range(512..8192);
-    let mut server = bind(faulty.clone(), "127.0.0.1:0".parse().unwrap(), log_bytes).await;
+    // Half the cases save the server's state at each restart and take it up again.
+    let state_dir = rng
+        .random_bool(0.5)
+        .then(|| tempfile::tempdir().expect("temp dir"));
+    let state = state_dir.as_ref().map(|d| d.path());
+    let mut server = bind(
+        faulty.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        log_bytes,
+        state,
+    )
+    .await;
     let addr = server.local_addr();
     let proxy = Proxy::start(addr).await;
     let consumer = CheckingConsumer::start_stream(
@@ -106,8 +126,11 @@ async fn run_case(seed: u64, totals: &mut Totals) {
             80..=83 => {
                 totals.add(server.stats());
                 server.shutdown().await;
-                server = bind(faulty.clone(), addr, log_bytes).await;
-                log.push("restart the server".into());
+                server = bind(faulty.clone(), addr, log_bytes, state).await;
+                log.push(format!(
+                    "restart the server (state saved: {})",
+                    state.is_some()
+                ));
             }
             84..=89 => {
                 consumer.pause(true);

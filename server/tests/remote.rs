@@ -500,3 +500,74 @@ async fn frames_are_compressed_only_for_clients_that_speak_lz4() {
     );
     server.shutdown().await;
 }
+
+/// With a state directory, a restarted server takes up its saved log and positions: clients
+/// resume across the restart (neither resync nor snapshot) and get what changed meanwhile,
+/// deletions included. The saved state is read once; one that does not read is a new epoch
+/// and its clients resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_state_dir_clients_resume_across_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 300).await;
+    let config = || {
+        ServerConfig::new()
+            .with_plaintext()
+            .with_state_dir(dir.path())
+    };
+    let server = serve(store.clone(), "127.0.0.1:0".parse().unwrap(), config()).await;
+    let (addr, epoch) = (server.local_addr(), server.epoch());
+    let clients: Vec<CheckingConsumer> = (0..20)
+        .map(|i| CheckingConsumer::start_stream(remote(addr).with_name(format!("c{i}")).stream()))
+        .collect();
+    for c in &clients {
+        in_sync(c, &*store).await.expect("first sync");
+    }
+    server.shutdown().await;
+    let file = dir.path().join("kvsync-server.state");
+    assert!(file.exists(), "the state is saved");
+    // While it is down: 50 keys change, 3 go, 10 come.
+    write(&*store, 0, 50).await;
+    for i in [7, 70, 170] {
+        store
+            .delete(&pool(i).key, &Default::default())
+            .await
+            .expect("delete");
+    }
+    write(&*store, 300, 10).await;
+    let server = serve(store.clone(), addr, config()).await;
+    assert_eq!(
+        server.epoch(),
+        epoch,
+        "the same epoch: positions still mean something"
+    );
+    assert!(!file.exists(), "the saved state is read once");
+    for c in &clients {
+        in_sync(c, &*store).await.expect("after the restart");
+    }
+    let stats = server.stats();
+    assert_eq!(
+        (stats.resumes, stats.resyncs, stats.snapshots),
+        (20, 0, 0),
+        "{stats:?}"
+    );
+
+    // A saved state that does not read: a new epoch, and the clients resync.
+    server.shutdown().await;
+    std::fs::write(&file, b"\0\0\0\x05hello").expect("corrupt it");
+    write(&*store, 0, 5).await;
+    let server = serve(store.clone(), addr, config()).await;
+    assert_ne!(server.epoch(), epoch);
+    for c in &clients {
+        in_sync(c, &*store)
+            .await
+            .expect("after a restart from nothing");
+    }
+    let stats = server.stats();
+    assert_eq!((stats.resyncs, stats.snapshots), (20, 0), "{stats:?}");
+    for c in clients {
+        let seen = c.stop().await;
+        assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    }
+    server.shutdown().await;
+}
