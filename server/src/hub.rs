@@ -144,6 +144,8 @@ pub(crate) struct Hub {
     pub(crate) max_catch_ups: usize,
     /// Rung once for each client to shed.
     pub(crate) shed: tokio::sync::Notify,
+    /// [`State::dropped`], read without the lock by writers blocked on a slow client.
+    dropped_at: std::sync::atomic::AtomicU64,
 }
 
 impl Hub {
@@ -177,6 +179,7 @@ impl Hub {
             catch_ups: tokio::sync::Semaphore::new(max_catch_ups.max(1)),
             max_catch_ups: max_catch_ups.max(1),
             shed: tokio::sync::Notify::new(),
+            dropped_at: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -210,6 +213,8 @@ impl Hub {
             if let Some(old) = st.log.pop_front() {
                 st.log_bytes -= old.frame.len();
                 st.dropped = old.position;
+                self.dropped_at
+                    .store(old.position, std::sync::atomic::Ordering::Release);
             }
         }
         self.metrics
@@ -373,23 +378,39 @@ impl Hub {
         }
     }
 
-    /// The frames after `position`, up to `max`; `None` when the log no longer holds the
-    /// frame right after it (the client fell behind).
-    pub(crate) fn after(&self, position: u64, max: usize) -> Option<Vec<(u64, Frame)>> {
+    /// The frames after `position`, up to `max_bytes` of them (one at least), and the head;
+    /// `None` when the log no longer holds the frame right after it (the client fell behind).
+    pub(crate) fn after(&self, position: u64, max_bytes: usize) -> Option<(Vec<(u64, Frame)>, u64)> {
         let st = self.lock();
         if position < st.dropped {
             return None;
         }
         let first = st.log.front().map_or(st.head + 1, |i| i.position);
         let skip = (position + 1).saturating_sub(first) as usize;
-        Some(
-            st.log
-                .iter()
-                .skip(skip)
-                .take(max)
-                .map(|i| (i.position, i.frame.clone()))
-                .collect(),
-        )
+        let mut bytes = 0;
+        let frames = st
+            .log
+            .iter()
+            .skip(skip)
+            .take_while(|i| {
+                let more = bytes == 0 || bytes + i.frame.len() <= max_bytes;
+                bytes += i.frame.len();
+                more
+            })
+            .map(|i| (i.position, i.frame.clone()))
+            .collect();
+        Some((frames, st.head))
+    }
+
+    /// Resolves once the log has dropped the frame at `position` (a writer blocked on a
+    /// client that stopped reading must then let go of it: the log's bound holds).
+    pub(crate) async fn dropped_past(&self, position: u64) {
+        let mut head = self.head.subscribe();
+        while self.dropped_at.load(std::sync::atomic::Ordering::Acquire) < position {
+            if head.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// The upstream status and the head position now.
@@ -438,6 +459,8 @@ impl Hub {
         st.staging = Some(Entries::new());
         st.head = saved.head;
         st.dropped = saved.dropped;
+        self.dropped_at
+            .store(saved.dropped, std::sync::atomic::Ordering::Release);
         st.log_bytes = saved.log.iter().map(|f| f.len()).sum();
         let first = saved.head + 1 - saved.log.len() as u64;
         let now = Instant::now();

@@ -595,6 +595,22 @@ async fn go_away<W: AsyncWrite + Unpin>(w: &mut W, hub: &Hub, position: u64, rea
         .await;
 }
 
+/// Counts and logs a client let go of because it stopped reading (it resyncs when it comes
+/// back, from where it was).
+fn stalled(hub: &Hub, client: &str, position: u64) {
+    hub.lock().stats.fell_behind += 1;
+    hub.metrics.fell_behind.inc();
+    info!(
+        client,
+        position,
+        "client stopped reading and fell behind the log: closed, it resyncs when it comes back"
+    );
+}
+
+/// The most bytes of the log a client's writer takes at a time: what one blocked write can
+/// hold beyond the log's bound until the log drops it.
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+
 /// Writes a frame of the log or of a catch-up: as it is (compressed or not) to a client that
 /// speaks LZ4, decompressed for one that does not.
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &[u8], lz4: bool) -> Result<(), ProtocolError> {
@@ -765,8 +781,18 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     }))
     .await?;
     if let Some(frames) = buckets {
+        // A client that does not take its catch-up (a frame in three ping intervals) would
+        // hold a place and the frames: it is closed, and comes back to try again.
         for f in frames.iter() {
-            send(&mut w, f, lz4).await?;
+            match tokio::time::timeout(config.ping_interval * 3, send(&mut w, f, lz4)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    warn!(client, "client did not read its catch-up in time: closed");
+                    return Err(ProtocolError::Unexpected(
+                        "the client did not read its catch-up".into(),
+                    ));
+                }
+            }
             hub.metrics.bytes_sent.inc_by(f.len() as u64);
         }
         w.write_all(&frame(&Message::ResyncDone { position: cursor }))
@@ -787,7 +813,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     ping.tick().await;
     let mut told_status = false;
     let result = loop {
-        let Some(frames) = hub.after(cursor, 256) else {
+        let Some((frames, head_now)) = hub.after(cursor, WRITE_BATCH_BYTES) else {
             hub.lock().stats.fell_behind += 1;
             hub.metrics.fell_behind.inc();
             info!(
@@ -798,14 +824,34 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             go_away(&mut w, hub, cursor, "fell behind the log").await;
             break Ok(());
         };
-        if let Some((last, _)) = frames.last() {
-            let (_, head_now) = hub.status();
-            hub.metrics.lag.observe((head_now - cursor) as f64);
-            for (_, f) in &frames {
-                send(&mut w, f, lz4).await?;
-                hub.metrics.bytes_sent.inc_by(f.len() as u64);
+        if let Some(&(first, _)) = frames.first() {
+            hub.metrics.lag.observe(head_now.saturating_sub(cursor) as f64);
+            // A client that stops reading blocks this write: it lets go of the frames (and
+            // the connection: the client resyncs when it comes back) once the log drops them,
+            // or once it has waited three ping intervals.
+            let written = tokio::select! {
+                // The write first: the other two cost nothing unless it waits.
+                biased;
+                r = async {
+                    for (_, f) in &frames {
+                        send(&mut w, f, lz4).await?;
+                        hub.metrics.bytes_sent.inc_by(f.len() as u64);
+                    }
+                    Ok::<_, ProtocolError>(())
+                } => Some(r),
+                () = hub.dropped_past(first) => None,
+                () = tokio::time::sleep(config.ping_interval * 3) => None,
+            };
+            let last = frames.last().map_or(cursor, |f| f.0);
+            drop(frames);
+            match written {
+                Some(r) => r?,
+                None => {
+                    stalled(hub, &client, cursor);
+                    break Ok(());
+                }
             }
-            cursor = *last;
+            cursor = last;
             continue;
         }
         // Caught up with the log: tell this client the status now, once.
@@ -822,8 +868,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 continue;
             }
         }
-        // Everything gathered goes out before waiting.
-        w.flush().await?;
+        // Everything gathered goes out before waiting (let go of as a blocked write is).
+        let flushed = tokio::select! {
+            biased;
+            r = w.flush() => Some(r),
+            () = hub.dropped_past(cursor + 1) => None,
+            () = tokio::time::sleep(config.ping_interval * 3) => None,
+        };
+        match flushed {
+            Some(r) => r?,
+            None => {
+                stalled(hub, &client, cursor);
+                break Ok(());
+            }
+        }
         head.borrow_and_update();
         tokio::select! {
             _ = head.changed() => {}
