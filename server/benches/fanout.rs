@@ -11,6 +11,8 @@
 //! 2. Steady state: `KVSYNC_BENCH_RATE` updates/s (1,000) for `KVSYNC_BENCH_SECONDS` (10):
 //!    delivery latency p50/p99 (write to arrival at a client), the process's CPU (server and
 //!    clients together) and peak memory.
+//!    2b. The same with `KVSYNC_BENCH_STALLED` (10) more clients that stopped reading once in
+//!    sync: the others' latency against step 2's, and the process's memory.
 //! 3. An outage: the server stops (saving its state to a temp dir), 5,000 updates
 //!    (`KVSYNC_BENCH_OUTAGE_UPDATES`) are written over the 10 s it is down, and it starts again
 //!    on the same address: how the clients came back (resumed from the log, resynced,
@@ -378,6 +380,27 @@ async fn framing_client(
     }
 }
 
+/// A client that reads up to its first in-sync status and then stops reading, holding its
+/// connection open.
+async fn stalled_client(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let hello = frame(&Message::Hello {
+        version: VERSION,
+        client: "stalled".into(),
+        features: vec![kvsync_server::protocol::FEATURE_LZ4.into()],
+        resume: None,
+        holds: 0,
+    });
+    stream.write_all(&hello).await.expect("hello");
+    while let Ok(body) = read_frame(&mut stream, 64 << 20).await {
+        if body.starts_with(b"{\"type\":\"status\"") && body.windows(9).any(|x| x == b"\"in_sync\"")
+        {
+            break;
+        }
+    }
+    stream
+}
+
 /// A consumer that decodes everything into a map: reports when it is in sync and the
 /// latency of the first update of each batch while measuring.
 async fn consume<S>(
@@ -536,6 +559,29 @@ async fn main() {
         kvsync_tests::process::peak_rss_mib(None),
         server.log_bytes() / 1024
     );
+
+    // 2b. The same with clients that stopped reading: the others' latency, and the server's
+    //     memory.
+    let stalled_n = env("KVSYNC_BENCH_STALLED", 10);
+    let mut stalled = Vec::new();
+    for _ in 0..stalled_n {
+        stalled.push(stalled_client(addr).await);
+    }
+    let rss0 = kvsync_tests::process::rss_mib(None);
+    measuring.store(true, Ordering::SeqCst);
+    writer(store.clone(), keys, rate, secs, base).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    measuring.store(false, Ordering::SeqCst);
+    let (sp50, sp99, sn, _, _) = take_percentiles(&latencies, &full_latencies);
+    println!(
+        "2b. with {stalled_n} clients that stopped reading: the others p50 {sp50:.2} ms, p99 {sp99:.2} ms ({sn} samples), {:+.1}% / {:+.1}% against step 2; RSS {rss0:.0} -> {:.0} MiB; log {} KiB; {} clients let go for falling behind",
+        100.0 * (sp50 / p50 - 1.0),
+        100.0 * (sp99 / p99 - 1.0),
+        kvsync_tests::process::rss_mib(None),
+        server.log_bytes() / 1024,
+        server.stats().fell_behind,
+    );
+    drop(stalled);
 
     // 3. An outage: the server stops (saving its state), 5,000 updates are written while it
     //    is down for 10 s, and it starts again on the same address.

@@ -380,7 +380,11 @@ impl Hub {
 
     /// The frames after `position`, up to `max_bytes` of them (one at least), and the head;
     /// `None` when the log no longer holds the frame right after it (the client fell behind).
-    pub(crate) fn after(&self, position: u64, max_bytes: usize) -> Option<(Vec<(u64, Frame)>, u64)> {
+    pub(crate) fn after(
+        &self,
+        position: u64,
+        max_bytes: usize,
+    ) -> Option<(Vec<(u64, Frame)>, u64)> {
         let st = self.lock();
         if position < st.dropped {
             return None;

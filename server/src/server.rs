@@ -825,7 +825,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             break Ok(());
         };
         if let Some(&(first, _)) = frames.first() {
-            hub.metrics.lag.observe(head_now.saturating_sub(cursor) as f64);
+            hub.metrics
+                .lag
+                .observe(head_now.saturating_sub(cursor) as f64);
             // A client that stops reading blocks this write: it lets go of the frames (and
             // the connection: the client resyncs when it comes back) once the log drops them,
             // or once it has waited three ping intervals.
@@ -840,7 +842,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     Ok::<_, ProtocolError>(())
                 } => Some(r),
                 () = hub.dropped_past(first) => None,
-                () = tokio::time::sleep(config.ping_interval * 3) => None,
+                () = async { tokio::time::sleep(config.ping_interval * 3).await } => None,
             };
             let last = frames.last().map_or(cursor, |f| f.0);
             drop(frames);
@@ -873,7 +875,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             biased;
             r = w.flush() => Some(r),
             () = hub.dropped_past(cursor + 1) => None,
-            () = tokio::time::sleep(config.ping_interval * 3) => None,
+            () = async { tokio::time::sleep(config.ping_interval * 3).await } => None,
         };
         match flushed {
             Some(r) => r?,

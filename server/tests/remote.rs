@@ -203,7 +203,9 @@ async fn a_stalled_client_falls_behind_resyncs_and_never_holds_memory() {
     assert!(stats.fell_behind >= 3, "{stats:?}");
     for c in &stalled {
         c.pause(false);
-        in_sync(c, &*store).await.expect("the stalled ones converge");
+        in_sync(c, &*store)
+            .await
+            .expect("the stalled ones converge");
     }
     for c in stalled.into_iter().chain([other]) {
         let seen = c.stop().await;
