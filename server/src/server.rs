@@ -386,19 +386,27 @@ const STATE_FILE: &str = "kvsync-server.state";
 /// Reads and removes a saved state; `None` (logged) when there is none or it does not read.
 async fn take_saved(dir: &std::path::Path) -> Option<crate::hub::Restored> {
     let path = dir.join(STATE_FILE);
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(b) => b,
+    // Claimed by a rename first: of two servers starting on one directory only one takes
+    // the saved epoch up, and it is read once (positions saved must not outlive the run that
+    // takes them up).
+    let claimed = dir.join(format!("{STATE_FILE}.taken-{}", std::process::id()));
+    match tokio::fs::rename(&path, &claimed).await {
+        Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot take the saved state: starting afresh");
+            return None;
+        }
+    }
+    let read = tokio::fs::read(&claimed).await;
+    let _ = tokio::fs::remove_file(&claimed).await;
+    let bytes = match read {
+        Ok(b) => b,
         Err(e) => {
             warn!(path = %path.display(), error = %e, "cannot read the saved state: starting afresh");
             return None;
         }
     };
-    // Read once: positions saved by this run must not outlive it.
-    if let Err(e) = tokio::fs::remove_file(&path).await {
-        warn!(path = %path.display(), error = %e, "cannot remove the saved state: starting afresh");
-        return None;
-    }
     match tokio::task::spawn_blocking(move || crate::hub::Restored::read(&bytes)).await {
         Ok(Ok(r)) => {
             info!(path = %path.display(), epoch = r.epoch, "took up the saved state");
