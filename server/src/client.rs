@@ -14,10 +14,11 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::protocol::{
-    DEFAULT_MAX_FRAME, FEATURE_LZ4, Incoming, MAX_BITS, Message, Mode, ProtocolError, Resume,
-    VERSION, WireUpdate, bucket, contribution, digests, encode_digests, frame, key_hash,
-    read_frame,
+    DEFAULT_MAX_FRAME, FEATURE_LZ4, FEATURE_RECONCILE, Incoming, MAX_BITS, Message, Mode,
+    ProtocolError, Resume, VERSION, WireUpdate, bucket, contribution, digests, encode_digests,
+    frame, key_hash, read_frame,
 };
+use crate::sketch::{HASHES, MAX_CELLS, Sketch};
 use crate::tls::ClientTls;
 
 /// Follows a [`Server`](crate::Server): yields exactly the [`SyncerEvent`] stream a local
@@ -112,6 +113,7 @@ impl RemoteSyncer {
         let state = ClientState {
             cfg: self,
             held: HashMap::new(),
+            reconcile: true,
             resume: None,
             status: None,
             out: VecDeque::new(),
@@ -149,6 +151,9 @@ struct ClientState {
     cfg: RemoteSyncer,
     /// The revision of every key handed on.
     held: HashMap<ResourceKey, Revision>,
+    /// Whether to offer resyncs by sketch (off after one that did not match, until a resync
+    /// by digests did).
+    reconcile: bool,
     resume: Option<Resume>,
     status: Option<SyncStatus>,
     out: VecDeque<SyncerEvent>,
@@ -256,32 +261,59 @@ impl ClientState {
         w.write_all(&frame(&Message::Hello {
             version: VERSION,
             client: self.cfg.name.clone(),
-            features: vec![FEATURE_LZ4.to_owned()],
+            features: if self.reconcile {
+                vec![FEATURE_LZ4.to_owned(), FEATURE_RECONCILE.to_owned()]
+            } else {
+                vec![FEATURE_LZ4.to_owned()]
+            },
             resume: self.resume,
             holds: self.held.len() as u64,
         }))
         .await?;
-        let mut body = read_frame(&mut r, self.cfg.max_frame).await?;
-        if let Incoming::Control(Message::SendDigests { bits }) = Incoming::decode(&body)? {
-            if bits > MAX_BITS {
-                return Err(ProtocolError::Unexpected(format!(
-                    "the server asked for digests of {bits} bits (at most {MAX_BITS})"
-                )));
-            }
-            let d = digests(
-                bits,
-                self.held
-                    .iter()
-                    .map(|(k, r)| (key_hash(k), contribution(k, &r.to_string()))),
-            );
-            w.write_all(&frame(&Message::Digests {
-                bits,
-                digests: encode_digests(&d),
-            }))
-            .await?;
-            body = read_frame(&mut r, self.cfg.max_frame).await?;
-        }
-        match Incoming::decode(&body)? {
+        // Before the welcome, the server may ask for sketches or digests of what it holds.
+        let welcome = loop {
+            let body = read_frame(&mut r, self.cfg.max_frame).await?;
+            let answer = match Incoming::decode(&body)? {
+                Incoming::Control(Message::SendSketch { cells }) => {
+                    let cells = cells as usize;
+                    if cells % HASHES != 0 || cells > MAX_CELLS {
+                        return Err(ProtocolError::Unexpected(format!(
+                            "the server asked for a sketch of {cells} cells"
+                        )));
+                    }
+                    let sketch = Sketch::of(
+                        cells,
+                        self.held
+                            .iter()
+                            .map(|(k, r)| contribution(k, &r.to_string())),
+                    );
+                    Message::Sketch {
+                        cells: cells as u32,
+                        sketch: sketch.encode(),
+                    }
+                }
+                Incoming::Control(Message::SendDigests { bits }) => {
+                    if bits > MAX_BITS {
+                        return Err(ProtocolError::Unexpected(format!(
+                            "the server asked for digests of {bits} bits (at most {MAX_BITS})"
+                        )));
+                    }
+                    let d = digests(
+                        bits,
+                        self.held
+                            .iter()
+                            .map(|(k, r)| (key_hash(k), contribution(k, &r.to_string()))),
+                    );
+                    Message::Digests {
+                        bits,
+                        digests: encode_digests(&d),
+                    }
+                }
+                other => break other,
+            };
+            w.write_all(&frame(&answer)).await?;
+        };
+        match welcome {
             Incoming::Control(Message::Welcome {
                 epoch,
                 mode,
@@ -369,9 +401,35 @@ impl ClientState {
                     self.out.push_back(SyncerEvent::Updates(batch));
                 }
             }
-            Incoming::Control(Message::ResyncDone { position }) => {
+            Incoming::Control(Message::Gone { ids }) => {
+                let batch = self.gone(&ids);
+                if !batch.is_empty() {
+                    self.out.push_back(SyncerEvent::Updates(batch));
+                }
+            }
+            Incoming::Control(Message::ResyncDone { position, digest }) => {
                 if let Some(c) = self.conn.as_mut() {
                     c.index = None;
+                }
+                if let Some(want) = digest {
+                    let have = self
+                        .held
+                        .iter()
+                        .fold(0, |d, (k, r)| d ^ contribution(k, &r.to_string()));
+                    if have != want {
+                        // Never InSync on a map that may differ: resync by digests, from
+                        // what it holds now.
+                        tracing::warn!(
+                            "what this client holds after a resync is not what the server \
+                             holds: resyncing by digests"
+                        );
+                        self.resume = None;
+                        self.reconcile = false;
+                        return Err(ProtocolError::Unexpected(
+                            "the resync did not match the server's digest".into(),
+                        ));
+                    }
+                    self.reconcile = true;
                 }
                 self.resume = Some(Resume { epoch, position });
             }
@@ -447,6 +505,24 @@ impl ClientState {
         updates
             .into_iter()
             .filter_map(|u| self.take_update(u))
+            .collect()
+    }
+
+    /// A resync by sketch's deletions: the keys held at one of these contributions (old
+    /// revisions the server no longer has, and keys it does not hold).
+    fn gone(&mut self, ids: &[u64]) -> Vec<Update> {
+        let ids: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        let gone: Vec<ResourceKey> = self
+            .held
+            .iter()
+            .filter(|(k, r)| ids.contains(&contribution(k, &r.to_string())))
+            .map(|(k, _)| k.clone())
+            .collect();
+        gone.into_iter()
+            .filter_map(|key| {
+                let revision = self.held.remove(&key)?;
+                Some(update(key, Json::default(), revision, UpdateType::Deleted))
+            })
             .collect()
     }
 

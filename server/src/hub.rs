@@ -14,6 +14,7 @@ use crate::protocol::{
     Incoming, Message, bits_for, buckets_frame, contribution, digests, frame, key_hash,
     updates_frame,
 };
+use crate::sketch::Sketch;
 
 /// A resync's or snapshot's frames are cut at bucket boundaries once they hold this much.
 const BUCKETS_FRAME_BYTES: usize = 256 << 10;
@@ -77,6 +78,11 @@ pub struct HubStats {
     pub resyncs: u64,
     /// Clients sent everything (they held nothing).
     pub snapshots: u64,
+    /// Of the resyncs, those done by sketch ([`crate::sketch`]) rather than bucket digests.
+    pub reconciled: u64,
+    /// Sketches that were too small for the difference (a larger one, or the digests, was
+    /// asked for next).
+    pub sketches_too_small: u64,
     /// Snapshots built (shared by the clients that needed one at the same position).
     pub snapshot_builds: u64,
     /// Clients moved to a resync because they fell off the end of the log.
@@ -98,6 +104,8 @@ pub(crate) struct State {
     /// The digests of `entries` at a position and a resolution, for the clients resyncing
     /// there.
     digests: Option<(u64, u8, Arc<Vec<u64>>)>,
+    /// The sketch of `entries` at a position, for the clients reconciling there.
+    sketch: Option<(u64, Arc<Sketch>)>,
     pub(crate) status: SyncStatus,
     pub(crate) log: VecDeque<LogItem>,
     log_bytes: usize,
@@ -116,11 +124,13 @@ pub(crate) enum Catch {
     Resume,
     /// It holds something: its digests at this resolution are needed first.
     NeedDigests(u8),
-    /// These bucket frames, at this position.
+    /// These bucket frames, at this position (where the XOR of every key's contribution is
+    /// `digest`).
     Buckets {
         position: u64,
         frames: Arc<Vec<Frame>>,
         snapshot: bool,
+        digest: u64,
     },
 }
 
@@ -161,6 +171,7 @@ impl Hub {
                 entries: Entries::new(),
                 staging: None,
                 digests: None,
+                sketch: None,
                 status: SyncStatus::WaitForDatastore,
                 log: VecDeque::new(),
                 log_bytes: 0,
@@ -352,6 +363,7 @@ impl Hub {
                     position,
                     frames,
                     snapshot: false,
+                    digest: whole_digest(&st.entries),
                 }
             }
             None => {
@@ -373,9 +385,68 @@ impl Hub {
                     position,
                     frames,
                     snapshot: true,
+                    digest: whole_digest(&st.entries),
                 }
             }
         }
+    }
+
+    /// A resync by sketch: the client's sketch of what it holds (`holds` keys) against the
+    /// server's; `None` when the difference does not peel (too large for the sketch), and the
+    /// caller asks for a larger one or for digests.
+    pub(crate) fn reconcile(&self, holds: u64, theirs: &Sketch) -> Option<Catch> {
+        let mut st = self.lock();
+        let position = st.head;
+        let ours = match &st.sketch {
+            Some((p, s)) if *p == position && s.len() == theirs.len() => s.clone(),
+            _ => {
+                let s = Arc::new(Sketch::of(
+                    theirs.len(),
+                    st.entries.values().map(|e| e.contribution),
+                ));
+                st.sketch = Some((position, s.clone()));
+                s
+            }
+        };
+        let peeled = theirs.minus(&ours).ok().and_then(Sketch::decode);
+        let Some((only_client, only_server)) = peeled else {
+            st.stats.sketches_too_small += 1;
+            return None;
+        };
+        // What the client will hold must be what the server holds (a peel that is not the
+        // difference of these two sets is refused).
+        let after = (holds as usize)
+            .checked_sub(only_client.len())
+            .map(|n| n + only_server.len());
+        if after != Some(st.entries.len()) {
+            st.stats.sketches_too_small += 1;
+            return None;
+        }
+        let wanted: std::collections::HashSet<u64> = only_server.iter().copied().collect();
+        let send: Vec<&KVPair> = st
+            .entries
+            .values()
+            .filter(|e| wanted.contains(&e.contribution))
+            .map(|e| &e.kvp)
+            .collect();
+        if send.len() != only_server.len() {
+            st.stats.sketches_too_small += 1;
+            return None;
+        }
+        let mut frames: Vec<Frame> = send
+            .chunks(1000)
+            .map(|chunk| buckets_frame(0, &[], chunk.iter().copied()).into())
+            .collect();
+        frames.push(frame(&Message::Gone { ids: only_client }).into());
+        st.stats.resyncs += 1;
+        st.stats.reconciled += 1;
+        self.metrics.catch_up("resync");
+        Some(Catch::Buckets {
+            position,
+            frames: Arc::new(frames),
+            snapshot: false,
+            digest: whole_digest(&st.entries),
+        })
     }
 
     /// The frames after `position`, up to `max_bytes` of them (one at least), and the head;
@@ -585,6 +656,11 @@ impl Restored {
             entries,
         })
     }
+}
+
+/// The XOR of every key's contribution.
+fn whole_digest(entries: &Entries) -> u64 {
+    entries.values().fold(0, |d, e| d ^ e.contribution)
 }
 
 /// The frames of the whole content of `buckets` (in increasing order) of `2^bits`: cut at

@@ -58,6 +58,7 @@ mod hub;
 mod metrics;
 pub mod protocol;
 mod server;
+pub mod sketch;
 mod tls;
 
 pub use client::RemoteSyncer;

@@ -16,6 +16,10 @@ pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// named it in its hello.
 pub const FEATURE_LZ4: &str = "lz4";
 
+/// The feature of resyncs by sketch ([`crate::sketch`]): a server asks a client that speaks it
+/// for a sketch of what it holds, sized for the difference, before the bucket digests.
+pub const FEATURE_RECONCILE: &str = "reconcile";
+
 /// The finest buckets of a resync: `2^MAX_BITS` of them (enough for about two million keys at
 /// two keys a bucket).
 pub const MAX_BITS: u8 = 20;
@@ -121,6 +125,27 @@ pub enum Message {
         /// The buckets' bits (at most [`MAX_BITS`]).
         bits: u8,
     },
+    /// Server -> client, when the client cannot resume, holds something and speaks
+    /// [`FEATURE_RECONCILE`]: send a sketch of what you hold, of `cells` cells.
+    SendSketch {
+        /// The sketch's cells (a multiple of 3).
+        cells: u32,
+    },
+    /// Client -> server: the sketch asked for ([`crate::sketch::Sketch::encode`]) of the
+    /// contributions of the keys it holds.
+    Sketch {
+        /// The cells, as asked.
+        cells: u32,
+        /// [`crate::sketch::CELL_BYTES`] a cell, in base64.
+        sketch: String,
+    },
+    /// Server -> client, in a resync by sketch after the entries: the contributions of what
+    /// the client holds and the server does not (old revisions and deleted keys); the keys
+    /// still held at one of them are deleted.
+    Gone {
+        /// The contributions.
+        ids: Vec<u64>,
+    },
     /// Client -> server: the digests asked for ([`encode_digests`]).
     Digests {
         /// The buckets' bits, as asked.
@@ -159,6 +184,10 @@ pub enum Message {
     ResyncDone {
         /// The position the buckets were at.
         position: u64,
+        /// The XOR of the contributions of every key the server holds at that position: the
+        /// client checks what it holds against it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<u64>,
     },
     /// Either way: are you there?
     Ping {

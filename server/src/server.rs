@@ -15,9 +15,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::hub::{Catch, Hub, HubStats};
 use crate::metrics::ServerMetrics;
 use crate::protocol::{
-    FEATURE_LZ4, Message, Mode, ProtocolError, VERSION, decode_digests, digests_frame_limit, frame,
-    plain, read_frame,
+    FEATURE_LZ4, FEATURE_RECONCILE, Message, Mode, ProtocolError, VERSION, decode_digests,
+    digests_frame_limit, frame, plain, read_frame,
 };
+use crate::sketch::{CELL_BYTES, Sketch};
 use crate::tls::ServerTls;
 
 /// How a [`Server`] runs.
@@ -630,6 +631,50 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &[u8], lz4: bool) -> Result<(
     Ok(())
 }
 
+/// The first sketch asked for: 1,536 cells (30 KiB), enough for about 1,000 differing items
+/// (a few hundred keys changed).
+const FIRST_SKETCH_CELLS: usize = 1536;
+
+/// Asks a client that cannot resume for sketches of what it holds, doubling their size while
+/// they are too small for the difference and smaller than half the bucket digests of `bits`
+/// would be; `None` when none peeled (the digests come next).
+async fn try_sketches<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    hub: &Hub,
+    holds: u64,
+    bits: u8,
+    timeout: Duration,
+) -> Result<Option<Catch>, ProtocolError> {
+    let digest_bytes = 8usize << bits;
+    let mut cells = FIRST_SKETCH_CELLS;
+    while cells * CELL_BYTES * 2 <= digest_bytes {
+        w.write_all(&frame(&Message::SendSketch {
+            cells: u32::try_from(cells).unwrap_or(u32::MAX),
+        }))
+        .await?;
+        w.flush().await?;
+        let body = tokio::time::timeout(timeout, read_frame(r, Sketch::frame_limit(cells)))
+            .await
+            .map_err(|_| ProtocolError::Unexpected("no sketch in time".into()))??;
+        let theirs = match serde_json::from_slice::<Message>(&body)? {
+            Message::Sketch { cells: c, sketch } if c as usize == cells => {
+                Sketch::decode_text(cells, &sketch)?
+            }
+            other => {
+                return Err(ProtocolError::Unexpected(format!(
+                    "expected a sketch of {cells} cells, got {other:?}"
+                )));
+            }
+        };
+        if let Some(c) = hub.reconcile(holds, &theirs) {
+            return Ok(Some(c));
+        }
+        cells *= 2;
+    }
+    Ok(None)
+}
+
 /// Asks a client that cannot resume for the digests of what it holds at `bits`, and reads
 /// them (a frame up to their size, within `timeout`).
 async fn ask_digests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
@@ -679,7 +724,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
         Ok(r) => r?,
     };
-    let (client, resume, holds, lz4) = match serde_json::from_slice::<Message>(&hello) {
+    let (client, resume, holds, lz4, reconcile) = match serde_json::from_slice::<Message>(&hello) {
         Ok(Message::Hello {
             version: VERSION,
             client,
@@ -691,6 +736,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             resume,
             holds,
             features.iter().any(|f| f == FEATURE_LZ4),
+            features.iter().any(|f| f == FEATURE_RECONCILE),
         ),
         Ok(Message::Hello { version, .. }) => {
             let reason = format!("protocol version {version} is not spoken here (only {VERSION})");
@@ -744,9 +790,23 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Some(permit)
     };
     let mut digests = None;
+    let mut sketched = !reconcile;
     let catch = loop {
         match hub.catch_up(resume_at, holds, digests.take()) {
             Catch::NeedDigests(bits) => {
+                if !sketched {
+                    sketched = true;
+                    match try_sketches(&mut r, &mut w, hub, holds, bits, config.hello_timeout).await
+                    {
+                        Ok(Some(c)) => break c,
+                        Ok(None) => {}
+                        Err(e) => {
+                            hub.metrics.refused.inc();
+                            refuse(&mut w, &format!("bad sketch: {e}")).await;
+                            return Err(e);
+                        }
+                    }
+                }
                 match ask_digests(&mut r, &mut w, bits, config.hello_timeout).await {
                     Ok(d) => digests = Some((bits, d)),
                     Err(e) => {
@@ -765,6 +825,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             position,
             frames,
             snapshot,
+            digest,
         } => (
             if snapshot {
                 Mode::Snapshot
@@ -772,7 +833,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 Mode::Resync
             },
             position,
-            Some(frames),
+            Some((frames, digest)),
         ),
     };
     info!(client, ?mode, position = cursor, "client connected");
@@ -781,14 +842,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         epoch: hub.epoch,
         position: cursor,
         mode,
-        features: if lz4 {
-            vec![FEATURE_LZ4.to_owned()]
-        } else {
-            Vec::new()
-        },
+        features: [(lz4, FEATURE_LZ4), (reconcile, FEATURE_RECONCILE)]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| f.to_owned())
+            .collect(),
     }))
     .await?;
-    if let Some(frames) = buckets {
+    if let Some((frames, digest)) = buckets {
         // A client that does not take its catch-up (a frame in three ping intervals) would
         // hold a place and the frames: it is closed, and comes back to try again.
         for f in frames.iter() {
@@ -803,8 +864,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             }
             hub.metrics.bytes_sent.inc_by(f.len() as u64);
         }
-        w.write_all(&frame(&Message::ResyncDone { position: cursor }))
-            .await?;
+        w.write_all(&frame(&Message::ResyncDone {
+            position: cursor,
+            digest: Some(digest),
+        }))
+        .await?;
         w.flush().await?;
     }
     // The place is the next client's once this one's catch-up is written.
