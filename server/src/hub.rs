@@ -65,6 +65,8 @@ pub(crate) type Frame = Arc<[u8]>;
 
 pub(crate) struct LogItem {
     pub(crate) position: u64,
+    /// The updates logged up to and including this frame ([`State::changes`]).
+    changes: u64,
     at: Instant,
     pub(crate) frame: Frame,
 }
@@ -109,6 +111,12 @@ pub(crate) struct State {
     pub(crate) status: SyncStatus,
     pub(crate) log: VecDeque<LogItem>,
     log_bytes: usize,
+    /// The updates logged since the hub started (or was restored).
+    changes: u64,
+    /// `(position, changes)` at some dropped frames, thinned so that the gap between two is
+    /// at most an eighth of what came after them: how many updates a client that fell off
+    /// the log missed, at most ([`Hub::missed`]).
+    checkpoints: Vec<(u64, u64)>,
     /// The position of the last frame logged (0: none yet).
     pub(crate) head: u64,
     /// The position of the last frame dropped from the log (a client at or after it can
@@ -175,6 +183,8 @@ impl Hub {
                 status: SyncStatus::WaitForDatastore,
                 log: VecDeque::new(),
                 log_bytes: 0,
+                changes: 0,
+                checkpoints: vec![(0, 0)],
                 head: 0,
                 dropped: 0,
                 snapshot: None,
@@ -210,6 +220,7 @@ impl Hub {
         st.log_bytes += frame.len();
         st.log.push_back(LogItem {
             position: st.head,
+            changes: st.changes,
             at: Instant::now(),
             frame,
         });
@@ -226,6 +237,7 @@ impl Hub {
                 st.dropped = old.position;
                 self.dropped_at
                     .store(old.position, std::sync::atomic::Ordering::Release);
+                checkpoint(st, old.position, old.changes);
             }
         }
         self.metrics
@@ -262,6 +274,7 @@ impl Hub {
         )
         .into();
         self.metrics.encode.observe(started.elapsed().as_secs_f64());
+        st.changes += batch.len() as u64;
         for u in batch {
             if u.update_type == UpdateType::Deleted {
                 take(&mut st.entries, &u.kvp.key);
@@ -389,6 +402,26 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// At most how many items differ between this hub's state and that of a client of this
+    /// epoch at `position` holding `holds` keys (one per key it holds that the hub does not,
+    /// one per key the other way, two per key at another revision): twice the updates logged
+    /// after `position`, and never more than both sets. `None` when the hub cannot tell (a
+    /// position from before a restore, or past the head).
+    pub(crate) fn differ_at_most(&self, position: u64, holds: u64) -> Option<u64> {
+        let st = self.lock();
+        if position > st.head {
+            return None;
+        }
+        let i = st.checkpoints.partition_point(|&(p, _)| p <= position);
+        let &(_, before) = st.checkpoints.get(i.checked_sub(1)?)?;
+        let missed = st.changes - before;
+        Some(
+            missed
+                .saturating_mul(2)
+                .min(holds.saturating_add(st.entries.len() as u64)),
+        )
     }
 
     /// A resync by sketch: the client's sketch of what it holds (`holds` keys) against the
@@ -537,6 +570,10 @@ impl Hub {
         self.dropped_at
             .store(saved.dropped, std::sync::atomic::Ordering::Release);
         st.log_bytes = saved.log.iter().map(|f| f.len()).sum();
+        // What came before the saved head is not counted: a client from before it has no
+        // estimate of what it missed.
+        st.changes = 0;
+        st.checkpoints = vec![(saved.head, 0)];
         let first = saved.head + 1 - saved.log.len() as u64;
         let now = Instant::now();
         st.log = saved
@@ -545,6 +582,7 @@ impl Hub {
             .zip(first..)
             .map(|(frame, position)| LogItem {
                 position,
+                changes: 0,
                 at: now,
                 frame,
             })
@@ -656,6 +694,30 @@ impl Restored {
             entries,
         })
     }
+}
+
+/// Records that `changes` updates were logged up to `position` (a frame just dropped), and
+/// thins the checkpoints: one goes when its neighbours are closer than an eighth of what came
+/// after them, so they stay a few hundred for any history and an estimate is at most an
+/// eighth too high.
+fn checkpoint(st: &mut State, position: u64, changes: u64) {
+    if st.checkpoints.last().is_some_and(|&(p, _)| p >= position) {
+        return;
+    }
+    st.checkpoints.push((position, changes));
+    let now = st.changes;
+    let mut kept: Vec<(u64, u64)> = Vec::with_capacity(st.checkpoints.len());
+    let cps = std::mem::take(&mut st.checkpoints);
+    for (i, &cp) in cps.iter().enumerate() {
+        let removable = match (kept.last(), cps.get(i + 1)) {
+            (Some(&(_, before)), Some(&(_, after))) => after - before <= (now - after) / 8,
+            _ => false,
+        };
+        if !removable {
+            kept.push(cp);
+        }
+    }
+    st.checkpoints = kept;
 }
 
 /// The XOR of every key's contribution.

@@ -64,5 +64,5 @@ mod tls;
 pub use client::RemoteSyncer;
 pub use hub::HubStats;
 pub use metrics::ServerMetrics;
-pub use server::{Server, ServerConfig};
+pub use server::{Server, ServerConfig, Sketches};
 pub use tls::{ClientTls, ServerTls, TlsError};

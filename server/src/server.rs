@@ -62,6 +62,29 @@ pub struct ServerConfig {
     /// resync by digests). A file saved there is read once and removed, so a server that
     /// crashed later does not start from stale positions.
     pub state_dir: Option<std::path::PathBuf>,
+    /// When clients that cannot resume are resynced by sketch rather than by bucket digests
+    /// ([`Sketches::Auto`]).
+    pub sketches: Sketches,
+}
+
+/// When a [`Server`] resyncs a client by sketch ([`crate::sketch`]): the client sends a sketch
+/// sized for the difference and the server sends what differs, where bucket digests cost
+/// bytes for every key the client holds. Only clients that offer the `reconcile` feature are
+/// asked (a [`RemoteSyncer`](crate::RemoteSyncer) does).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Sketches {
+    /// When the sketches would cost less than the digests: sized for what the client missed
+    /// when the server can tell (it fell off this server's log), else 1,536 cells first and
+    /// twice as many while they do not peel, all of them together costing less than the
+    /// digests; then the digests.
+    #[default]
+    Auto,
+    /// Always, whatever the digests would cost: up to three sketches (from the size Auto
+    /// picks), then the digests. For tests and for datastores whose keys are large.
+    Always,
+    /// Never: bucket digests only.
+    Never,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +104,7 @@ impl Default for ServerConfig {
             target_connections: None,
             shed_every: Duration::from_secs(1),
             state_dir: None,
+            sketches: Sketches::Auto,
         }
     }
 }
@@ -146,6 +170,13 @@ impl ServerConfig {
     #[must_use]
     pub fn with_state_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets [`ServerConfig::sketches`].
+    #[must_use]
+    pub fn with_sketches(mut self, sketches: Sketches) -> Self {
+        self.sketches = sketches;
         self
     }
 
@@ -631,24 +662,46 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &[u8], lz4: bool) -> Result<(
     Ok(())
 }
 
-/// The first sketch asked for: 1,536 cells (30 KiB), enough for about 1,000 differing items
-/// (a few hundred keys changed).
+/// The first sketch asked for when the server cannot tell how much differs: 1,536 cells
+/// (20 KiB), enough for about 1,000 differing items (a few hundred keys changed).
 const FIRST_SKETCH_CELLS: usize = 1536;
 
-/// Asks a client that cannot resume for sketches of what it holds, doubling their size while
-/// they are too small for the difference and smaller than half the bucket digests of `bits`
-/// would be; `None` when none peeled (the digests come next).
+/// The cells of a sketch for at most `items` differing items: 1.35 a cell and a margin, where
+/// peeling fails now and then (and a sketch twice as large is asked for next).
+fn sketch_cells(items: u64) -> usize {
+    let items = usize::try_from(items).unwrap_or(usize::MAX);
+    let cells = items.saturating_mul(27) / 20 + 30;
+    cells.div_ceil(crate::sketch::HASHES) * crate::sketch::HASHES
+}
+
+/// Asks a client that cannot resume for sketches of what it holds: sized for `differ` items
+/// when the server can tell how many differ at most, else [`FIRST_SKETCH_CELLS`]; doubled
+/// while they are too small for the difference, as long as all the sketches asked for stay
+/// smaller than the bucket digests of `bits`. `None` when none peeled (the digests come
+/// next).
 async fn try_sketches<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
     hub: &Hub,
     holds: u64,
+    differ: Option<u64>,
     bits: u8,
-    timeout: Duration,
+    config: &ServerConfig,
 ) -> Result<Option<Catch>, ProtocolError> {
+    let (policy, timeout) = (config.sketches, config.hello_timeout);
     let digest_bytes = 8usize << bits;
-    let mut cells = FIRST_SKETCH_CELLS;
-    while cells * CELL_BYTES * 2 <= digest_bytes {
+    let mut cells = differ.map_or(FIRST_SKETCH_CELLS, sketch_cells);
+    let mut spent = 0;
+    let mut tries = 0;
+    while cells <= crate::sketch::MAX_CELLS
+        && match policy {
+            Sketches::Auto => spent + cells * CELL_BYTES <= digest_bytes,
+            Sketches::Always => tries < 3,
+            Sketches::Never => false,
+        }
+    {
+        spent += cells * CELL_BYTES;
+        tries += 1;
         w.write_all(&frame(&Message::SendSketch {
             cells: u32::try_from(cells).unwrap_or(u32::MAX),
         }))
@@ -796,8 +849,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             Catch::NeedDigests(bits) => {
                 if !sketched {
                     sketched = true;
-                    match try_sketches(&mut r, &mut w, hub, holds, bits, config.hello_timeout).await
-                    {
+                    let differ = resume_at.and_then(|p| hub.differ_at_most(p, holds));
+                    match try_sketches(&mut r, &mut w, hub, holds, differ, bits, config).await {
                         Ok(Some(c)) => break c,
                         Ok(None) => {}
                         Err(e) => {

@@ -8,7 +8,7 @@
 //! [`HASHES`] cells each; the server subtracts its sketch from the client's and peels the
 //! difference: the items only the client holds (old revisions, deleted keys) and the items only
 //! the server holds (what it must send). A sketch's size follows the difference, not the sets:
-//! about 1.5 cells (30 bytes) per differing item, where bucket digests cost bytes per key held.
+//! about 1.5 cells (20 bytes) per differing item, where bucket digests cost bytes per key held.
 //! When the difference is larger than the sketch can peel, decoding says so and a larger sketch
 //! (or the bucket digests) is used.
 //!
@@ -29,11 +29,12 @@ use crate::protocol::{ProtocolError, fmix64};
 /// The cells an item is added to (one in each third of the table).
 pub const HASHES: usize = 3;
 
-/// The bytes of one cell on the wire: count (4, signed), item sum (8), check sum (8), each
-/// little-endian.
-pub const CELL_BYTES: usize = 20;
+/// The bytes of one cell on the wire: count (1, modulo 256), item sum (8), check sum (4),
+/// each little-endian. Counts modulo 256 suffice: a difference's cell that holds one item
+/// counts 1 or 255, and the check sum tells it from a cell that holds more.
+pub const CELL_BYTES: usize = 13;
 
-/// The most cells a sketch may have (about 20 MiB).
+/// The most cells a sketch may have (13 MiB).
 pub const MAX_CELLS: usize = 1 << 20;
 
 const SALTS: [u64; HASHES] = [
@@ -44,9 +45,9 @@ const SALTS: [u64; HASHES] = [
 
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 struct Cell {
-    count: i32,
+    count: u8,
     id: u64,
-    check: u64,
+    check: u32,
 }
 
 /// An IBLT of 64-bit items.
@@ -56,8 +57,8 @@ pub struct Sketch {
 }
 
 /// An item's check value: a cell holding exactly one item has `check == check_of(id)`.
-fn check_of(id: u64) -> u64 {
-    fmix64(id ^ 0x9e37_79b9_7f4a_7c15)
+fn check_of(id: u64) -> u32 {
+    (fmix64(id ^ 0x9e37_79b9_7f4a_7c15) >> 32) as u32
 }
 
 impl Sketch {
@@ -98,7 +99,7 @@ impl Sketch {
         out
     }
 
-    fn add(&mut self, id: u64, sign: i32) {
+    fn add(&mut self, id: u64, sign: u8) {
         let check = check_of(id);
         for p in self.positions(id) {
             let c = &mut self.cells[p];
@@ -139,7 +140,7 @@ impl Sketch {
     /// only the second held; `None` when the difference is too large for the sketch (or the
     /// sketch is not a difference of two sets).
     pub fn decode(mut self) -> Option<(Vec<u64>, Vec<u64>)> {
-        let pure = |c: &Cell| (c.count == 1 || c.count == -1) && c.check == check_of(c.id);
+        let pure = |c: &Cell| (c.count == 1 || c.count == u8::MAX) && c.check == check_of(c.id);
         let mut plus = Vec::new();
         let mut minus = Vec::new();
         let mut stack: Vec<usize> = (0..self.cells.len())
@@ -158,7 +159,7 @@ impl Sketch {
             } else {
                 minus.push(c.id);
             }
-            self.add(c.id, -c.count);
+            self.add(c.id, c.count.wrapping_neg());
             for p in self.positions(c.id) {
                 if pure(&self.cells[p]) {
                     stack.push(p);
@@ -177,7 +178,7 @@ impl Sketch {
         use base64::Engine;
         let mut bytes = Vec::with_capacity(self.cells.len() * CELL_BYTES);
         for c in &self.cells {
-            bytes.extend_from_slice(&c.count.to_le_bytes());
+            bytes.push(c.count);
             bytes.extend_from_slice(&c.id.to_le_bytes());
             bytes.extend_from_slice(&c.check.to_le_bytes());
         }
@@ -206,14 +207,13 @@ impl Sketch {
                 cells * CELL_BYTES
             )));
         }
-        let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
         Ok(Sketch {
             cells: bytes
                 .chunks_exact(CELL_BYTES)
                 .map(|c| Cell {
-                    count: i32::from_le_bytes(c[..4].try_into().unwrap_or_default()),
-                    id: le64(&c[4..12]),
-                    check: le64(&c[12..20]),
+                    count: c[0],
+                    id: u64::from_le_bytes(c[1..9].try_into().unwrap_or_default()),
+                    check: u32::from_le_bytes(c[9..13].try_into().unwrap_or_default()),
                 })
                 .collect(),
         })

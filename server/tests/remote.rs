@@ -579,3 +579,157 @@ async fn with_a_state_dir_clients_resume_across_a_restart() {
     }
     server.shutdown().await;
 }
+
+/// A client cut off until it fell off the log holds 20,000 keys: the server, which knows how
+/// many updates it missed, asks for a sketch sized for them and sends exactly the keys that
+/// changed and deletions of the keys that went, a fraction of what the bucket digests would
+/// have cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_the_log_is_resynced_by_a_sketch_of_what_it_missed() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 20_000).await;
+    let config = ServerConfig::new()
+        .with_plaintext()
+        .with_log(4 << 10, Duration::from_secs(300));
+    let server = serve(store.clone(), "127.0.0.1:0".parse().unwrap(), config).await;
+    let proxy = Proxy::start(server.local_addr()).await;
+    let consumer = CheckingConsumer::start_stream(remote(proxy.addr()).stream());
+    in_sync(&consumer, &*store).await.expect("first sync");
+    let updates_before: usize = consumer.with(|s| s.batch_sizes.iter().sum());
+    proxy.refuse(true);
+    proxy.cut();
+    // While it is away: 100 keys change, 20 go, 30 come, and one policy is written 200 times
+    // (the log drops everything the client had seen).
+    write(&*store, 0, 100).await;
+    for i in 100..120 {
+        store
+            .delete(&pool(i).key, &Default::default())
+            .await
+            .expect("delete");
+    }
+    write(&*store, 20_000, 30).await;
+    for i in 0..200 {
+        store
+            .apply(KVPair::new(
+                ResourceKey::namespaced("NetworkPolicy", "ns", "busy"),
+                json!({"order": i as f64}),
+            ))
+            .await
+            .expect("write");
+    }
+    let before = server.stats();
+    proxy.take_bytes();
+    proxy.refuse(false);
+    in_sync(&consumer, &*store).await.expect("after the resync");
+    let (up, down) = proxy.take_bytes();
+    let stats = server.stats();
+    assert_eq!(
+        (
+            stats.resumes - before.resumes,
+            stats.resyncs - before.resyncs,
+            stats.reconciled - before.reconciled,
+            stats.snapshots - before.snapshots,
+        ),
+        (0, 1, 1, 0),
+        "{stats:?}"
+    );
+    let seen = consumer.stop().await;
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    let resent = seen.batch_sizes.iter().sum::<usize>() - updates_before;
+    assert_eq!(
+        resent, 151,
+        "100 updated, 30 new, 1 policy, 20 deleted and nothing else"
+    );
+    // The digests of 20,000 keys are 128 KiB (170 KiB in base64); the sketch for 351 missed
+    // updates is under 10 KiB, and what comes down is about the 131 entries.
+    assert!(up < 24 << 10, "{up} bytes up");
+    assert!(down < 64 << 10, "{down} bytes down");
+    server.shutdown().await;
+}
+
+/// After a restart (a new epoch: the server cannot tell what a client missed), a small
+/// difference is found by the first sketch; one too large for the sketches the digests would
+/// pay for goes to the digests. A sketch that is not one is refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_sketches_find_small_differences_and_digests_large_ones() {
+    let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
+    write(&*store, 0, 20_000).await;
+    let server = serve(
+        store.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::new().with_plaintext(),
+    )
+    .await;
+    let addr = server.local_addr();
+    let consumer = CheckingConsumer::start_stream(remote(addr).stream());
+    in_sync(&consumer, &*store).await.expect("first sync");
+    let mut updates_before: usize = consumer.with(|s| s.batch_sizes.iter().sum());
+    let mut server = server;
+    for (round, (changed, by_sketch)) in [(40, true), (2_500, false)].into_iter().enumerate() {
+        server.shutdown().await;
+        write(&*store, 0, changed).await;
+        for i in [19_990 + 2 * round, 19_991 + 2 * round] {
+            store
+                .delete(&pool(i).key, &Default::default())
+                .await
+                .expect("delete");
+        }
+        server = serve(store.clone(), addr, ServerConfig::new().with_plaintext()).await;
+        in_sync(&consumer, &*store)
+            .await
+            .expect("after the restart");
+        let stats = server.stats();
+        assert_eq!((stats.resyncs, stats.snapshots), (1, 0), "{stats:?}");
+        assert_eq!(stats.reconciled == 1, by_sketch, "{stats:?}");
+        assert_eq!(stats.sketches_too_small > 0, !by_sketch, "{stats:?}");
+        let now: usize = consumer.with(|s| s.batch_sizes.iter().sum());
+        assert_eq!(
+            now - updates_before,
+            changed + 2,
+            "{changed} changed and 2 deleted, nothing else"
+        );
+        updates_before = now;
+    }
+
+    // Sketches that are not sketches: refused with a reason.
+    let framed = |body: &str| {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body.as_bytes());
+        f
+    };
+    let hello =
+        framed(r#"{"type":"hello","version":2,"client":"x","holds":3,"features":["reconcile"]}"#);
+    for (sketch, reason) in [
+        (
+            r#"{"type":"sketch","cells":1536,"sketch":"not base64!"}"#,
+            "bad sketch",
+        ),
+        (
+            r#"{"type":"sketch","cells":1536,"sketch":"AAAA"}"#,
+            "bad sketch",
+        ),
+        (
+            r#"{"type":"sketch","cells":3,"sketch":"AAAA"}"#,
+            "expected a sketch of 1536",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(&[hello.clone(), framed(sketch)].concat())
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains("send_sketch") && text.contains("refused") && text.contains(reason),
+            "expected a refusal naming {reason:?}, got {text:?}"
+        );
+    }
+    write(&*store, 0, 3).await;
+    in_sync(&consumer, &*store)
+        .await
+        .expect("the good client is still served");
+    let seen = consumer.stop().await;
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    server.shutdown().await;
+}

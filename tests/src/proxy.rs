@@ -2,7 +2,7 @@
 //! server. It counts the bytes it forwards each way.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,6 +14,8 @@ pub struct Proxy {
     task: tokio::task::JoinHandle<()>,
     /// Bytes forwarded client -> server, and server -> client.
     counts: Arc<[AtomicU64; 2]>,
+    /// While set, connections are closed as soon as they are accepted (a partition).
+    refusing: Arc<AtomicBool>,
 }
 
 /// Copies `r` to `w`, counting, until either end closes; then closes `w`.
@@ -57,10 +59,16 @@ impl Proxy {
         let addr = listener.local_addr().expect("local addr");
         let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let counts: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let refusing = Arc::new(AtomicBool::new(false));
         let c = conns.clone();
         let n = counts.clone();
+        let refuse = refusing.clone();
         let task = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
+                if refuse.load(Ordering::Relaxed) {
+                    drop(down);
+                    continue;
+                }
                 let counts = n.clone();
                 let handle = tokio::spawn(async move {
                     let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
@@ -81,7 +89,14 @@ impl Proxy {
             conns,
             task,
             counts,
+            refusing,
         }
+    }
+
+    /// While `on`, connections are closed as soon as they are made: with [`Proxy::cut`], a
+    /// client cut off from the server for as long as a test wants.
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, Ordering::Relaxed);
     }
 
     /// The bytes forwarded so far (client -> server, server -> client), and counting afresh.
