@@ -617,6 +617,13 @@ async fn a_client_past_the_log_is_resynced_by_a_sketch_of_what_it_missed() {
             .await
             .expect("write");
     }
+    // The server has taken in every write (a client connected to it directly says so), so
+    // the log has moved past where the cut-off client was.
+    let watcher = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
+    in_sync(&watcher, &*store)
+        .await
+        .expect("the server is up to date");
+    watcher.stop().await;
     let before = server.stats();
     proxy.take_bytes();
     proxy.refuse(false);
