@@ -148,6 +148,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             max_catch_ups,
             target_connections,
             state_dir,
+            sketches,
             tls,
         } => {
             let tls = serve_tls(&tls)?;
@@ -161,6 +162,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 max_catch_ups,
                 target_connections,
                 state_dir,
+                sketches: sketches.into(),
                 tls,
             };
             crate::serve::run(client, args).await

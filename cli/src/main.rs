@@ -49,6 +49,27 @@ enum WatchOutput {
     Json,
 }
 
+/// `serve --sketches`: when clients are resynced by sketch ([`kvsync_server::Sketches`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SketchesArg {
+    /// When the sketches cost less than the digests.
+    Auto,
+    /// Always (up to three sketches), then the digests.
+    Always,
+    /// Digests only.
+    Never,
+}
+
+impl From<SketchesArg> for kvsync_server::Sketches {
+    fn from(s: SketchesArg) -> Self {
+        match s {
+            SketchesArg::Auto => kvsync_server::Sketches::Auto,
+            SketchesArg::Always => kvsync_server::Sketches::Always,
+            SketchesArg::Never => kvsync_server::Sketches::Never,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct FileArgs {
     /// A manifest file, a directory of them, or `-` for standard input.
@@ -265,6 +286,11 @@ enum Command {
         /// restarts).
         #[arg(long, env = "KVSYNC_STATE_DIR")]
         state_dir: Option<std::path::PathBuf>,
+        /// When a client outside the log's window is resynced by a sketch of what it holds
+        /// (sized for the difference) rather than by per-bucket digests: `auto` when it costs
+        /// less, `always`, or `never`.
+        #[arg(long, value_enum, default_value_t = SketchesArg::Auto)]
+        sketches: SketchesArg,
         #[command(flatten)]
         tls: ServeTlsArgs,
     },

@@ -31,6 +31,8 @@ pub struct ServeArgs {
     pub target_connections: Option<usize>,
     /// Where the state is saved on shutdown and taken up on start, if anywhere.
     pub state_dir: Option<std::path::PathBuf>,
+    /// When clients are resynced by sketch.
+    pub sketches: kvsync_server::Sketches,
     /// TLS, or `None` for the plain TCP asked for with `--plaintext`.
     pub tls: Option<kvsync_server::ServerTls>,
 }
@@ -49,6 +51,7 @@ pub async fn run(client: Arc<dyn Client>, args: ServeArgs) -> Result<()> {
     }
     .with_log(args.log_bytes, args.log_age)
     .with_max_catch_ups(args.max_catch_ups)
+    .with_sketches(args.sketches)
     .with_metrics(metrics);
     if let Some(target) = args.target_connections {
         config = config.with_target_connections(target, Duration::from_secs(1));

@@ -17,9 +17,11 @@
 //!    (`KVSYNC_BENCH_OUTAGE_UPDATES`) are written over the 10 s it is down, and it starts again
 //!    on the same address: how the clients came back (resumed from the log, resynced,
 //!    snapshots) and how long until all are in sync.
-//! 4. Resync bytes: one `RemoteSyncer`, through a byte-counting proxy, away across a restart
-//!    without saved state (a new epoch: outside any log) while 1% of the keys change: the
-//!    bytes of its resync against those of its snapshot, each way.
+//! 4. Resync bytes: one `RemoteSyncer`, through a byte-counting proxy, cut off while 1% of the
+//!    keys change: (a) beyond the log window of the same server (a server with an 8 KiB log,
+//!    so that the changes push the client out of it), (b) across a restart without saved
+//!    state (a new epoch: outside any log). The bytes of its resync against those of its
+//!    snapshot, each way, and how it was done (by sketch or by bucket digests).
 //! 5. The naive alternative: `KVSYNC_BENCH_NAIVE` (100) Syncers each listing and watching the
 //!    memory backend directly, at the same update rate: their latency and the time to be in
 //!    sync.
@@ -37,7 +39,7 @@ use futures::StreamExt;
 use kvsync_backend::{Client, MemoryBackend};
 use kvsync_model::{KVPair, ListOptions, ResourceKey};
 use kvsync_server::protocol::{Message, VERSION, frame, read_frame};
-use kvsync_server::{RemoteSyncer, Server, ServerConfig};
+use kvsync_server::{HubStats, RemoteSyncer, Server, ServerConfig};
 use kvsync_syncer::{ResourceType, SyncStatus, Syncer, SyncerEvent};
 use tokio::io::AsyncWriteExt;
 
@@ -614,11 +616,26 @@ async fn main() {
         t.abort();
     }
 
-    // 4. Resync bytes: one client away across a restart without saved state (a new epoch, so
-    //    outside any log) while 1% of the keys change.
+    // 4. Resync bytes: one client, through a byte-counting proxy, cut off while 1% of the keys
+    //    change: (a) beyond the log window of the same server (a small log, so that the
+    //    changes push it out), (b) across a restart without saved state (a new epoch).
+    server.shutdown().await;
+    let _ = std::fs::remove_file(state_dir.path().join("kvsync-server.state"));
+    let server = Server::bind(
+        addr,
+        store.clone(),
+        types(),
+        config.clone().with_log(8 << 10, Duration::from_secs(300)),
+    )
+    .await
+    .expect("bind again");
     let proxy = kvsync_tests::proxy::Proxy::start(addr).await;
-    let mut events = RemoteSyncer::new(proxy.addr().to_string()).stream();
-    let mut updates = 0usize;
+    let mut events = RemoteSyncer::new(proxy.addr().to_string())
+        .with_retry_policy(kvsync_syncer::Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        ))
+        .stream();
     let wait_in_sync = async |events: &mut futures::stream::BoxStream<'static, SyncerEvent>| {
         let mut n = 0usize;
         let mut left_sync = false;
@@ -633,27 +650,60 @@ async fn main() {
         }
         n
     };
-    updates += wait_in_sync(&mut events).await;
+    let updates = wait_in_sync(&mut events).await;
     let (snap_up, snap_down) = proxy.take_bytes();
-    server.shutdown().await;
-    let _ = std::fs::remove_file(state_dir.path().join("kvsync-server.state"));
     let changed = keys / 100;
+    let report = |case: &str, re_up: u64, re_down: u64, resent: usize, stats: HubStats| {
+        println!(
+            "4{case} after {changed} of {keys} keys changed: the server sent {re_down} bytes, {:.2}% of the snapshot's {snap_down}; the client sent {re_up} bytes; both ways {:.2}% of the snapshot's ({}); {resent} updates handed on for {updates} in the snapshot; {} resume(s), {} resync(s) ({} by sketch, {} sketch(es) too small), {} snapshot(s)",
+            100.0 * re_down as f64 / snap_down as f64,
+            100.0 * (re_up + re_down) as f64 / (snap_up + snap_down) as f64,
+            snap_up + snap_down,
+            stats.resumes,
+            stats.resyncs,
+            stats.reconciled,
+            stats.sketches_too_small,
+            stats.snapshots,
+        );
+    };
+    // (a) Beyond the log window.
+    proxy.refuse(true);
+    proxy.cut();
     for i in 0..changed {
         let _ = store.apply(node(i * 97 % keys, 1)).await;
     }
+    // The server takes the writes in (and its log moves past the client) within milliseconds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = server.stats();
+    proxy.take_bytes();
+    proxy.refuse(false);
+    let resent = wait_in_sync(&mut events).await;
+    let (re_up, re_down) = proxy.take_bytes();
+    let mut stats = server.stats();
+    stats.resumes -= before.resumes;
+    stats.resyncs -= before.resyncs;
+    stats.reconciled -= before.reconciled;
+    stats.sketches_too_small -= before.sketches_too_small;
+    stats.snapshots -= before.snapshots;
+    report("a. beyond the log window", re_up, re_down, resent, stats);
+    // (b) Across a restart without saved state.
+    server.shutdown().await;
+    let _ = std::fs::remove_file(state_dir.path().join("kvsync-server.state"));
+    for i in 0..changed {
+        let _ = store.apply(node(i * 89 % keys + 1, 2)).await;
+    }
+    proxy.take_bytes();
     let server = Server::bind(addr, store.clone(), types(), config.clone())
         .await
         .expect("bind again");
     let resent = wait_in_sync(&mut events).await;
     let (re_up, re_down) = proxy.take_bytes();
-    let stats = server.stats();
-    println!(
-        "4. resync after {changed} of {keys} keys changed (a new epoch): the server sent {re_down} bytes, {:.2}% of the snapshot's {snap_down}; with the client's digests ({re_up} bytes) {:.2}% of the snapshot's both ways ({}); {resent} updates handed on for {updates} in the snapshot; {} resync(s), {} snapshot(s)",
-        100.0 * re_down as f64 / snap_down as f64,
-        100.0 * (re_up + re_down) as f64 / (snap_up + snap_down) as f64,
-        snap_up + snap_down,
-        stats.resyncs,
-        stats.snapshots,
+    report(
+        "b. across a restart (a new epoch)",
+        re_up,
+        re_down,
+        resent,
+        server.stats(),
     );
     drop(events);
     server.shutdown().await;

@@ -47,7 +47,8 @@ pub struct Resume {
 pub enum Mode {
     /// Only the frames after the client's position, from the server's log.
     Resume,
-    /// The buckets whose digests differ from the client's, then the log.
+    /// What differs from what the client holds (found by sketch or by bucket digests), then
+    /// the log.
     Resync,
     /// Every bucket (the client held nothing), then the log.
     Snapshot,

@@ -8,7 +8,7 @@
 //! [`HASHES`] cells each; the server subtracts its sketch from the client's and peels the
 //! difference: the items only the client holds (old revisions, deleted keys) and the items only
 //! the server holds (what it must send). A sketch's size follows the difference, not the sets:
-//! about 1.5 cells (20 bytes) per differing item, where bucket digests cost bytes per key held.
+//! about 1.35 cells (18 bytes) per differing item, where bucket digests cost bytes per key held.
 //! When the difference is larger than the sketch can peel, decoding says so and a larger sketch
 //! (or the bucket digests) is used.
 //!
