@@ -588,9 +588,11 @@ async fn with_a_state_dir_clients_resume_across_a_restart() {
 async fn a_client_past_the_log_is_resynced_by_a_sketch_of_what_it_missed() {
     let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
     write(&*store, 0, 20_000).await;
+    // A log that keeps only its newest frame: two frames after the client's position and it
+    // can no longer resume.
     let config = ServerConfig::new()
         .with_plaintext()
-        .with_log(4 << 10, Duration::from_secs(300));
+        .with_log(1, Duration::from_secs(300));
     let server = serve(store.clone(), "127.0.0.1:0".parse().unwrap(), config).await;
     let proxy = Proxy::start(server.local_addr()).await;
     let consumer = CheckingConsumer::start_stream(remote(proxy.addr()).stream());
@@ -598,8 +600,10 @@ async fn a_client_past_the_log_is_resynced_by_a_sketch_of_what_it_missed() {
     let updates_before: usize = consumer.with(|s| s.batch_sizes.iter().sum());
     proxy.refuse(true);
     proxy.cut();
-    // While it is away: 100 keys change, 20 go, 30 come, and one policy is written 200 times
-    // (the log drops everything the client had seen).
+    // While it is away: 100 keys change, 20 go, 30 come; then one policy is written 200
+    // times. A client connected directly says when the server has taken in each part, so
+    // that each part is a frame of its own at least.
+    let watcher = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
     write(&*store, 0, 100).await;
     for i in 100..120 {
         store
@@ -608,6 +612,9 @@ async fn a_client_past_the_log_is_resynced_by_a_sketch_of_what_it_missed() {
             .expect("delete");
     }
     write(&*store, 20_000, 30).await;
+    in_sync(&watcher, &*store)
+        .await
+        .expect("the server is up to date");
     for i in 0..200 {
         store
             .apply(KVPair::new(
@@ -617,9 +624,6 @@ async fn a_client_past_the_log_is_resynced_by_a_sketch_of_what_it_missed() {
             .await
             .expect("write");
     }
-    // The server has taken in every write (a client connected to it directly says so), so
-    // the log has moved past where the cut-off client was.
-    let watcher = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
     in_sync(&watcher, &*store)
         .await
         .expect("the server is up to date");
