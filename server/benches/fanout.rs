@@ -11,8 +11,10 @@
 //! 2. Steady state: `KVSYNC_BENCH_RATE` updates/s (1,000) for `KVSYNC_BENCH_SECONDS` (10):
 //!    delivery latency p50/p99 (write to arrival at a client), the process's CPU (server and
 //!    clients together) and peak memory.
-//!    2b. The same with `KVSYNC_BENCH_STALLED` (10) more clients that stopped reading once in
-//!    sync: the others' latency against step 2's, and the process's memory.
+//!    2b. `KVSYNC_BENCH_STALLED_ROUNDS` (3) rounds of half as long without and then with
+//!    `KVSYNC_BENCH_STALLED` (10) more clients that stopped reading once in sync: the others'
+//!    latency with them against without them (interleaved, so that the machine's drift over
+//!    the run falls on both), and the process's memory.
 //! 3. An outage: the server stops (saving its state to a temp dir), 5,000 updates
 //!    (`KVSYNC_BENCH_OUTAGE_UPDATES`) are written over the 10 s it is down, and it starts again
 //!    on the same address: how the clients came back (resumed from the log, resynced,
@@ -562,28 +564,46 @@ async fn main() {
         server.log_bytes() / 1024
     );
 
-    // 2b. The same with clients that stopped reading: the others' latency, and the server's
-    //     memory.
+    // 2b. Clients that stopped reading: rounds without them and with them, interleaved so
+    //     that the machine's drift over the run falls on both sides alike; the others'
+    //     latency pooled per side, and the process's memory.
     let stalled_n = env("KVSYNC_BENCH_STALLED", 10);
-    let mut stalled = Vec::new();
-    for _ in 0..stalled_n {
-        stalled.push(stalled_client(addr).await);
-    }
+    let rounds = env("KVSYNC_BENCH_STALLED_ROUNDS", 3);
+    let half = secs.div_ceil(2);
     let rss0 = kvsync_tests::process::rss_mib(None);
-    measuring.store(true, Ordering::SeqCst);
-    writer(store.clone(), keys, rate, secs, base).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    measuring.store(false, Ordering::SeqCst);
-    let (sp50, sp99, sn, _, _) = take_percentiles(&latencies, &full_latencies);
+    let mut rss_with = rss0;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let measure = async |into: &mut Vec<u64>| {
+        measuring.store(true, Ordering::SeqCst);
+        writer(store.clone(), keys, rate, half, base).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        measuring.store(false, Ordering::SeqCst);
+        into.append(&mut latencies.lock().expect("lock"));
+        full_latencies.lock().expect("lock").clear();
+    };
+    for _ in 0..rounds {
+        measure(&mut without).await;
+        let mut stalled = Vec::new();
+        for _ in 0..stalled_n {
+            stalled.push(stalled_client(addr).await);
+        }
+        measure(&mut with).await;
+        rss_with = rss_with.max(kvsync_tests::process::rss_mib(None));
+        drop(stalled);
+    }
+    let (wn, sn) = (without.len(), with.len());
+    let (wp50, wp99) = (
+        percentile(&mut without, 0.5),
+        percentile(&mut without, 0.99),
+    );
+    let (sp50, sp99) = (percentile(&mut with, 0.5), percentile(&mut with, 0.99));
     println!(
-        "2b. with {stalled_n} clients that stopped reading: the others p50 {sp50:.2} ms, p99 {sp99:.2} ms ({sn} samples), {:+.1}% / {:+.1}% against step 2; RSS {rss0:.0} -> {:.0} MiB; log {} KiB; {} clients let go for falling behind",
-        100.0 * (sp50 / p50 - 1.0),
-        100.0 * (sp99 / p99 - 1.0),
-        kvsync_tests::process::rss_mib(None),
+        "2b. {rounds} rounds of {half} s without and {half} s with {stalled_n} clients that stopped reading: the others p50 {sp50:.2} ms, p99 {sp99:.2} ms with them ({sn} samples) against {wp50:.2} / {wp99:.2} ms without ({wn} samples): {:+.1}% / {:+.1}%; RSS {rss0:.0} -> at most {rss_with:.0} MiB; log {} KiB; {} clients let go for falling behind",
+        100.0 * (sp50 / wp50 - 1.0),
+        100.0 * (sp99 / wp99 - 1.0),
         server.log_bytes() / 1024,
         server.stats().fell_behind,
     );
-    drop(stalled);
 
     // 3. An outage: the server stops (saving its state), 5,000 updates are written while it
     //    is down for 10 s, and it starts again on the same address.
