@@ -28,6 +28,11 @@
 //!    memory backend directly, at the same update rate: their latency and the time to be in
 //!    sync.
 //!
+//! With `KVSYNC_BENCH_FRAMING_LZ4=0` the framing clients do not offer LZ4 and are sent plain
+//! frames (the server compresses for the 4 decoding clients only): at high update rates the
+//! framing clients' decompression, which real clients do on their own machines, otherwise
+//! takes a core of the two.
+//!
 //! Run with `cargo bench -p kvsync-server --bench fanout` (`KVSYNC_BENCH_LINGER_US` sets the
 //! server's batch linger). With `KVSYNC_BENCH_CLIENT_PROCESS=1` the clients run in a second
 //! process (this binary again), as they would on other machines: the server's own CPU and
@@ -316,11 +321,19 @@ async fn framing_client(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (mut r, mut w) = tokio::io::split(stream);
+        let (r, mut w) = tokio::io::split(stream);
+        // Buffered, as a `RemoteSyncer` reads.
+        let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
         let hello = frame(&Message::Hello {
             version: VERSION,
             client: "bench".into(),
-            features: vec![kvsync_server::protocol::FEATURE_LZ4.into()],
+            // `KVSYNC_BENCH_FRAMING_LZ4=0`: plain frames, so that 996 clients decompressing
+            // every frame on the server's 2 cores do not hide the server's own limit.
+            features: if env("KVSYNC_BENCH_FRAMING_LZ4", 1) == 0 {
+                Vec::new()
+            } else {
+                vec![kvsync_server::protocol::FEATURE_LZ4.into()]
+            },
             resume,
             holds: 0,
         });

@@ -183,9 +183,12 @@ impl Drop for Conn {
     }
 }
 
+/// The buffer a connection is read through.
+const READ_BUFFER: usize = 64 << 10;
+
 /// Reads whole frames into `tx` until the connection ends or fails.
 async fn read_frames(
-    mut r: ReadHalf<Stream>,
+    mut r: tokio::io::BufReader<ReadHalf<Stream>>,
     max: usize,
     tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, ProtocolError>>,
 ) {
@@ -257,7 +260,10 @@ impl ClientState {
                 Box::new(connector.connect(name, stream).await?)
             }
         };
-        let (mut r, mut w) = tokio::io::split(stream);
+        let (r, mut w) = tokio::io::split(stream);
+        // Buffered: a read takes in every frame that has arrived, not one length word and one
+        // body at a time.
+        let mut r = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
         w.write_all(&frame(&Message::Hello {
             version: VERSION,
             client: self.cfg.name.clone(),
