@@ -444,6 +444,7 @@ impl Hub {
         let peeled = theirs.minus(&ours).ok().and_then(Sketch::decode);
         let Some((only_client, only_server)) = peeled else {
             st.stats.sketches_too_small += 1;
+            self.metrics.sketch(false);
             return None;
         };
         // What the client will hold must be what the server holds (a peel that is not the
@@ -453,6 +454,7 @@ impl Hub {
             .map(|n| n + only_server.len());
         if after != Some(st.entries.len()) {
             st.stats.sketches_too_small += 1;
+            self.metrics.sketch(false);
             return None;
         }
         let wanted: std::collections::HashSet<u64> = only_server.iter().copied().collect();
@@ -464,6 +466,7 @@ impl Hub {
             .collect();
         if send.len() != only_server.len() {
             st.stats.sketches_too_small += 1;
+            self.metrics.sketch(false);
             return None;
         }
         let mut frames: Vec<Frame> = send
@@ -473,6 +476,7 @@ impl Hub {
         frames.push(frame(&Message::Gone { ids: only_client }).into());
         st.stats.resyncs += 1;
         st.stats.reconciled += 1;
+        self.metrics.sketch(true);
         self.metrics.catch_up("resync");
         Some(Catch::Buckets {
             position,

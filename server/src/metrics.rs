@@ -14,12 +14,19 @@ struct ModeLabels {
     mode: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
 /// The metrics of a [`Server`](crate::Server) ([`ServerConfig::with_metrics`](crate::ServerConfig::with_metrics)):
 ///
 /// | name | type | labels | what |
 /// |---|---|---|---|
 /// | `kvsync_server_clients` | gauge | | clients connected |
 /// | `kvsync_server_catch_ups_total` | counter | `mode` (`resume`, `resync`, `snapshot`) | clients brought up to date, by how |
+/// | `kvsync_server_sketches_total` | counter | `outcome` (`peeled`, `too_small`) | sketches of resyncing clients: those that gave the difference, and those too small for it (a larger one or the digests came next) |
+/// | `kvsync_server_resync_bytes_received_total` | counter | | bytes of sketches and digests received from resyncing clients |
 /// | `kvsync_server_snapshot_builds_total` | counter | | snapshots built (shared by the clients that need one at the same position) |
 /// | `kvsync_server_fell_behind_total` | counter | | clients moved to a resync because they fell off the log |
 /// | `kvsync_server_refused_total` | counter | | connections refused (bad hello, limits, garbage) |
@@ -33,6 +40,8 @@ struct ModeLabels {
 pub struct ServerMetrics {
     pub(crate) clients: Gauge,
     catch_ups: Family<ModeLabels, Counter>,
+    sketches: Family<OutcomeLabels, Counter>,
+    pub(crate) resync_bytes_received: Counter,
     pub(crate) snapshot_builds: Counter,
     pub(crate) fell_behind: Counter,
     pub(crate) refused: Counter,
@@ -56,6 +65,8 @@ impl Default for ServerMetrics {
         ServerMetrics {
             clients: Gauge::default(),
             catch_ups: Family::default(),
+            sketches: Family::default(),
+            resync_bytes_received: Counter::default(),
             snapshot_builds: Counter::default(),
             fell_behind: Counter::default(),
             refused: Counter::default(),
@@ -82,6 +93,16 @@ impl ServerMetrics {
             "kvsync_server_catch_ups",
             "Clients brought up to date, by how",
             m.catch_ups.clone(),
+        );
+        registry.register(
+            "kvsync_server_sketches",
+            "Sketches of resyncing clients, by outcome",
+            m.sketches.clone(),
+        );
+        registry.register(
+            "kvsync_server_resync_bytes_received",
+            "Bytes of sketches and digests received from resyncing clients",
+            m.resync_bytes_received.clone(),
         );
         registry.register(
             "kvsync_server_snapshot_builds",
@@ -133,5 +154,12 @@ impl ServerMetrics {
 
     pub(crate) fn catch_up(&self, mode: &'static str) {
         self.catch_ups.get_or_create(&ModeLabels { mode }).inc();
+    }
+
+    pub(crate) fn sketch(&self, peeled: bool) {
+        let outcome = if peeled { "peeled" } else { "too_small" };
+        self.sketches
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 }

@@ -710,6 +710,9 @@ async fn try_sketches<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let body = tokio::time::timeout(timeout, read_frame(r, Sketch::frame_limit(cells)))
             .await
             .map_err(|_| ProtocolError::Unexpected("no sketch in time".into()))??;
+        hub.metrics
+            .resync_bytes_received
+            .inc_by(body.len() as u64 + 4);
         let theirs = match serde_json::from_slice::<Message>(&body)? {
             Message::Sketch { cells: c, sketch } if c as usize == cells => {
                 Sketch::decode_text(cells, &sketch)?
@@ -735,12 +738,14 @@ async fn ask_digests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     w: &mut W,
     bits: u8,
     timeout: Duration,
+    metrics: &ServerMetrics,
 ) -> Result<Vec<u64>, ProtocolError> {
     w.write_all(&frame(&Message::SendDigests { bits })).await?;
     w.flush().await?;
     let body = tokio::time::timeout(timeout, read_frame(r, digests_frame_limit(bits)))
         .await
         .map_err(|_| ProtocolError::Unexpected("no digests in time".into()))??;
+    metrics.resync_bytes_received.inc_by(body.len() as u64 + 4);
     match serde_json::from_slice::<Message>(&body)? {
         Message::Digests { bits: b, digests } if b == bits => decode_digests(bits, &digests),
         other => Err(ProtocolError::Unexpected(format!(
@@ -860,7 +865,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                         }
                     }
                 }
-                match ask_digests(&mut r, &mut w, bits, config.hello_timeout).await {
+                match ask_digests(&mut r, &mut w, bits, config.hello_timeout, &hub.metrics).await {
                     Ok(d) => digests = Some((bits, d)),
                     Err(e) => {
                         hub.metrics.refused.inc();

@@ -590,9 +590,11 @@ async fn a_client_past_the_log_is_resynced_by_a_sketch_of_what_it_missed() {
     write(&*store, 0, 20_000).await;
     // A log that keeps only its newest frame: two frames after the client's position and it
     // can no longer resume.
+    let mut registry = prometheus_client::registry::Registry::default();
     let config = ServerConfig::new()
         .with_plaintext()
-        .with_log(1, Duration::from_secs(300));
+        .with_log(1, Duration::from_secs(300))
+        .with_metrics(kvsync_server::ServerMetrics::new(&mut registry));
     let server = serve(store.clone(), "127.0.0.1:0".parse().unwrap(), config).await;
     let proxy = Proxy::start(server.local_addr()).await;
     let consumer = CheckingConsumer::start_stream(remote(proxy.addr()).stream());
@@ -654,6 +656,24 @@ async fn a_client_past_the_log_is_resynced_by_a_sketch_of_what_it_missed() {
     // The digests of 20,000 keys are 128 KiB (170 KiB in base64); the sketch for 351 missed
     // updates is under 10 KiB, and what comes down is about the 131 entries.
     assert!(up < 24 << 10, "{up} bytes up");
+    // The metrics say so too (the watcher, which falls off this log too, included).
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    let metric = |prefix: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        metric(r#"kvsync_server_sketches_total{outcome="peeled"} "#),
+        stats.reconciled,
+        "{text}"
+    );
+    assert!(
+        metric("kvsync_server_resync_bytes_received_total ") > 10_000,
+        "{text}"
+    );
     assert!(down < 64 << 10, "{down} bytes down");
     server.shutdown().await;
 }
