@@ -16,6 +16,10 @@ use crate::protocol::{
 };
 use crate::sketch::Sketch;
 
+/// The most cells of sketches of the state kept in step with it (32 MiB): the sizes clients
+/// were asked for most recently.
+const SKETCH_CACHE_CELLS: usize = 1 << 21;
+
 /// A resync's or snapshot's frames are cut at bucket boundaries once they hold this much.
 const BUCKETS_FRAME_BYTES: usize = 256 << 10;
 
@@ -35,15 +39,17 @@ fn revision_text(kvp: &KVPair) -> String {
         .unwrap_or_default()
 }
 
-fn put(entries: &mut Entries, kvp: KVPair) {
+/// Puts `kvp` in: the contribution of the entry it replaced (if any), and its own.
+fn put(entries: &mut Entries, kvp: KVPair) -> (Option<u64>, u64) {
     let c = contribution(&kvp.key, &revision_text(&kvp));
-    entries.insert(
+    let old = entries.insert(
         (key_hash(&kvp.key), kvp.key.clone()),
         Entry {
             kvp,
             contribution: c,
         },
     );
+    (old.map(|e| e.contribution), c)
 }
 
 fn take(entries: &mut Entries, key: &ResourceKey) -> Option<Entry> {
@@ -106,8 +112,11 @@ pub(crate) struct State {
     /// The digests of `entries` at a position and a resolution, for the clients resyncing
     /// there.
     digests: Option<(u64, u8, Arc<Vec<u64>>)>,
-    /// The sketch of `entries` at a position, for the clients reconciling there.
-    sketch: Option<(u64, Arc<Sketch>)>,
+    /// Sketches of `entries` (of the sizes clients were asked for), kept in step with them as they change, most
+    /// recently used last: a client's sketch is answered without going over every entry.
+    sketches: Vec<Sketch>,
+    /// The XOR of every entry's contribution, kept in step.
+    digest: u64,
     pub(crate) status: SyncStatus,
     pub(crate) log: VecDeque<LogItem>,
     log_bytes: usize,
@@ -179,7 +188,8 @@ impl Hub {
                 entries: Entries::new(),
                 staging: None,
                 digests: None,
-                sketch: None,
+                sketches: Vec::new(),
+                digest: 0,
                 status: SyncStatus::WaitForDatastore,
                 log: VecDeque::new(),
                 log_bytes: 0,
@@ -276,10 +286,22 @@ impl Hub {
         self.metrics.encode.observe(started.elapsed().as_secs_f64());
         st.changes += batch.len() as u64;
         for u in batch {
-            if u.update_type == UpdateType::Deleted {
-                take(&mut st.entries, &u.kvp.key);
+            let (old, new) = if u.update_type == UpdateType::Deleted {
+                (
+                    take(&mut st.entries, &u.kvp.key).map(|e| e.contribution),
+                    None,
+                )
             } else {
-                put(&mut st.entries, u.kvp);
+                let (old, new) = put(&mut st.entries, u.kvp);
+                (old, Some(new))
+            };
+            for (c, add) in [(old, false), (new, true)] {
+                if let Some(c) = c {
+                    st.digest ^= c;
+                    for s in &mut st.sketches {
+                        s.toggle(c, add);
+                    }
+                }
             }
         }
         self.push(st, frame);
@@ -376,7 +398,7 @@ impl Hub {
                     position,
                     frames,
                     snapshot: false,
-                    digest: whole_digest(&st.entries),
+                    digest: st.digest,
                 }
             }
             None => {
@@ -398,7 +420,7 @@ impl Hub {
                     position,
                     frames,
                     snapshot: true,
-                    digest: whole_digest(&st.entries),
+                    digest: st.digest,
                 }
             }
         }
@@ -430,18 +452,29 @@ impl Hub {
     pub(crate) fn reconcile(&self, holds: u64, theirs: &Sketch) -> Option<Catch> {
         let mut st = self.lock();
         let position = st.head;
-        let ours = match &st.sketch {
-            Some((p, s)) if *p == position && s.len() == theirs.len() => s.clone(),
-            _ => {
-                let s = Arc::new(Sketch::of(
-                    theirs.len(),
-                    st.entries.values().map(|e| e.contribution),
-                ));
-                st.sketch = Some((position, s.clone()));
-                s
+        let cells = theirs.len();
+        let peeled = match st.sketches.iter().position(|s| s.len() == cells) {
+            Some(i) => {
+                // Most recently used last.
+                let s = st.sketches.remove(i);
+                let peeled = theirs.minus(&s).ok().and_then(Sketch::decode);
+                st.sketches.push(s);
+                peeled
+            }
+            None => {
+                let s = Sketch::of(cells, st.entries.values().map(|e| e.contribution));
+                let peeled = theirs.minus(&s).ok().and_then(Sketch::decode);
+                if cells <= SKETCH_CACHE_CELLS {
+                    st.sketches.push(s);
+                    while st.sketches.len() > 1
+                        && st.sketches.iter().map(Sketch::len).sum::<usize>() > SKETCH_CACHE_CELLS
+                    {
+                        st.sketches.remove(0);
+                    }
+                }
+                peeled
             }
         };
-        let peeled = theirs.minus(&ours).ok().and_then(Sketch::decode);
         let Some((only_client, only_server)) = peeled else {
             st.stats.sketches_too_small += 1;
             self.metrics.sketch(false);
@@ -482,7 +515,7 @@ impl Hub {
             position,
             frames: Arc::new(frames),
             snapshot: false,
-            digest: whole_digest(&st.entries),
+            digest: st.digest,
         })
     }
 
@@ -573,6 +606,8 @@ impl Hub {
     pub(crate) fn restore(&self, saved: Restored) {
         let mut st = self.lock();
         st.entries = saved.entries;
+        st.digest = whole_digest(&st.entries);
+        st.sketches.clear();
         st.staging = Some(Entries::new());
         st.head = saved.head;
         st.dropped = saved.dropped;
@@ -850,6 +885,44 @@ mod tests {
                 update_type: UpdateType::Updated,
             })
             .collect()
+    }
+
+    /// The sketches and the digest kept in step with the state are those built from it anew,
+    /// through updates, new keys and deletions.
+    #[test]
+    fn sketches_and_digest_kept_in_step_equal_fresh_ones() {
+        let hub = Hub::new(
+            7,
+            1 << 20,
+            Duration::from_secs(300),
+            ServerMetrics::default(),
+            1,
+        );
+        hub.set_status(SyncStatus::InSync);
+        for i in 0..30u64 {
+            hub.apply(batch(i, 3));
+        }
+        // A client holding nothing asks with sketches of two sizes: both are kept from then on.
+        for cells in [48, 96] {
+            let _ = hub.reconcile(0, &Sketch::new(cells));
+        }
+        for i in 30..200u64 {
+            let mut b = batch(i, 4);
+            if i % 3 == 0 {
+                b[0].update_type = UpdateType::Deleted;
+            }
+            hub.apply(b);
+        }
+        let st = hub.lock();
+        assert_eq!(st.sketches.len(), 2);
+        for s in &st.sketches {
+            assert_eq!(
+                *s,
+                Sketch::of(s.len(), st.entries.values().map(|e| e.contribution))
+            );
+        }
+        assert_eq!(st.digest, whole_digest(&st.entries));
+        assert!(st.digest != 0 && st.entries.len() < 50);
     }
 
     /// The estimate of what a client at a position missed is never too low and at most about

@@ -667,11 +667,17 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &[u8], lz4: bool) -> Result<(
 const FIRST_SKETCH_CELLS: usize = 1536;
 
 /// The cells of a sketch for at most `items` differing items: 1.35 a cell and a margin, where
-/// peeling fails now and then (and a sketch twice as large is asked for next).
+/// peeling fails now and then (and a sketch twice as large is asked for next), rounded up to
+/// 48 times a power of two, so that clients are asked for few sizes and the server's own
+/// sketches of those sizes, kept in step with its state, serve them all.
 fn sketch_cells(items: u64) -> usize {
     let items = usize::try_from(items).unwrap_or(usize::MAX);
     let cells = items.saturating_mul(27) / 20 + 30;
-    cells.div_ceil(crate::sketch::HASHES) * crate::sketch::HASHES
+    let mut ladder = 48;
+    while ladder < cells && ladder < crate::sketch::MAX_CELLS {
+        ladder *= 2;
+    }
+    ladder
 }
 
 /// Asks a client that cannot resume for sketches of what it holds: sized for `differ` items

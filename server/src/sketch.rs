@@ -109,6 +109,11 @@ impl Sketch {
         }
     }
 
+    /// Adds `id` (`true`) or takes it out (`false`): a sketch kept in step with a changing set.
+    pub fn toggle(&mut self, id: u64, add: bool) {
+        self.add(id, if add { 1 } else { u8::MAX });
+    }
+
     /// This sketch minus `other` (of the same size): a sketch of the items only this one
     /// holds (count +1) and those only `other` holds (count -1).
     ///
