@@ -765,3 +765,82 @@ async fn after_a_restart_sketches_find_small_differences_and_digests_large_ones(
     assert!(seen.violations.is_empty(), "{:?}", seen.violations);
     server.shutdown().await;
 }
+
+/// A resync whose result does not add up to the server's digest is never InSync: the client
+/// closes, and comes back without offering `reconcile`, for a resync by digests. (A peer that
+/// speaks the protocol by hand plays a server whose first answer is wrong.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_that_does_not_add_up_to_the_servers_digest_is_never_in_sync() {
+    use kvsync_server::protocol::{
+        FEATURE_RECONCILE, Message, Mode, VERSION, WireStatus, frame, read_frame,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (hellos_tx, hellos_rx) = tokio::sync::oneshot::channel();
+    let fake = tokio::spawn(async move {
+        let mut hellos = Vec::new();
+        let mut open = Vec::new();
+        // First a digest that the client's empty map cannot have, then the right one (0).
+        for digest in [0x1234_5678_u64, 0] {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let hello = read_frame(&mut s, 1 << 20).await.expect("a hello");
+            hellos.push(serde_json::from_slice::<Message>(&hello).expect("a message"));
+            for m in [
+                Message::Welcome {
+                    version: VERSION,
+                    epoch: 7,
+                    position: 1,
+                    mode: Mode::Snapshot,
+                    features: Vec::new(),
+                },
+                Message::ResyncDone {
+                    position: 1,
+                    digest: Some(digest),
+                },
+                Message::Status {
+                    position: 1,
+                    status: WireStatus::InSync,
+                },
+            ] {
+                let _ = s.write_all(&frame(&m)).await;
+            }
+            open.push(s);
+        }
+        let _ = hellos_tx.send(hellos);
+        // Holds the good connection open until the test ends.
+        std::future::pending::<()>().await;
+        drop(open);
+    });
+    let consumer = CheckingConsumer::start_stream(remote(addr).stream());
+    assert!(
+        consumer
+            .wait_for(WAIT, |s| s.status() == Some(SyncStatus::InSync))
+            .await,
+        "in sync on the second connection"
+    );
+    let hellos = hellos_rx.await.expect("two hellos");
+    let features = |m: &Message| match m {
+        Message::Hello { features, .. } => features.clone(),
+        other => panic!("not a hello: {other:?}"),
+    };
+    assert!(features(&hellos[0]).iter().any(|f| f == FEATURE_RECONCILE));
+    assert!(
+        !features(&hellos[1]).iter().any(|f| f == FEATURE_RECONCILE),
+        "after a mismatch the client asks for digests: {:?}",
+        hellos[1]
+    );
+    let seen = consumer.stop().await;
+    assert_eq!(
+        seen.statuses
+            .iter()
+            .filter(|s| **s == SyncStatus::InSync)
+            .count(),
+        1,
+        "InSync once, on the connection whose resync added up: {:?}",
+        seen.statuses
+    );
+    assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    fake.abort();
+}
