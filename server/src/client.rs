@@ -287,12 +287,7 @@ impl ClientState {
                             "the server asked for a sketch of {cells} cells"
                         )));
                     }
-                    let sketch = Sketch::of(
-                        cells,
-                        self.held
-                            .iter()
-                            .map(|(k, r)| contribution(k, &r.to_string())),
-                    );
+                    let sketch = Sketch::of(cells, self.contributions().map(|(_, c)| c));
                     Message::Sketch {
                         cells: cells as u32,
                         sketch: sketch.encode(),
@@ -304,12 +299,7 @@ impl ClientState {
                             "the server asked for digests of {bits} bits (at most {MAX_BITS})"
                         )));
                     }
-                    let d = digests(
-                        bits,
-                        self.held
-                            .iter()
-                            .map(|(k, r)| (key_hash(k), contribution(k, &r.to_string()))),
-                    );
+                    let d = digests(bits, self.contributions().map(|(k, c)| (key_hash(k), c)));
                     Message::Digests {
                         bits,
                         digests: encode_digests(&d),
@@ -418,10 +408,7 @@ impl ClientState {
                     c.index = None;
                 }
                 if let Some(want) = digest {
-                    let have = self
-                        .held
-                        .iter()
-                        .fold(0, |d, (k, r)| d ^ contribution(k, &r.to_string()));
+                    let have = self.contributions().fold(0, |d, (_, c)| d ^ c);
                     if have != want {
                         // Never InSync on a map that may differ: resync by digests, from
                         // what it holds now.
@@ -514,14 +501,21 @@ impl ClientState {
             .collect()
     }
 
+    /// Every key held, with its contribution at the revision held (what digests, sketches and
+    /// the server's whole digest are made of).
+    fn contributions(&self) -> impl Iterator<Item = (&ResourceKey, u64)> {
+        self.held
+            .iter()
+            .map(|(k, r)| (k, contribution(k, &r.to_string())))
+    }
+
     /// A resync by sketch's deletions: the keys held at one of these contributions (old
     /// revisions the server no longer has, and keys it does not hold).
     fn gone(&mut self, ids: &[u64]) -> Vec<Update> {
         let ids: std::collections::HashSet<u64> = ids.iter().copied().collect();
         let gone: Vec<ResourceKey> = self
-            .held
-            .iter()
-            .filter(|(k, r)| ids.contains(&contribution(k, &r.to_string())))
+            .contributions()
+            .filter(|(_, c)| ids.contains(c))
             .map(|(k, _)| k.clone())
             .collect();
         gone.into_iter()

@@ -112,8 +112,9 @@ pub(crate) struct State {
     /// The digests of `entries` at a position and a resolution, for the clients resyncing
     /// there.
     digests: Option<(u64, u8, Arc<Vec<u64>>)>,
-    /// Sketches of `entries` (of the sizes clients were asked for), kept in step with them as they change, most
-    /// recently used last: a client's sketch is answered without going over every entry.
+    /// Sketches of `entries` (of the sizes clients were asked for), kept in step with them as
+    /// they change, most recently used last: a client's sketch is answered without going
+    /// over every entry.
     sketches: Vec<Sketch>,
     /// The XOR of every entry's contribution, kept in step.
     digest: u64,
@@ -124,7 +125,7 @@ pub(crate) struct State {
     changes: u64,
     /// `(position, changes)` at some dropped frames, thinned so that the gap between two is
     /// at most an eighth of what came after them: how many updates a client that fell off
-    /// the log missed, at most ([`Hub::missed`]).
+    /// the log missed, at most ([`Hub::differ_at_most`]).
     checkpoints: Vec<(u64, u64)>,
     /// The position of the last frame logged (0: none yet).
     pub(crate) head: u64,
@@ -451,68 +452,17 @@ impl Hub {
     /// caller asks for a larger one or for digests.
     pub(crate) fn reconcile(&self, holds: u64, theirs: &Sketch) -> Option<Catch> {
         let mut st = self.lock();
-        let position = st.head;
-        let cells = theirs.len();
-        let peeled = match st.sketches.iter().position(|s| s.len() == cells) {
-            Some(i) => {
-                // Most recently used last.
-                let s = st.sketches.remove(i);
-                let peeled = theirs.minus(&s).ok().and_then(Sketch::decode);
-                st.sketches.push(s);
-                peeled
-            }
-            None => {
-                let s = Sketch::of(cells, st.entries.values().map(|e| e.contribution));
-                let peeled = theirs.minus(&s).ok().and_then(Sketch::decode);
-                if cells <= SKETCH_CACHE_CELLS {
-                    st.sketches.push(s);
-                    while st.sketches.len() > 1
-                        && st.sketches.iter().map(Sketch::len).sum::<usize>() > SKETCH_CACHE_CELLS
-                    {
-                        st.sketches.remove(0);
-                    }
-                }
-                peeled
-            }
-        };
-        let Some((only_client, only_server)) = peeled else {
+        let frames = reconciled(&mut st, holds, theirs);
+        self.metrics.sketch(frames.is_some());
+        let Some(frames) = frames else {
             st.stats.sketches_too_small += 1;
-            self.metrics.sketch(false);
             return None;
         };
-        // What the client will hold must be what the server holds (a peel that is not the
-        // difference of these two sets is refused).
-        let after = (holds as usize)
-            .checked_sub(only_client.len())
-            .map(|n| n + only_server.len());
-        if after != Some(st.entries.len()) {
-            st.stats.sketches_too_small += 1;
-            self.metrics.sketch(false);
-            return None;
-        }
-        let wanted: std::collections::HashSet<u64> = only_server.iter().copied().collect();
-        let send: Vec<&KVPair> = st
-            .entries
-            .values()
-            .filter(|e| wanted.contains(&e.contribution))
-            .map(|e| &e.kvp)
-            .collect();
-        if send.len() != only_server.len() {
-            st.stats.sketches_too_small += 1;
-            self.metrics.sketch(false);
-            return None;
-        }
-        let mut frames: Vec<Frame> = send
-            .chunks(1000)
-            .map(|chunk| buckets_frame(0, &[], chunk.iter().copied()).into())
-            .collect();
-        frames.push(frame(&Message::Gone { ids: only_client }).into());
         st.stats.resyncs += 1;
         st.stats.reconciled += 1;
-        self.metrics.sketch(true);
         self.metrics.catch_up("resync");
         Some(Catch::Buckets {
-            position,
+            position: st.head,
             frames: Arc::new(frames),
             snapshot: false,
             digest: st.digest,
@@ -780,6 +730,60 @@ impl Restored {
     }
 }
 
+/// The client's sketch minus the server's of the same size. The server's is one kept in step
+/// with the state (now the most recently used), or one built for it and, when it fits, kept
+/// from now on. `None` when the sizes differ.
+fn difference(st: &mut State, theirs: &Sketch) -> Option<Sketch> {
+    let cells = theirs.len();
+    if let Some(i) = st.sketches.iter().position(|s| s.len() == cells) {
+        let ours = st.sketches.remove(i);
+        let diff = theirs.minus(&ours).ok();
+        st.sketches.push(ours);
+        return diff;
+    }
+    let ours = Sketch::of(cells, st.entries.values().map(|e| e.contribution));
+    let diff = theirs.minus(&ours).ok();
+    if cells <= SKETCH_CACHE_CELLS {
+        st.sketches.push(ours);
+        while st.sketches.len() > 1
+            && st.sketches.iter().map(Sketch::len).sum::<usize>() > SKETCH_CACHE_CELLS
+        {
+            st.sketches.remove(0);
+        }
+    }
+    diff
+}
+
+/// The frames of a resync by sketch (the entries only the server holds, then the client's
+/// items that are gone), or `None` when the client's sketch against the server's does not
+/// peel into the difference of the two sets (too small, or not a sketch of what it holds).
+fn reconciled(st: &mut State, holds: u64, theirs: &Sketch) -> Option<Vec<Frame>> {
+    let (only_client, only_server) = difference(st, theirs)?.decode()?;
+    // What the client will hold must be what the server holds.
+    let after = (holds as usize)
+        .checked_sub(only_client.len())
+        .map(|n| n + only_server.len());
+    if after != Some(st.entries.len()) {
+        return None;
+    }
+    let wanted: std::collections::HashSet<u64> = only_server.iter().copied().collect();
+    let send: Vec<&KVPair> = st
+        .entries
+        .values()
+        .filter(|e| wanted.contains(&e.contribution))
+        .map(|e| &e.kvp)
+        .collect();
+    if send.len() != only_server.len() {
+        return None;
+    }
+    let mut frames: Vec<Frame> = send
+        .chunks(1000)
+        .map(|chunk| buckets_frame(0, &[], chunk.iter().copied()).into())
+        .collect();
+    frames.push(frame(&Message::Gone { ids: only_client }).into());
+    Some(frames)
+}
+
 /// Records that `changes` updates were logged up to `position` (a frame just dropped), and
 /// thins the checkpoints: one goes when its neighbours are closer than an eighth of what came
 /// after them, so they stay a few hundred for any history and an estimate is at most an
@@ -790,18 +794,21 @@ fn checkpoint(st: &mut State, position: u64, changes: u64) {
     }
     st.checkpoints.push((position, changes));
     let now = st.changes;
-    let mut kept: Vec<(u64, u64)> = Vec::with_capacity(st.checkpoints.len());
-    let cps = std::mem::take(&mut st.checkpoints);
-    for (i, &cp) in cps.iter().enumerate() {
-        let removable = match (kept.last(), cps.get(i + 1)) {
-            (Some(&(_, before)), Some(&(_, after))) => after - before <= (now - after) / 8,
-            _ => false,
-        };
+    // In place (this runs for every frame the log drops): `kept` of them are kept so far, at
+    // the front.
+    let cps = &mut st.checkpoints;
+    let mut kept = 0;
+    for i in 0..cps.len() {
+        let removable = kept > 0
+            && cps
+                .get(i + 1)
+                .is_some_and(|&(_, after)| after - cps[kept - 1].1 <= (now - after) / 8);
         if !removable {
-            kept.push(cp);
+            cps[kept] = cps[i];
+            kept += 1;
         }
     }
-    st.checkpoints = kept;
+    cps.truncate(kept);
 }
 
 /// The XOR of every key's contribution.

@@ -12,10 +12,11 @@
 //! across its restart too. Outside the log (or on another replica) the client sends a sketch
 //! of what it holds ([`sketch`]), sized for what it missed, and is sent only the keys that
 //! differ, with deletions for what went away; when the difference is too large for a sketch,
-//! the digests of what it holds per bucket of about two keys, and the buckets that differ. A client that held nothing gets a snapshot,
-//! built once for every client that needs one at the same position. Large frames are
-//! compressed (LZ4) once, for every client that speaks it. A client that falls off the end
-//! of the log is told to reconnect, and resyncs; it never holds the server's memory.
+//! the digests of what it holds per bucket of about two keys, and the buckets that differ.
+//! A client that held nothing gets a snapshot, built once for every client that needs one at
+//! the same position. Large frames are compressed (LZ4) once, for every client that speaks
+//! it. A client that falls off the end of the log is told to reconnect, and resyncs; it never
+//! holds the server's memory.
 //!
 //! The protocol is written down in server/PROTOCOL.md.
 //!

@@ -708,18 +708,18 @@ async fn try_sketches<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     {
         spent += cells * CELL_BYTES;
         tries += 1;
-        w.write_all(&frame(&Message::SendSketch {
-            cells: u32::try_from(cells).unwrap_or(u32::MAX),
-        }))
+        let answer = ask(
+            r,
+            w,
+            &Message::SendSketch {
+                cells: u32::try_from(cells).unwrap_or(u32::MAX),
+            },
+            Sketch::frame_limit(cells),
+            timeout,
+            &hub.metrics,
+        )
         .await?;
-        w.flush().await?;
-        let body = tokio::time::timeout(timeout, read_frame(r, Sketch::frame_limit(cells)))
-            .await
-            .map_err(|_| ProtocolError::Unexpected("no sketch in time".into()))??;
-        hub.metrics
-            .resync_bytes_received
-            .inc_by(body.len() as u64 + 4);
-        let theirs = match serde_json::from_slice::<Message>(&body)? {
+        let theirs = match answer {
             Message::Sketch { cells: c, sketch } if c as usize == cells => {
                 Sketch::decode_text(cells, &sketch)?
             }
@@ -737,6 +737,25 @@ async fn try_sketches<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     Ok(None)
 }
 
+/// Asks a resyncing client for its sketch or digests (`question`) and reads its answer: one
+/// frame of at most `limit` bytes, within `timeout`, counted in the metrics.
+async fn ask<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    question: &Message,
+    limit: usize,
+    timeout: Duration,
+    metrics: &ServerMetrics,
+) -> Result<Message, ProtocolError> {
+    w.write_all(&frame(question)).await?;
+    w.flush().await?;
+    let body = tokio::time::timeout(timeout, read_frame(r, limit))
+        .await
+        .map_err(|_| ProtocolError::Unexpected(format!("no answer in time to {question:?}")))??;
+    metrics.resync_bytes_received.inc_by(body.len() as u64 + 4);
+    Ok(serde_json::from_slice::<Message>(&body)?)
+}
+
 /// Asks a client that cannot resume for the digests of what it holds at `bits`, and reads
 /// them (a frame up to their size, within `timeout`).
 async fn ask_digests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
@@ -746,13 +765,16 @@ async fn ask_digests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     timeout: Duration,
     metrics: &ServerMetrics,
 ) -> Result<Vec<u64>, ProtocolError> {
-    w.write_all(&frame(&Message::SendDigests { bits })).await?;
-    w.flush().await?;
-    let body = tokio::time::timeout(timeout, read_frame(r, digests_frame_limit(bits)))
-        .await
-        .map_err(|_| ProtocolError::Unexpected("no digests in time".into()))??;
-    metrics.resync_bytes_received.inc_by(body.len() as u64 + 4);
-    match serde_json::from_slice::<Message>(&body)? {
+    let answer = ask(
+        r,
+        w,
+        &Message::SendDigests { bits },
+        digests_frame_limit(bits),
+        timeout,
+        metrics,
+    )
+    .await?;
+    match answer {
         Message::Digests { bits: b, digests } if b == bits => decode_digests(bits, &digests),
         other => Err(ProtocolError::Unexpected(format!(
             "expected digests of {bits} bits, got {other:?}"
