@@ -11,6 +11,11 @@
 //! 2. Steady state: `KVSYNC_BENCH_RATE` updates/s (1,000) for `KVSYNC_BENCH_SECONDS` (10):
 //!    delivery latency p50/p99 (write to arrival at a client), the process's CPU (server and
 //!    clients together) and peak memory.
+//!    Then the raw baseline in the same run (`KVSYNC_BENCH_RAW=0` leaves it out): the same
+//!    number of plain TCP connections on loopback, written to by one thread with blocking
+//!    writes in rounds of every update produced at the same rate since the last round, read
+//!    by clients as the framing clients read; no datastore, Syncer or hub. Its latency is
+//!    the floor that TCP over loopback sets on these cores for this many connections.
 //!    2b. `KVSYNC_BENCH_STALLED_ROUNDS` (3) rounds of half as long without and then with
 //!    `KVSYNC_BENCH_STALLED` (10) more clients that stopped reading once in sync: the others'
 //!    latency with them against without them (interleaved, so that the machine's drift over
@@ -229,6 +234,9 @@ async fn apart(
         rss_before_server, f[5], f[6]
     );
     let _ = child.wait();
+    if env("KVSYNC_BENCH_RAW", 1) == 1 {
+        raw_step(clients, rate, secs, keys, true).await;
+    }
 }
 
 /// The stamp of the first update in a batch frame, found without decoding the frame.
@@ -265,8 +273,14 @@ fn take_percentiles(
     )
 }
 
+/// The CPU seconds of this process.
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_cpu_seconds("/proc/self/stat")
+}
+
+/// utime + stime, in seconds, of a `/proc/.../stat` file.
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, r)| r.split_whitespace().collect())
@@ -279,6 +293,158 @@ fn cpu_seconds() -> f64 {
     };
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the ')'.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The raw baseline: the same fan-out with nothing of kvsync in it. One OS thread accepts
+/// `clients` loopback TCP connections, then, as fast as it can, writes every update produced
+/// (at `rate`, from the moment all are connected) since its last round as one
+/// length-prefixed frame (the updates' JSON, uncompressed, each stamped with the time it was
+/// produced) to each connection in turn, with blocking writes. No datastore, no Syncer, no
+/// hub, no task per client: the floor that TCP over loopback sets for this many connections
+/// on these cores. Returns the listener's address and a handle that yields the thread's
+/// rounds and CPU (cores) once it has written for `secs` and closed every connection.
+fn raw_server(
+    clients: usize,
+    rate: usize,
+    secs: usize,
+    keys: usize,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<(u64, f64)>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the raw listener");
+    let addr = listener.local_addr().expect("its address");
+    let handle = std::thread::spawn(move || {
+        let mut socks: Vec<std::net::TcpStream> = (0..clients)
+            .filter_map(|_| listener.accept().ok())
+            .map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                s
+            })
+            .collect();
+        let cpu0 = thread_cpu_seconds();
+        let t0 = Instant::now();
+        let wall0 = now(t0);
+        let period = 1e9 / rate as f64;
+        let (mut produced, mut rounds) = (0u64, 0u64);
+        let mut body = Vec::new();
+        while t0.elapsed() < Duration::from_secs(secs as u64) {
+            let due = (t0.elapsed().as_nanos() as f64 / period) as u64 + 1;
+            if due <= produced {
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            body.clear();
+            body.push(b'[');
+            for n in produced..due {
+                let stamp = wall0 + (n as f64 * period) as u64;
+                let i = (n as usize * 7919) % keys;
+                if n > produced {
+                    body.push(b',');
+                }
+                body.extend_from_slice(node(i, stamp).value.to_string().as_bytes());
+            }
+            body.push(b']');
+            produced = due;
+            let mut frame = Vec::with_capacity(4 + body.len());
+            frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&body);
+            socks.retain_mut(|s| s.write_all(&frame).is_ok());
+            rounds += 1;
+        }
+        let cpu = (thread_cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
+        drop(socks);
+        (rounds, cpu)
+    });
+    (addr, handle)
+}
+
+/// A raw baseline client: reads length-prefixed frames through a 64 KiB buffer until the
+/// server closes, and reports the latency of the first update of each (found as the framing
+/// clients find it).
+async fn raw_client(addr: std::net::SocketAddr, latencies: Arc<Mutex<Vec<u64>>>) {
+    use tokio::io::AsyncReadExt;
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let mut r = tokio::io::BufReader::with_capacity(64 << 10, stream);
+    let mut body = Vec::new();
+    let mut mine = Vec::new();
+    while let Ok(len) = r.read_u32().await {
+        body.resize(len as usize, 0);
+        if r.read_exact(&mut body).await.is_err() {
+            break;
+        }
+        let arrived = now(Instant::now());
+        if let Some(t) = first_stamp(&body) {
+            mine.push(arrived.saturating_sub(t));
+        }
+    }
+    latencies.lock().expect("lock").append(&mut mine);
+}
+
+/// Runs the raw clients here until the raw server closes them: p50 and p99 (ms) and the
+/// sample count.
+async fn raw_clients(addr: std::net::SocketAddr, clients: usize) -> (f64, f64, usize) {
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| tokio::spawn(raw_client(addr, latencies.clone())))
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut l = std::mem::take(&mut *latencies.lock().expect("lock"));
+    (percentile(&mut l, 0.5), percentile(&mut l, 0.99), l.len())
+}
+
+/// The raw baseline at `rate` for `secs`, its clients here or (`apart`) in a second process
+/// (this binary again), and its figures printed.
+async fn raw_step(clients: usize, rate: usize, secs: usize, keys: usize, apart: bool) {
+    let (addr, server) = raw_server(clients, rate, secs, keys);
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let (p50, p99, n, clients_cpu) = if apart {
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(std::env::current_exe().expect("this binary"))
+                .env("KVSYNC_BENCH_ROLE", "raw-clients")
+                .env("KVSYNC_BENCH_ADDR", addr.to_string())
+                .env("KVSYNC_BENCH_CLIENTS", clients.to_string())
+                .output()
+        })
+        .expect("the raw clients' process");
+        let out = String::from_utf8_lossy(&out.stdout);
+        let f: Vec<f64> = out
+            .lines()
+            .find_map(|l| l.strip_prefix("RAW "))
+            .expect("the raw clients' figures")
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(f64::NAN))
+            .collect();
+        (f[0], f[1], f[2] as usize, f[3])
+    } else {
+        let (p50, p99, n) = raw_clients(addr, clients).await;
+        (p50, p99, n, f64::NAN)
+    };
+    let (rounds, server_cpu) =
+        tokio::task::block_in_place(|| server.join()).expect("the raw server");
+    let clients_cpu = if apart {
+        clients_cpu
+    } else {
+        (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64() - server_cpu
+    };
+    println!(
+        "   raw baseline (one thread writing to {clients} plain TCP connections, clients {}; no kvsync): {rate} updates/s: p50 {p50:.2} ms, p99 {p99:.2} ms ({n} samples); {rounds} rounds ({:.2} ms each); writing thread {server_cpu:.2} cores; clients {clients_cpu:.2} cores",
+        if apart {
+            "in another process"
+        } else {
+            "in this one"
+        },
+        (secs * 1000) as f64 / rounds.max(1) as f64,
+    );
+}
+
+/// The CPU seconds of the calling thread.
+fn thread_cpu_seconds() -> f64 {
+    stat_cpu_seconds("/proc/thread-self/stat")
 }
 
 /// The number after `"position":` in a frame's body (the first: the frame's own).
@@ -487,6 +653,17 @@ async fn main() {
         clients_process(addr, clients, full).await;
         return;
     }
+    if std::env::var("KVSYNC_BENCH_ROLE").as_deref() == Ok("raw-clients") {
+        let addr = std::env::var("KVSYNC_BENCH_ADDR")
+            .ok()
+            .and_then(|a| a.parse().ok())
+            .expect("KVSYNC_BENCH_ADDR");
+        let (cpu0, t0) = (cpu_seconds(), Instant::now());
+        let (p50, p99, n) = raw_clients(addr, clients).await;
+        let cpu = (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
+        println!("RAW {p50} {p99} {n} {cpu}");
+        return;
+    }
     let rate = env("KVSYNC_BENCH_RATE", 1_000);
     let secs = env("KVSYNC_BENCH_SECONDS", 10);
     let naive = env("KVSYNC_BENCH_NAIVE", 100);
@@ -576,6 +753,9 @@ async fn main() {
         kvsync_tests::process::peak_rss_mib(None),
         server.log_bytes() / 1024
     );
+    if env("KVSYNC_BENCH_RAW", 1) == 1 {
+        raw_step(clients, rate, secs, keys, false).await;
+    }
 
     // 2b. Clients that stopped reading: rounds without them and with them, interleaved so
     //     that the machine's drift over the run falls on both sides alike; the others'
