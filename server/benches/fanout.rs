@@ -16,6 +16,8 @@
 //!    writes in rounds of every update produced at the same rate since the last round, read
 //!    by clients as the framing clients read; no datastore, Syncer or hub. Its latency is
 //!    the floor that TCP over loopback sets on these cores for this many connections.
+//!    `KVSYNC_BENCH_RAW_WRITERS` (1) threads share its writes; with the clients apart,
+//!    `KVSYNC_BENCH_RAW_CLIENT_RUNTIME=current` runs the raw clients on one thread.
 //!    2b. `KVSYNC_BENCH_STALLED_ROUNDS` (3) rounds of half as long without and then with
 //!    `KVSYNC_BENCH_STALLED` (10) more clients that stopped reading once in sync: the others'
 //!    latency with them against without them (interleaved, so that the machine's drift over
@@ -29,9 +31,10 @@
 //!    so that the changes push the client out of it), (b) across a restart without saved
 //!    state (a new epoch: outside any log). The bytes of its resync against those of its
 //!    snapshot, each way, and how it was done (by sketch or by bucket digests).
-//! 5. The naive alternative: `KVSYNC_BENCH_NAIVE` (100) Syncers each listing and watching the
+//! 5. The naive alternative: `KVSYNC_BENCH_NAIVE` (1,000) Syncers each listing and watching the
 //!    memory backend directly, at the same update rate: their latency and the time to be in
-//!    sync.
+//!    sync. As with the server's clients, `KVSYNC_BENCH_FULL` of their consumers keep the
+//!    whole map and the rest only measure.
 //!
 //! With `KVSYNC_BENCH_FRAMING_LZ4=0` the framing clients do not offer LZ4 and are sent plain
 //! frames (the server compresses for the 4 decoding clients only): at high update rates the
@@ -121,6 +124,7 @@ fn spawn_clients(
             RemoteSyncer::new(addr.to_string())
                 .with_name(format!("full-{i}"))
                 .stream(),
+            true,
             base,
             c.in_sync.clone(),
             c.full_latencies.clone(),
@@ -312,6 +316,7 @@ fn raw_server(
     use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the raw listener");
     let addr = listener.local_addr().expect("its address");
+    let writers = env("KVSYNC_BENCH_RAW_WRITERS", 1);
     let handle = std::thread::spawn(move || {
         let mut socks: Vec<std::net::TcpStream> = (0..clients)
             .filter_map(|_| listener.accept().ok())
@@ -347,7 +352,21 @@ fn raw_server(
             let mut frame = Vec::with_capacity(4 + body.len());
             frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
             frame.extend_from_slice(&body);
-            socks.retain_mut(|s| s.write_all(&frame).is_ok());
+            if writers <= 1 {
+                socks.retain_mut(|s| s.write_all(&frame).is_ok());
+            } else {
+                let part = socks.len().div_ceil(writers).max(1);
+                std::thread::scope(|scope| {
+                    for chunk in socks.chunks_mut(part) {
+                        let frame = &frame;
+                        scope.spawn(move || {
+                            for s in chunk {
+                                let _ = s.write_all(frame);
+                            }
+                        });
+                    }
+                });
+            }
             rounds += 1;
         }
         let cpu = (thread_cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
@@ -424,15 +443,20 @@ async fn raw_step(clients: usize, rate: usize, secs: usize, keys: usize, apart: 
         let (p50, p99, n) = raw_clients(addr, clients).await;
         (p50, p99, n, f64::NAN)
     };
-    let (rounds, server_cpu) =
+    let (rounds, thread_cpu) =
         tokio::task::block_in_place(|| server.join()).expect("the raw server");
-    let clients_cpu = if apart {
-        clients_cpu
-    } else {
-        (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64() - server_cpu
+    let writers = env("KVSYNC_BENCH_RAW_WRITERS", 1);
+    // More than one writing thread: this process's CPU over the step (its kvsync server is
+    // idle by then), which tells theirs apart from the clients' only when those are apart.
+    let process_cpu = (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
+    let (server_cpu, clients_cpu) = match (writers > 1, apart) {
+        (false, true) => (thread_cpu, clients_cpu),
+        (false, false) => (thread_cpu, process_cpu - thread_cpu),
+        (true, true) => (process_cpu, clients_cpu),
+        (true, false) => (f64::NAN, f64::NAN),
     };
     println!(
-        "   raw baseline (one thread writing to {clients} plain TCP connections, clients {}; no kvsync): {rate} updates/s: p50 {p50:.2} ms, p99 {p99:.2} ms ({n} samples); {rounds} rounds ({:.2} ms each); writing thread {server_cpu:.2} cores; clients {clients_cpu:.2} cores",
+        "   raw baseline ({writers} writing thread(s), {clients} plain TCP connections, clients {}; no kvsync): {rate} updates/s: p50 {p50:.2} ms, p99 {p99:.2} ms ({n} samples); {rounds} rounds ({:.2} ms each); writing {server_cpu:.2} cores; clients {clients_cpu:.2} cores",
         if apart {
             "in another process"
         } else {
@@ -588,6 +612,7 @@ async fn stalled_client(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
 /// latency of the first update of each batch while measuring.
 async fn consume<S>(
     mut events: S,
+    keep: bool,
     base: Instant,
     in_sync: Arc<AtomicUsize>,
     lat: Arc<Mutex<Vec<u64>>>,
@@ -621,7 +646,9 @@ async fn consume<S>(
                             lat.lock().expect("lock").push(arrived.saturating_sub(t));
                         }
                     }
-                    map.insert(u.kvp.key.clone(), u.kvp);
+                    if keep {
+                        map.insert(u.kvp.key.clone(), u.kvp);
+                    }
                 }
             }
             _ => {}
@@ -659,14 +686,26 @@ async fn main() {
             .and_then(|a| a.parse().ok())
             .expect("KVSYNC_BENCH_ADDR");
         let (cpu0, t0) = (cpu_seconds(), Instant::now());
-        let (p50, p99, n) = raw_clients(addr, clients).await;
+        let (p50, p99, n) =
+            if std::env::var("KVSYNC_BENCH_RAW_CLIENT_RUNTIME").as_deref() == Ok("current") {
+                // Every client on one thread: no wake-ups across threads.
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime")
+                        .block_on(raw_clients(addr, clients))
+                })
+            } else {
+                raw_clients(addr, clients).await
+            };
         let cpu = (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
         println!("RAW {p50} {p99} {n} {cpu}");
         return;
     }
     let rate = env("KVSYNC_BENCH_RATE", 1_000);
     let secs = env("KVSYNC_BENCH_SECONDS", 10);
-    let naive = env("KVSYNC_BENCH_NAIVE", 100);
+    let naive = env("KVSYNC_BENCH_NAIVE", 1_000);
     let base = Instant::now();
     let store: Arc<dyn Client> = Arc::new(MemoryBackend::new(kvsync_model::demo::registry()));
     for i in 0..keys {
@@ -698,6 +737,11 @@ async fn main() {
     let addr = server.local_addr();
     while server.status() != SyncStatus::InSync {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if env("KVSYNC_BENCH_ONLY_NAIVE", 0) == 1 {
+        server.shutdown().await;
+        naive_step(store, naive.max(1), full, keys, rate, secs, base).await;
+        return;
     }
     if env("KVSYNC_BENCH_CLIENT_PROCESS", 0) == 1 {
         apart(
@@ -921,42 +965,64 @@ async fn main() {
     drop(events);
     server.shutdown().await;
 
-    // 5. The naive alternative: a Syncer per client on the datastore.
     if naive > 0 {
-        let in_sync = Arc::new(AtomicUsize::new(0));
-        let lat = Arc::new(Mutex::new(Vec::new()));
-        let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let t0 = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..naive {
-            let (store, in_sync, lat, measuring) = (
-                store.clone(),
-                in_sync.clone(),
-                lat.clone(),
-                measuring.clone(),
-            );
-            let events = Syncer::new(store)
-                .with_resource(ResourceType::new(ListOptions::new("Node")))
-                .stream();
-            tasks.push(tokio::spawn(consume(events, base, in_sync, lat, measuring)));
-        }
-        while in_sync.load(Ordering::SeqCst) < naive && t0.elapsed() < Duration::from_secs(600) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let synced_after = t0.elapsed();
-        measuring.store(true, Ordering::SeqCst);
-        writer(store.clone(), keys, rate, secs.min(5), base).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
-        println!(
-            "5. naive: {naive} Syncers on the datastore, in sync after {:.2} s; at {rate} updates/s p50 {:.2} ms, p99 {:.2} ms; peak RSS {:.0} MiB",
-            synced_after.as_secs_f64(),
-            percentile(&mut l, 0.5),
-            percentile(&mut l, 0.99),
-            kvsync_tests::process::peak_rss_mib(None)
+        naive_step(store, naive, full, keys, rate, secs, base).await;
+    }
+}
+
+/// 5. The naive alternative: a Syncer per client on the datastore, `full` of their consumers
+/// keeping the whole map.
+async fn naive_step(
+    store: Arc<dyn Client>,
+    naive: usize,
+    full: usize,
+    keys: usize,
+    rate: usize,
+    secs: usize,
+    base: Instant,
+) {
+    let in_sync = Arc::new(AtomicUsize::new(0));
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..naive {
+        let (store, in_sync, lat, measuring) = (
+            store.clone(),
+            in_sync.clone(),
+            lat.clone(),
+            measuring.clone(),
         );
-        for t in tasks {
-            t.abort();
-        }
+        let events = Syncer::new(store)
+            .with_resource(ResourceType::new(ListOptions::new("Node")))
+            .stream();
+        // As on the server's side: a few consumers keep the whole map, the rest only
+        // measure (the Syncer itself still tracks every key it has sent).
+        tasks.push(tokio::spawn(consume(
+            events,
+            n < full,
+            base,
+            in_sync,
+            lat,
+            measuring,
+        )));
+    }
+    while in_sync.load(Ordering::SeqCst) < naive && t0.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let synced_after = t0.elapsed();
+    measuring.store(true, Ordering::SeqCst);
+    writer(store.clone(), keys, rate, secs.min(5), base).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
+    println!(
+        "5. naive: {naive} Syncers on the datastore, in sync after {:.2} s; at {rate} updates/s p50 {:.2} ms, p99 {:.2} ms; peak RSS {:.0} MiB",
+        synced_after.as_secs_f64(),
+        percentile(&mut l, 0.5),
+        percentile(&mut l, 0.99),
+        kvsync_tests::process::peak_rss_mib(None)
+    );
+    for t in tasks {
+        t.abort();
     }
 }
