@@ -970,8 +970,8 @@ async fn main() {
     }
 }
 
-/// 5. The naive alternative: a Syncer per client on the datastore, `full` of their consumers
-/// keeping the whole map.
+/// Step 5, the naive alternative: a Syncer per client on the datastore, `full` of their
+/// consumers keeping the whole map.
 async fn naive_step(
     store: Arc<dyn Client>,
     naive: usize,
