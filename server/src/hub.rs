@@ -11,8 +11,8 @@ use kvsync_syncer::{SyncStatus, Update, UpdateType};
 
 use crate::metrics::ServerMetrics;
 use crate::protocol::{
-    Incoming, Message, bits_for, buckets_frame, contribution, digests, frame, key_hash,
-    updates_frame,
+    Incoming, Message, ProtocolError, bits_for, buckets_frame, contribution, digests, frame,
+    is_compressed, key_hash, updates_frame,
 };
 use crate::sketch::Sketch;
 
@@ -66,8 +66,59 @@ fn hash_range(b: u32, bits: u8) -> (u64, u64) {
     (lo, lo | (u64::MAX >> u32::from(bits)))
 }
 
-/// A frame of the log: the same bytes for every client.
-pub(crate) type Frame = Arc<[u8]>;
+/// A frame of the log or of a catch-up: the same bytes for every client (LZ4-compressed when
+/// large) and, once a client that does not speak LZ4 has needed it, the same frame
+/// decompressed, made once and shared by every such client.
+#[derive(Clone)]
+pub(crate) struct Frame(Arc<FrameBytes>);
+
+struct FrameBytes {
+    wire: Box<[u8]>,
+    plain: std::sync::OnceLock<Box<[u8]>>,
+    /// The bytes of `plain` the log counts against its bound (set under the hub's lock).
+    counted: std::sync::atomic::AtomicUsize,
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(wire: Vec<u8>) -> Self {
+        Frame(Arc::new(FrameBytes {
+            wire: wire.into_boxed_slice(),
+            plain: std::sync::OnceLock::new(),
+            counted: std::sync::atomic::AtomicUsize::new(0),
+        }))
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0.wire
+    }
+}
+
+impl Frame {
+    /// The frame for a client that does not speak LZ4: itself when it is not compressed, else
+    /// its decompressed copy, made by the first client that needs it and kept for the
+    /// others. `made` is told when this call made the copy (the log counts it).
+    pub(crate) fn plain(&self, made: impl FnOnce(&Frame)) -> Result<&[u8], ProtocolError> {
+        if !is_compressed(&self.0.wire) {
+            return Ok(&self.0.wire);
+        }
+        if self.0.plain.get().is_none() {
+            let body = crate::protocol::plain(&self.0.wire)?.into_owned();
+            if self.0.plain.set(body.into_boxed_slice()).is_ok() {
+                made(self);
+            }
+        }
+        Ok(self.0.plain.get().map_or(&[][..], |p| &p[..]))
+    }
+
+    /// Its bytes as the log counts them: the wire's, and the plain copy's once counted.
+    fn counted_len(&self) -> usize {
+        self.0.wire.len() + self.0.counted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 pub(crate) struct LogItem {
     pub(crate) position: u64,
@@ -235,6 +286,37 @@ impl Hub {
             at: Instant::now(),
             frame,
         });
+        self.trim(st);
+    }
+
+    /// Counts a log frame's plain copy, just made for a client that does not speak LZ4,
+    /// against the log's bound (when the frame is still in the log).
+    pub(crate) fn count_plain(&self, position: u64, frame: &Frame) {
+        let mut st = self.lock();
+        let first = st.log.front().map_or(0, |i| i.position);
+        let Some(item) = position
+            .checked_sub(first)
+            .and_then(|i| st.log.get(usize::try_from(i).ok()?))
+        else {
+            return;
+        };
+        if !Arc::ptr_eq(&item.frame.0, &frame.0) {
+            return;
+        }
+        let len = frame.0.plain.get().map_or(0, |p| p.len());
+        if frame
+            .0
+            .counted
+            .swap(len, std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            st.log_bytes += len;
+            self.trim(&mut st);
+        }
+    }
+
+    /// Drops the oldest frames while the log is over its bound of bytes or of age.
+    fn trim(&self, st: &mut State) {
         // Bounded by bytes and by age; the newest frame always stays.
         while st.log.len() > 1
             && (st.log_bytes > self.max_log_bytes
@@ -244,7 +326,7 @@ impl Hub {
                     .is_some_and(|i| i.at.elapsed() > self.max_log_age))
         {
             if let Some(old) = st.log.pop_front() {
-                st.log_bytes -= old.frame.len();
+                st.log_bytes -= old.frame.counted_len();
                 st.dropped = old.position;
                 self.dropped_at
                     .store(old.position, std::sync::atomic::Ordering::Release);
@@ -698,7 +780,7 @@ impl Restored {
         let mut log = Vec::new();
         for _ in 0..header.log {
             let f = next().ok_or("the log is cut short")??;
-            log.push(Frame::from(f));
+            log.push(Frame::from(f.to_vec()));
         }
         let mut entries = Entries::new();
         while let Some(f) = next() {
@@ -892,6 +974,99 @@ mod tests {
                 update_type: UpdateType::Updated,
             })
             .collect()
+    }
+
+    /// A compressed log frame is decompressed once for every client that does not speak LZ4,
+    /// and its plain copy counts against the log's bound while the frame is in the log.
+    #[test]
+    fn a_plain_copy_is_made_once_and_counted_by_the_log() {
+        let big = |i: u64| -> Vec<Update> {
+            (0..200u64)
+                .map(|j| Update {
+                    kvp: KVPair::new(
+                        ResourceKey::cluster("IPPool", format!("big-{j}")),
+                        Json::from(serde_json::json!({"i": i, "pad": "x".repeat(100)})),
+                    )
+                    .with_revision(Revision::from(format!("{}", i * 1000 + j + 1))),
+                    update_type: UpdateType::Updated,
+                })
+                .collect()
+        };
+        let counted =
+            |hub: &Hub| -> usize { hub.lock().log.iter().map(|i| i.frame.counted_len()).sum() };
+        let hub = Hub::new(
+            7,
+            64 << 10,
+            Duration::from_secs(300),
+            ServerMetrics::default(),
+            1,
+        );
+        hub.set_status(SyncStatus::InSync);
+        hub.apply(big(1));
+        hub.apply(batch(2, 1));
+        let (frames, _) = hub.after(0, usize::MAX).expect("in the log");
+        let (position, f) = frames
+            .into_iter()
+            .find(|(_, f)| is_compressed(f))
+            .expect("a compressed frame");
+        let before = hub.log_bytes();
+        let mut made = 0;
+        let first = f
+            .plain(|f| {
+                made += 1;
+                hub.count_plain(position, f);
+            })
+            .expect("decompresses")
+            .as_ptr();
+        let plain_len = f.plain(|_| made += 1).expect("kept").len();
+        assert_eq!(made, 1, "made once");
+        assert_eq!(
+            f.plain(|_| {}).expect("kept").as_ptr(),
+            first,
+            "the same copy"
+        );
+        assert!(
+            plain_len > 4 * f.len(),
+            "{plain_len} bytes from {}",
+            f.len()
+        );
+        assert_eq!(hub.log_bytes(), before + plain_len);
+        assert_eq!(hub.log_bytes(), counted(&hub));
+        // Counted once, whoever calls again.
+        hub.count_plain(position, &f);
+        assert_eq!(hub.log_bytes(), before + plain_len);
+        // Once the frame leaves the log, its copy leaves the count with it.
+        drop(f);
+        for i in 3..2000 {
+            hub.apply(batch(i, 2));
+            if hub.lock().dropped >= position {
+                break;
+            }
+        }
+        assert!(hub.lock().dropped >= position, "the big frame was dropped");
+        assert_eq!(hub.log_bytes(), counted(&hub));
+
+        // A copy larger than the log's bound makes the log drop its oldest frames.
+        let hub = Hub::new(
+            7,
+            8 << 10,
+            Duration::from_secs(300),
+            ServerMetrics::default(),
+            1,
+        );
+        hub.set_status(SyncStatus::InSync);
+        hub.apply(big(1));
+        hub.apply(batch(2, 1));
+        let (frames, _) = hub.after(0, usize::MAX).expect("in the log");
+        let (position, f) = frames
+            .into_iter()
+            .find(|(_, f)| is_compressed(f))
+            .expect("a compressed frame");
+        f.plain(|f| hub.count_plain(position, f))
+            .expect("decompresses");
+        assert!(hub.lock().dropped >= position);
+        assert!(hub.log_bytes() <= 8 << 10);
+        assert_eq!(hub.log_bytes(), counted(&hub));
     }
 
     /// The sketches and the digest kept in step with the state are those built from it anew,

@@ -12,11 +12,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::hub::{Catch, Hub, HubStats};
+use crate::hub::{Catch, Frame, Hub, HubStats};
 use crate::metrics::ServerMetrics;
 use crate::protocol::{
     FEATURE_LZ4, FEATURE_RECONCILE, Message, Mode, ProtocolError, VERSION, decode_digests,
-    digests_frame_limit, frame, plain, read_frame,
+    digests_frame_limit, frame, read_frame,
 };
 use crate::sketch::{CELL_BYTES, Sketch};
 use crate::tls::ServerTls;
@@ -651,13 +651,25 @@ fn stalled(hub: &Hub, client: &str, position: u64) {
 /// hold beyond the log's bound until the log drops it.
 const WRITE_BATCH_BYTES: usize = 1 << 20;
 
-/// Writes a frame of the log or of a catch-up: as it is (compressed or not) to a client that
-/// speaks LZ4, decompressed for one that does not.
-async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &[u8], lz4: bool) -> Result<(), ProtocolError> {
+/// Writes a frame of the log (at `position`) or of a catch-up (`None`): as it is (compressed
+/// or not) to a client that speaks LZ4, decompressed for one that does not. The decompressed
+/// copy is made once for all such clients; a log frame's counts against the log's bound.
+async fn send<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    hub: &Hub,
+    position: Option<u64>,
+    f: &Frame,
+    lz4: bool,
+) -> Result<(), ProtocolError> {
     if lz4 {
         w.write_all(f).await?;
     } else {
-        w.write_all(&plain(f)?).await?;
+        let plain = f.plain(|f| {
+            if let Some(p) = position {
+                hub.count_plain(p, f);
+            }
+        })?;
+        w.write_all(plain).await?;
     }
     Ok(())
 }
@@ -939,7 +951,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         // A client that does not take its catch-up (a frame in three ping intervals) would
         // hold a place and the frames: it is closed, and comes back to try again.
         for f in frames.iter() {
-            match tokio::time::timeout(config.ping_interval * 3, send(&mut w, f, lz4)).await {
+            match tokio::time::timeout(config.ping_interval * 3, send(&mut w, hub, None, f, lz4))
+                .await
+            {
                 Ok(r) => r?,
                 Err(_) => {
                     warn!(client, "client did not read its catch-up in time: closed");
@@ -1003,8 +1017,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 // The write first: the other two cost nothing unless it waits.
                 biased;
                 r = async {
-                    for (_, f) in &frames {
-                        send(&mut w, f, lz4).await?;
+                    for (position, f) in &frames {
+                        send(&mut w, hub, Some(*position), f, lz4).await?;
                         hub.metrics.bytes_sent.inc_by(f.len() as u64);
                     }
                     Ok::<_, ProtocolError>(())

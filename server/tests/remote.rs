@@ -448,12 +448,23 @@ fn noise(seed: usize, len: usize) -> String {
         .collect()
 }
 
+/// Reads one whole frame (its length word, then its body).
+async fn read_whole_frame(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.expect("length");
+    let word = u32::from_be_bytes(len);
+    let mut f = len.to_vec();
+    f.resize(4 + (word & !(1 << 31)) as usize, 0);
+    s.read_exact(&mut f[4..]).await.expect("body");
+    f
+}
+
 /// Large frames go compressed to a client that speaks LZ4 and plain to one that does not; both
-/// read the same content.
+/// read the same content, in catch-ups and in the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_are_compressed_only_for_clients_that_speak_lz4() {
     use kvsync_server::protocol::{self, Message};
-    let (_store, server) = start(3000).await;
+    let (store, server) = start(3000).await;
     // Reads raw frames up to the first in-sync status: (compressed frames, bytes on the wire,
     // pools received, the welcome's features).
     let follow = |features: Vec<String>| {
@@ -470,12 +481,7 @@ async fn frames_are_compressed_only_for_clients_that_speak_lz4() {
             s.write_all(&hello).await.expect("hello");
             let (mut compressed, mut wire, mut pools, mut agreed) = (0, 0, 0, Vec::new());
             loop {
-                let mut len = [0u8; 4];
-                s.read_exact(&mut len).await.expect("length");
-                let word = u32::from_be_bytes(len);
-                let mut f = len.to_vec();
-                f.resize(4 + (word & !(1 << 31)) as usize, 0);
-                s.read_exact(&mut f[4..]).await.expect("body");
+                let f = read_whole_frame(&mut s).await;
                 wire += f.len();
                 if protocol::is_compressed(&f) {
                     compressed += 1;
@@ -489,14 +495,16 @@ async fn frames_are_compressed_only_for_clients_that_speak_lz4() {
                     protocol::Incoming::Control(Message::Status {
                         status: protocol::WireStatus::InSync,
                         ..
-                    }) => return (compressed, wire, pools, agreed),
+                    }) => return (s, compressed, wire, pools, agreed),
                     _ => {}
                 }
             }
         }
     };
-    let (c_lz4, wire_lz4, pools_lz4, agreed) = follow(vec![protocol::FEATURE_LZ4.into()]).await;
-    let (c_plain, wire_plain, pools_plain, none) = follow(Vec::new()).await;
+    let (mut s_lz4, c_lz4, wire_lz4, pools_lz4, agreed) =
+        follow(vec![protocol::FEATURE_LZ4.into()]).await;
+    let (mut s_plain, c_plain, wire_plain, pools_plain, none) = follow(Vec::new()).await;
+    let (mut s_plain2, ..) = follow(Vec::new()).await;
     assert_eq!(agreed, [protocol::FEATURE_LZ4]);
     assert!(none.is_empty());
     assert_eq!((pools_lz4, pools_plain), (3000, 3000));
@@ -506,6 +514,29 @@ async fn frames_are_compressed_only_for_clients_that_speak_lz4() {
         wire_lz4 * 2 < wire_plain,
         "compressed: {wire_lz4} bytes, plain: {wire_plain}"
     );
+    // Updates of every pool at once: the log's frames are large enough to be compressed.
+    write(&*store, 0, 3000).await;
+    // (compressed frames, updates) read until all 3,000 updates came.
+    let updates = async |s: &mut tokio::net::TcpStream| {
+        let (mut compressed, mut updates) = (0, 0);
+        while updates < 3000 {
+            let f = read_whole_frame(s).await;
+            compressed += usize::from(protocol::is_compressed(&f));
+            let plain = protocol::plain(&f).expect("decompresses").into_owned();
+            if let protocol::Incoming::Updates { updates: u, .. } =
+                protocol::Incoming::decode(&plain[4..]).expect("a message")
+            {
+                updates += u.len();
+            }
+        }
+        (compressed, updates)
+    };
+    let (lz4_log, _) = updates(&mut s_lz4).await;
+    assert!(lz4_log > 0, "some of the log's frames are compressed");
+    // Two clients without LZ4 share one plain copy of each compressed frame.
+    for s in [&mut s_plain, &mut s_plain2] {
+        assert_eq!(updates(s).await, (0, 3000));
+    }
     server.shutdown().await;
 }
 
