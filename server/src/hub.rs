@@ -994,21 +994,26 @@ mod tests {
         };
         let counted =
             |hub: &Hub| -> usize { hub.lock().log.iter().map(|i| i.frame.counted_len()).sum() };
-        let hub = Hub::new(
-            7,
-            64 << 10,
-            Duration::from_secs(300),
-            ServerMetrics::default(),
-            1,
-        );
-        hub.set_status(SyncStatus::InSync);
-        hub.apply(big(1));
-        hub.apply(batch(2, 1));
-        let (frames, _) = hub.after(0, usize::MAX).expect("in the log");
-        let (position, f) = frames
-            .into_iter()
-            .find(|(_, f)| is_compressed(f))
-            .expect("a compressed frame");
+        // A hub with a log of `bound` bytes holding a compressed frame and a small one after it.
+        let with_bound = |bound: usize| -> (Hub, u64, Frame) {
+            let hub = Hub::new(
+                7,
+                bound,
+                Duration::from_secs(300),
+                ServerMetrics::default(),
+                1,
+            );
+            hub.set_status(SyncStatus::InSync);
+            hub.apply(big(1));
+            hub.apply(batch(2, 1));
+            let (frames, _) = hub.after(0, usize::MAX).expect("in the log");
+            let (position, f) = frames
+                .into_iter()
+                .find(|(_, f)| is_compressed(f))
+                .expect("a compressed frame");
+            (hub, position, f)
+        };
+        let (hub, position, f) = with_bound(64 << 10);
         let before = hub.log_bytes();
         let mut made = 0;
         let first = f
@@ -1047,21 +1052,7 @@ mod tests {
         assert_eq!(hub.log_bytes(), counted(&hub));
 
         // A copy larger than the log's bound makes the log drop its oldest frames.
-        let hub = Hub::new(
-            7,
-            8 << 10,
-            Duration::from_secs(300),
-            ServerMetrics::default(),
-            1,
-        );
-        hub.set_status(SyncStatus::InSync);
-        hub.apply(big(1));
-        hub.apply(batch(2, 1));
-        let (frames, _) = hub.after(0, usize::MAX).expect("in the log");
-        let (position, f) = frames
-            .into_iter()
-            .find(|(_, f)| is_compressed(f))
-            .expect("a compressed frame");
+        let (hub, position, f) = with_bound(8 << 10);
         f.plain(|f| hub.count_plain(position, f))
             .expect("decompresses");
         assert!(hub.lock().dropped >= position);
