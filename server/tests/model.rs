@@ -105,6 +105,7 @@ async fn run_case(seed: u64, totals: &mut Totals) {
                 Duration::from_millis(50),
             ))
             .with_ping_interval(Duration::from_millis(300))
+            .with_lz4(rng.random_bool(0.5))
             .stream(),
     );
     let mut log = Vec::new();

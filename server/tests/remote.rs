@@ -540,6 +540,32 @@ async fn frames_are_compressed_only_for_clients_that_speak_lz4() {
     server.shutdown().await;
 }
 
+/// A `RemoteSyncer` that does not offer LZ4 is sent everything decompressed (a snapshot and
+/// large batches, each decompressed once for all such clients) and holds what the datastore
+/// holds, beside one that does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_syncer_without_lz4_holds_the_datastore() {
+    let (store, server) = start(3000).await;
+    let plain =
+        CheckingConsumer::start_stream(remote(server.local_addr()).with_lz4(false).stream());
+    let plain2 =
+        CheckingConsumer::start_stream(remote(server.local_addr()).with_lz4(false).stream());
+    let lz4 = CheckingConsumer::start_stream(remote(server.local_addr()).stream());
+    for c in [&plain, &plain2, &lz4] {
+        in_sync(c, &*store).await.expect("first sync");
+    }
+    // Every pool at once: batches large enough to be compressed in the log.
+    write(&*store, 0, 3000).await;
+    for c in [&plain, &plain2, &lz4] {
+        in_sync(c, &*store).await.expect("follows");
+    }
+    for c in [plain, plain2, lz4] {
+        let seen = c.stop().await;
+        assert!(seen.violations.is_empty(), "{:?}", seen.violations);
+    }
+    server.shutdown().await;
+}
+
 /// With a state directory, a restarted server takes up its saved log and positions: clients
 /// resume across the restart (neither resync nor snapshot) and get what changed meanwhile,
 /// deletions included. The saved state is read once; one that does not read is a new epoch
