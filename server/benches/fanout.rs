@@ -312,6 +312,7 @@ fn raw_server(
     rate: usize,
     secs: usize,
     keys: usize,
+    writers: usize,
 ) -> (
     std::net::SocketAddr,
     std::thread::JoinHandle<(u64, f64, usize)>,
@@ -329,7 +330,6 @@ fn raw_server(
         .and_then(tokio::net::TcpListener::into_std)
         .expect("listen");
     let addr = listener.local_addr().expect("its address");
-    let writers = env("KVSYNC_BENCH_RAW_WRITERS", 1);
     let handle = std::thread::spawn(move || {
         // Whoever has connected within a minute; the rest are reset when the listener goes.
         let _ = listener.set_nonblocking(true);
@@ -440,7 +440,8 @@ async fn raw_clients(addr: std::net::SocketAddr, clients: usize) -> (f64, f64, u
 /// The raw baseline at `rate` for `secs`, its clients here or (`apart`) in a second process
 /// (this binary again), and its figures printed.
 async fn raw_step(clients: usize, rate: usize, secs: usize, keys: usize, apart: bool) {
-    let (addr, server) = raw_server(clients, rate, secs, keys);
+    let writers = env("KVSYNC_BENCH_RAW_WRITERS", 1);
+    let (addr, server) = raw_server(clients, rate, secs, keys, writers);
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     let (p50, p99, n, clients_cpu) = if apart {
@@ -467,7 +468,6 @@ async fn raw_step(clients: usize, rate: usize, secs: usize, keys: usize, apart: 
     };
     let (rounds, thread_cpu, connected) =
         tokio::task::block_in_place(|| server.join()).expect("the raw server");
-    let writers = env("KVSYNC_BENCH_RAW_WRITERS", 1);
     // More than one writing thread: this process's CPU over the step (its kvsync server is
     // idle by then), which tells theirs apart from the clients' only when those are apart.
     let process_cpu = (cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
@@ -486,6 +486,14 @@ async fn raw_step(clients: usize, rate: usize, secs: usize, keys: usize, apart: 
         },
         (secs * 1000) as f64 / rounds.max(1) as f64,
     );
+}
+
+/// The server's address a clients' process is given (`KVSYNC_BENCH_ADDR`).
+fn bench_addr() -> std::net::SocketAddr {
+    std::env::var("KVSYNC_BENCH_ADDR")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .expect("KVSYNC_BENCH_ADDR")
 }
 
 /// The CPU seconds of the calling thread.
@@ -695,18 +703,12 @@ async fn main() {
     let clients = env("KVSYNC_BENCH_CLIENTS", 1_000);
     let full = env("KVSYNC_BENCH_FULL", 4);
     if std::env::var("KVSYNC_BENCH_ROLE").as_deref() == Ok("clients") {
-        let addr = std::env::var("KVSYNC_BENCH_ADDR")
-            .ok()
-            .and_then(|a| a.parse().ok())
-            .expect("KVSYNC_BENCH_ADDR");
+        let addr = bench_addr();
         clients_process(addr, clients, full).await;
         return;
     }
     if std::env::var("KVSYNC_BENCH_ROLE").as_deref() == Ok("raw-clients") {
-        let addr = std::env::var("KVSYNC_BENCH_ADDR")
-            .ok()
-            .and_then(|a| a.parse().ok())
-            .expect("KVSYNC_BENCH_ADDR");
+        let addr = bench_addr();
         let (cpu0, t0) = (cpu_seconds(), Instant::now());
         let (p50, p99, n) =
             if std::env::var("KVSYNC_BENCH_RAW_CLIENT_RUNTIME").as_deref() == Ok("current") {
